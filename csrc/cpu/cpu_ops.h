@@ -1,0 +1,13 @@
+#pragma once
+// Entry points of the CPU kernels (csrc/cpu/*.cpp). Each validates its parameters and runs on the calling thread's
+// OpenMP team.
+
+#include "dsv3/quant_params.h"
+
+namespace dsv3::cpu {
+
+void per_token_group_quant_fp8(const TokenGroupQuantParams& params);
+void per_block_quant_fp8(const BlockQuantParams& params);
+void dequant_fp8_block(const BlockDequantParams& params);
+
+}  // namespace dsv3::cpu

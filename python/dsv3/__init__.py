@@ -1,0 +1,31 @@
+"""dsv3: DeepSeek-V3 inference with hand-written CPU and CUDA kernels."""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# The kernels load on first use, so `import dsv3.reference` (and `import dsv3`) costs nothing and works even where
+# the compiled extension is missing.
+# name -> (module, attribute of that module; None for the module itself)
+_LAZY = {
+    "ops": ("dsv3.ops", None),
+    "reference": ("dsv3.reference", None),
+    "build_info": ("dsv3.info", "build_info"),
+    "per_token_group_quant_fp8": ("dsv3.ops", "per_token_group_quant_fp8"),
+    "per_block_quant_fp8": ("dsv3.ops", "per_block_quant_fp8"),
+    "dequant_fp8_block": ("dsv3.ops", "dequant_fp8_block"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dsv3' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))

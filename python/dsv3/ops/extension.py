@@ -1,0 +1,46 @@
+"""Loading of the compiled extension and the conventions of its raw-pointer interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    from dsv3 import _C
+except ImportError as error:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "dsv3's compiled extension dsv3._C is missing or failed to load; reinstall with `pip install .` "
+        f"from the repository root ({error})"
+    ) from error
+
+# torch dtype -> the DType code of csrc/include/dsv3/dtype.h
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.bfloat16: 1,
+    torch.float16: 2,
+    torch.float8_e4m3fn: 3,
+}
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cuda_compiled() -> bool:
+    return hasattr(_C, "cuda")
+
+
+def run_kernel(name: str, device: torch.device, *args: Any) -> Any:
+    """Run kernel `name` of the backend for `device`; CUDA kernels go on the device's current torch stream."""
+    if device.type == "cpu":
+        return getattr(_C.cpu, name)(*args)
+    if device.type == "cuda":
+        if not cuda_compiled():
+            raise RuntimeError(
+                "dsv3 was built without its CUDA kernels (no nvcc at build time, or DSV3_CUDA=OFF); "
+                "rebuild with nvcc on the PATH to run on CUDA tensors"
+            )
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # The extension has its own (static) CUDA runtime, whose current device is independent of torch's.
+        _C.cuda.set_device(index)
+        return getattr(_C.cuda, name)(*args, torch.cuda.current_stream(index).cuda_stream)
+    raise ValueError(f"no dsv3 kernels for device {device}")
