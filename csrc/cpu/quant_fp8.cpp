@@ -2,7 +2,6 @@
 // build disables FMA contraction).
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 
@@ -49,37 +48,46 @@ void dispatch_float_type(DType dtype, Fn&& fn) {
   }
 }
 
-const std::array<float, 256>& e4m3_table() {
-  static const std::array<float, 256> table = [] {
-    std::array<float, 256> t{};
-    for (int i = 0; i < 256; ++i) t[i] = e4m3_to_float(static_cast<uint8_t>(i));
-    return t;
-  }();
-  return table;
+// NaN-propagating amax of n values. Magnitudes are compared as integers: for sign-cleared IEEE floats the unsigned
+// bit patterns order like the values, and every NaN pattern sorts above inf, so a plain (vectorizable) unsigned max
+// returns NaN whenever the group holds one.
+template <DType kType>
+float group_amax(const typename Element<kType>::Storage* x, int64_t n) {
+  uint32_t amax_bits = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t magnitude = float_bits(Element<kType>::load(x[i])) & 0x7FFFFFFFu;
+    amax_bits = magnitude > amax_bits ? magnitude : amax_bits;
+  }
+  return bits_to_float(amax_bits);
+}
+
+template <DType kType>
+void quantize_row(const typename Element<kType>::Storage* x, uint8_t* q, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) q[i] = float_to_e4m3(scale_and_clamp(Element<kType>::load(x[i]), scale));
+}
+
+template <DType kType>
+void dequantize_row(const uint8_t* q, typename Element<kType>::Storage* out, int64_t n, float scale) {
+  for (int64_t i = 0; i < n; ++i) out[i] = Element<kType>::store(e4m3_to_float(q[i]) * scale);
 }
 
 template <DType kType>
 void quantize_token_groups(const TokenGroupQuantParams& p) {
-  using E = Element<kType>;
-  const auto* x = static_cast<const typename E::Storage*>(p.x);
+  const auto* x = static_cast<const typename Element<kType>::Storage*>(p.x);
   const int64_t groups_per_row = p.k / p.group_size;
   const int64_t total_groups = p.rows * groups_per_row;
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < total_groups; ++g) {
     const int64_t offset = g * p.group_size;  // groups tile each row exactly, so group g starts at g * group_size
-    float amax = 0.0f;
-    for (int64_t i = 0; i < p.group_size; ++i) amax = nan_max(amax, std::fabs(E::load(x[offset + i])));
-    const float scale = scale_from_amax(amax, p.ue8m0);
-    for (int64_t i = 0; i < p.group_size; ++i)
-      p.q[offset + i] = float_to_e4m3(scale_and_clamp(E::load(x[offset + i]), scale));
+    const float scale = scale_from_amax(group_amax<kType>(x + offset, p.group_size), p.ue8m0);
+    quantize_row<kType>(x + offset, p.q + offset, p.group_size, scale);
     p.scales[g] = scale;
   }
 }
 
 template <DType kType>
 void quantize_blocks(const BlockQuantParams& p) {
-  using E = Element<kType>;
-  const auto* w = static_cast<const typename E::Storage*>(p.w);
+  const auto* w = static_cast<const typename Element<kType>::Storage*>(p.w);
   const int64_t block_rows = (p.n + p.block - 1) / p.block;
   const int64_t block_cols = (p.k + p.block - 1) / p.block;
 #pragma omp parallel for schedule(static)
@@ -87,26 +95,25 @@ void quantize_blocks(const BlockQuantParams& p) {
     const int64_t row0 = (b / block_cols) * p.block, row1 = std::min(p.n, row0 + p.block);
     const int64_t col0 = (b % block_cols) * p.block, col1 = std::min(p.k, col0 + p.block);
     float amax = 0.0f;
-    for (int64_t r = row0; r < row1; ++r)
-      for (int64_t c = col0; c < col1; ++c) amax = nan_max(amax, std::fabs(E::load(w[r * p.k + c])));
+    for (int64_t r = row0; r < row1; ++r) amax = nan_max(amax, group_amax<kType>(w + r * p.k + col0, col1 - col0));
     const float scale = scale_from_amax(amax, false);
     for (int64_t r = row0; r < row1; ++r)
-      for (int64_t c = col0; c < col1; ++c)
-        p.q[r * p.k + c] = float_to_e4m3(scale_and_clamp(E::load(w[r * p.k + c]), scale));
+      quantize_row<kType>(w + r * p.k + col0, p.q + r * p.k + col0, col1 - col0, scale);
     p.scale_inv[b] = scale;
   }
 }
 
 template <DType kType>
 void dequantize_blocks(const BlockDequantParams& p) {
-  using E = Element<kType>;
-  auto* out = static_cast<typename E::Storage*>(p.out);
-  const auto& table = e4m3_table();
+  auto* out = static_cast<typename Element<kType>::Storage*>(p.out);
   const int64_t block_cols = (p.k + p.block - 1) / p.block;
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < p.n; ++r) {
     const float* row_scales = p.scale_inv + (r / p.block) * block_cols;
-    for (int64_t c = 0; c < p.k; ++c) out[r * p.k + c] = E::store(table[p.q[r * p.k + c]] * row_scales[c / p.block]);
+    for (int64_t b = 0; b < block_cols; ++b) {
+      const int64_t col0 = b * p.block, cols = std::min(p.block, p.k - col0);
+      dequantize_row<kType>(p.q + r * p.k + col0, out + r * p.k + col0, cols, row_scales[b]);
+    }
   }
 }
 

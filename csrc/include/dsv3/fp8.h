@@ -71,35 +71,39 @@ DSV3_HOST_DEVICE uint8_t float_to_e4m3(float x) {
 #if defined(__CUDA_ARCH__)
   return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
 #else
-  uint32_t u = float_bits(x);
-  const uint8_t sign = static_cast<uint8_t>((u >> 24) & 0x80u);
-  u &= 0x7FFFFFFFu;
-  if (u > 0x7F800000u) return sign | 0x7Fu;   // NaN
-  if (u >= 0x43E80000u) return sign | 0x7Eu;  // >= 464 (and inf): beyond the last rounding interval of 448
-  if (u < 0x3C800000u) {
-    // Below 2^-6: one fp32 ulp of 16384 + |x| is 2^-9, the e4m3 subnormal step, so the addition rounds |x| to the
-    // nearest step (ties to even) and the step count is the encoding; 8 steps encode 2^-6 itself. 0x46800000 = 16384.
-    const float shifted = bits_to_float(u) + 16384.0f;
-    return sign | static_cast<uint8_t>(float_bits(shifted) - 0x46800000u);
-  }
+  // Branch-free: all candidates are computed and picked with bit masks, so loops over this vectorize.
+  const uint32_t u = float_bits(x);
+  const uint32_t sign = (u >> 24) & 0x80u;
+  const uint32_t magnitude = u & 0x7FFFFFFFu;
   // Normal range: rebias the exponent (127 -> 7) and round the 20 dropped mantissa bits to nearest-even.
-  const uint32_t odd = (u >> 20) & 1u;
-  u += (static_cast<uint32_t>(7 - 127) << 23) + 0x7FFFFu + odd;
-  return sign | static_cast<uint8_t>(u >> 20);
+  const uint32_t normal =
+      (magnitude + (static_cast<uint32_t>(7 - 127) << 23) + 0x7FFFFu + ((magnitude >> 20) & 1u)) >> 20;
+  // Below 2^-6: one fp32 ulp of 16384 + |x| is 2^-9, the e4m3 subnormal step, so the addition rounds |x| to the
+  // nearest step (ties to even) and the step count is the encoding; 8 steps encode 2^-6 itself. 0x46800000 = 16384.
+  const uint32_t subnormal = float_bits(bits_to_float(magnitude) + 16384.0f) - 0x46800000u;
+  const uint32_t is_subnormal = 0u - static_cast<uint32_t>(magnitude < 0x3C800000u);
+  const uint32_t is_saturated = 0u - static_cast<uint32_t>(magnitude >= 0x43E80000u);  // >= 464, inf: past 448's
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(magnitude > 0x7F800000u);
+  uint32_t result = (subnormal & is_subnormal) | (normal & ~is_subnormal);
+  result = (0x7Eu & is_saturated) | (result & ~is_saturated);
+  result = (0x7Fu & is_nan) | (result & ~is_nan);
+  return static_cast<uint8_t>(sign | result);
 #endif
 }
 
+// Exact e4m3 -> fp32, branch-free like float_to_e4m3.
 DSV3_HOST_DEVICE float e4m3_to_float(uint8_t bits) {
-  const uint32_t sign = static_cast<uint32_t>(bits & 0x80u) << 24;
-  const uint32_t exponent = (bits >> 3) & 0xFu;
-  const uint32_t mantissa = bits & 0x7u;
-  if (exponent == 0xFu && mantissa == 0x7u) return bits_to_float(sign | 0x7FC00000u);
-  if (exponent == 0) {
-    // subnormal: mantissa * 2^-9, exact in fp32
-    const float magnitude = static_cast<float>(mantissa) * 0.001953125f;
-    return sign ? -magnitude : magnitude;
-  }
-  return bits_to_float(sign | ((exponent + 127u - 7u) << 23) | (mantissa << 20));
+  const uint32_t b = bits;
+  const uint32_t sign = (b & 0x80u) << 24;
+  const uint32_t exponent = (b >> 3) & 0xFu;
+  const uint32_t mantissa = b & 0x7u;
+  const uint32_t normal = sign | ((exponent + 127u - 7u) << 23) | (mantissa << 20);
+  const uint32_t subnormal = sign | float_bits(static_cast<float>(mantissa) * 0.001953125f);  // mantissa * 2^-9
+  const uint32_t is_subnormal = 0u - static_cast<uint32_t>(exponent == 0);
+  const uint32_t is_nan = 0u - static_cast<uint32_t>((b & 0x7Fu) == 0x7Fu);
+  uint32_t result = (subnormal & is_subnormal) | (normal & ~is_subnormal);
+  result = ((sign | 0x7FC00000u) & is_nan) | (result & ~is_nan);
+  return bits_to_float(result);
 }
 
 }  // namespace dsv3

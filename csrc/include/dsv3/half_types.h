@@ -9,11 +9,12 @@ namespace dsv3 {
 
 inline float bf16_to_float(uint16_t bits) { return bits_to_float(static_cast<uint32_t>(bits) << 16); }
 
+// Round-to-nearest-even; NaN stays a (quiet) NaN. Branch-free so conversion loops vectorize.
 inline uint16_t float_to_bf16(float x) {
   const uint32_t u = float_bits(x);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // keep NaN quiet
-  const uint32_t rounding = 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>((u + rounding) >> 16);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t is_nan = 0u - static_cast<uint32_t>((u & 0x7FFFFFFFu) > 0x7F800000u);
+  return static_cast<uint16_t>((((u >> 16) | 0x40u) & is_nan) | (rounded & ~is_nan));
 }
 
 inline float fp16_to_float(uint16_t bits) {

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from dsv3.ops.extension import DTYPE_CODES, FLOAT_DTYPES, run_kernel
+from dsv3.ops.extension import DTYPE_CODES, FLOAT_DTYPES, custom_op, run_kernel
 from dsv3.ops.tensor_checks import check_aligned, check_positive_int, check_tensor
 from dsv3.reference.quant import FP8_DTYPE, ceil_div
 
 
-@torch.library.custom_op("dsv3::per_token_group_quant_fp8", mutates_args=())
+def _token_quant_shapes(x: torch.Tensor, group_size: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    scales_shape = (*x.shape[:-1], x.shape[-1] // group_size)
+    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty(scales_shape, dtype=torch.float32)
+
+
+@custom_op("per_token_group_quant_fp8", fake=_token_quant_shapes)
 def _per_token_group_quant_fp8(x: torch.Tensor, group_size: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     check_aligned(x=x)
     k = x.shape[-1]
@@ -24,12 +29,6 @@ def _per_token_group_quant_fp8(x: torch.Tensor, group_size: int, ue8m0: bool) ->
         "per_token_group_quant_fp8", x.device, *x_args, q.data_ptr(), scales.data_ptr(), rows, k, group_size, ue8m0
     )
     return q, scales
-
-
-@_per_token_group_quant_fp8.register_fake
-def _(x: torch.Tensor, group_size: int, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    scales_shape = (*x.shape[:-1], x.shape[-1] // group_size)
-    return x.new_empty(x.shape, dtype=FP8_DTYPE), x.new_empty(scales_shape, dtype=torch.float32)
 
 
 def per_token_group_quant_fp8(
@@ -45,10 +44,15 @@ def per_token_group_quant_fp8(
     check_positive_int(group_size, "group_size")
     if x.shape[-1] % group_size:
         raise ValueError(f"x: last dimension {x.shape[-1]} is not a multiple of group_size={group_size}")
-    return torch.ops.dsv3.per_token_group_quant_fp8(x, group_size, bool(ue8m0))
+    return _per_token_group_quant_fp8(x, group_size, bool(ue8m0))
 
 
-@torch.library.custom_op("dsv3::per_block_quant_fp8", mutates_args=())
+def _block_quant_shapes(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = w.shape
+    return w.new_empty(w.shape, dtype=FP8_DTYPE), w.new_empty(ceil_div(n, block), ceil_div(k, block))
+
+
+@custom_op("per_block_quant_fp8", fake=_block_quant_shapes)
 def _per_block_quant_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     check_aligned(w=w)
     n, k = w.shape
@@ -59,12 +63,6 @@ def _per_block_quant_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     return q, scale_inv
 
 
-@_per_block_quant_fp8.register_fake
-def _(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n, k = w.shape
-    return w.new_empty(w.shape, dtype=FP8_DTYPE), w.new_empty(ceil_div(n, block), ceil_div(k, block))
-
-
 def per_block_quant_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a weight matrix to FP8 e4m3 in block x block tiles, as the official DeepSeek-V3 checkpoint stores it.
 
@@ -73,10 +71,14 @@ def per_block_quant_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor
     """
     check_tensor(w, "w", dtypes=FLOAT_DTYPES, ndim=2)
     check_positive_int(block, "block")
-    return torch.ops.dsv3.per_block_quant_fp8(w, block)
+    return _per_block_quant_fp8(w, block)
 
 
-@torch.library.custom_op("dsv3::dequant_fp8_block", mutates_args=())
+def _dequant_shapes(q: torch.Tensor, scale_inv: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+@custom_op("dequant_fp8_block", fake=_dequant_shapes)
 def _dequant_fp8_block(q: torch.Tensor, scale_inv: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
     check_aligned(q=q, scale_inv=scale_inv)
     n, k = q.shape
@@ -84,11 +86,6 @@ def _dequant_fp8_block(q: torch.Tensor, scale_inv: torch.Tensor, block: int, dty
     out_args = (out.data_ptr(), DTYPE_CODES[dtype])
     run_kernel("dequant_fp8_block", q.device, q.data_ptr(), scale_inv.data_ptr(), *out_args, n, k, block)
     return out
-
-
-@_dequant_fp8_block.register_fake
-def _(q: torch.Tensor, scale_inv: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor:
-    return q.new_empty(q.shape, dtype=dtype)
 
 
 def dequant_fp8_block(
@@ -103,4 +100,4 @@ def dequant_fp8_block(
     check_tensor(scale_inv, "scale_inv", dtypes=(torch.float32,), shape=scale_shape, device=q.device)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected torch.bfloat16, torch.float16 or torch.float32, got {dtype}")
-    return torch.ops.dsv3.dequant_fp8_block(q, scale_inv, block, dtype)
+    return _dequant_fp8_block(q, scale_inv, block, dtype)

@@ -1,0 +1,1 @@
+"""Microbenchmarks: one harness (harness.py) and one suite per op family; `dsv3 bench NAME` runs a suite."""

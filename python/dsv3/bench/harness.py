@@ -1,0 +1,158 @@
+"""The benchmark harness shared by every suite.
+
+Timing: on the CPU, warm-up calls then `reps` timed calls, the median wall time. On the GPU, CUDA events around each
+call with the L2 cache flushed before it (a write over twice the L2 size), the median. Every row reports time (us),
+effective bandwidth (GB/s), throughput (TFLOP/s or GFLOP/s), the share of the H200 peak when on a GPU, and the ratio to
+a baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+# H200 SXM peaks (dense): what the GPU columns are a percentage of.
+H200_PEAKS = {"fp8_flops": 1979e12, "bf16_flops": 989e12, "hbm_bytes": 4.8e12}
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    device: str
+    us: float
+    bytes: int = 0
+    flops: int = 0
+    peak: str = "bf16_flops"  # which compute peak the % column compares with
+    baseline: str | None = None
+    baseline_us: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / (self.us * 1e-6) / 1e9 if self.us else 0.0
+
+    @property
+    def tflop_per_s(self) -> float:
+        return self.flops / (self.us * 1e-6) / 1e12 if self.us else 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        return self.baseline_us / self.us if self.baseline_us and self.us else None
+
+    def percent_of_peak(self) -> tuple[float, float] | None:
+        """(% of HBM bandwidth, % of the compute peak) on a GPU; None on the CPU."""
+        if self.device == "cpu":
+            return None
+        return (
+            100 * self.bytes / (self.us * 1e-6) / H200_PEAKS["hbm_bytes"],
+            100 * self.flops / (self.us * 1e-6) / H200_PEAKS[self.peak],
+        )
+
+    def as_dict(self) -> dict:
+        record = asdict(self)
+        record.update(gb_per_s=self.gb_per_s, tflop_per_s=self.tflop_per_s, speedup=self.speedup)
+        peaks = self.percent_of_peak()
+        if peaks:
+            record.update(percent_hbm=peaks[0], percent_peak=peaks[1])
+        return record
+
+
+class Timer:
+    """Median time of a callable on a device, in microseconds."""
+
+    def __init__(self, device: torch.device, warmup: int = 3, reps: int = 20):
+        self.device, self.warmup, self.reps = device, warmup, reps
+        self._flush = None
+        if device.type == "cuda":
+            l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
+            self._flush = torch.empty(2 * l2_bytes // 4 + 1, dtype=torch.int32, device=device)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        if self.device.type != "cuda":
+            times = []
+            for _ in range(self.reps):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return statistics.median(times) * 1e6
+        events = []
+        for _ in range(self.reps):
+            self._flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(self.device)
+        return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
+
+
+class Report:
+    """Collects rows, prints them as a table, and writes them (with the machine's description) as JSON."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.rows: list[Row] = []
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        return row
+
+    def table(self) -> str:
+        on_gpu = any(r.device != "cpu" for r in self.rows)
+        header = f"{'op':<28} {'case':<26} {'us':>10} {'GB/s':>9} {'TFLOP/s' if on_gpu else 'GFLOP/s':>9}"
+        header += f" {'%HBM':>6} {'%peak':>6}" if on_gpu else ""
+        header += f" {'baseline':>16} {'x base':>7}"
+        lines = [f"== {self.title} ==", header]
+        for r in self.rows:
+            throughput = r.tflop_per_s if on_gpu else r.tflop_per_s * 1e3
+            line = f"{r.op:<28} {r.case:<26} {r.us:>10.2f} {r.gb_per_s:>9.1f} {throughput:>9.2f}"
+            peaks = r.percent_of_peak()
+            if on_gpu:
+                line += f" {peaks[0]:>6.1f} {peaks[1]:>6.1f}" if peaks else f" {'-':>6} {'-':>6}"
+            speedup = f"{r.speedup:.2f}" if r.speedup else "-"
+            line += f" {(r.baseline or '-'):>16} {speedup:>7}"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def to_json(self, path: str) -> None:
+        from dsv3.info import build_info
+
+        document = {
+            "title": self.title,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
+            "build": build_info(),
+            "rows": [r.as_dict() for r in self.rows],
+        }
+        with open(path, "w") as f:
+            json.dump(document, f, indent=1)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    return torch.device(name)
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="a few small cases (seconds)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    return parser
