@@ -1,1 +1,28 @@
-"""Microbenchmarks: one harness (harness.py) and one suite per op family; `dsv3 bench NAME` runs a suite."""
+"""Microbenchmarks: one harness (harness.py) and one suite per op family; `dsv3 bench SUITE|all` runs them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from dsv3.bench import quant
+from dsv3.bench.harness import Report, argument_parser, pick_device, write_json
+
+# suite name -> run(device, quick, reps) -> Report
+SUITES: dict[str, Callable[[torch.device, bool, int | None], Report]] = {"quant": quant.run}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser("Run dsv3's microbenchmarks")
+    parser.add_argument("suite", choices=[*SUITES, "all"])
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    names = list(SUITES) if args.suite == "all" else [args.suite]
+    reports = []
+    for name in names:
+        report = SUITES[name](device, args.quick, args.reps)
+        print(report.table(), flush=True)
+        reports.append(report)
+    if args.json:
+        write_json(args.json, reports)

@@ -127,18 +127,19 @@ class Report:
             lines.append(line)
         return "\n".join(lines)
 
-    def to_json(self, path: str) -> None:
-        from dsv3.info import build_info
 
-        document = {
-            "title": self.title,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
-            "build": build_info(),
-            "rows": [r.as_dict() for r in self.rows],
-        }
-        with open(path, "w") as f:
-            json.dump(document, f, indent=1)
+def write_json(path: str, reports: list[Report]) -> None:
+    """One document: the machine, the build, and every report's rows."""
+    from dsv3.info import build_info
+
+    document = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
+        "build": build_info(),
+        "reports": [{"title": r.title, "rows": [row.as_dict() for row in r.rows]} for r in reports],
+    }
+    with open(path, "w") as f:
+        json.dump(document, f, indent=1)
 
 
 def pick_device(name: str) -> torch.device:
@@ -150,7 +151,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog="dsv3 bench", description=description)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="a few small cases (seconds)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per case")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import dsv3
-from dsv3.bench.harness import Report, Row, Timer, argument_parser, pick_device
+from dsv3.bench.harness import Report, Row, Timer
 from dsv3.reference import quant as ref
 
 HIDDEN = 7168  # DeepSeek-V3 hidden size: the K of every activation quantization before a projection
@@ -45,15 +45,3 @@ def run(device: torch.device, quick: bool = False, reps: int | None = None) -> R
             )
         )  # fmt: skip
     return report
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = argument_parser(__doc__).parse_args(argv)
-    report = run(pick_device(args.device), args.quick, args.reps)
-    print(report.table())
-    if args.json:
-        report.to_json(args.json)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,44 @@
+"""The benchmark harness's arithmetic and timing."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dsv3.bench.harness import H200_PEAKS, Report, Row, Timer
+
+
+def test_row_metrics():
+    row = Row("op", "case", "cpu", us=1e6, bytes=int(2e9), flops=int(3e12), baseline="torch", baseline_us=4e6)
+    assert row.gb_per_s == pytest.approx(2.0)
+    assert row.tflop_per_s == pytest.approx(3.0)
+    assert row.speedup == pytest.approx(4.0)
+    assert row.percent_of_peak() is None
+
+
+def test_gpu_rows_report_percent_of_h200_peaks():
+    row = Row("op", "case", "cuda", us=1e3, bytes=int(2.4e9), flops=int(0.989e12), peak="bf16_flops")
+    hbm, compute = row.percent_of_peak()
+    assert hbm == pytest.approx(100 * 2.4e12 / H200_PEAKS["hbm_bytes"])
+    assert compute == pytest.approx(100.0)
+    fp8 = Row("op", "case", "cuda", us=1e3, flops=int(1.979e12), peak="fp8_flops")
+    assert fp8.percent_of_peak()[1] == pytest.approx(100.0)
+
+
+def test_cpu_timer_takes_the_median():
+    durations = iter([0.0] * 2 + [0.001, 0.030, 0.002, 0.001, 0.001])
+    timer = Timer(torch.device("cpu"), warmup=2, reps=5)
+    median_us = timer(lambda: time.sleep(next(durations)))
+    assert 900 < median_us < 5000  # the 30 ms outlier does not move the median
+
+
+def test_report_table_lists_every_row():
+    report = Report("title")
+    report.add(Row("alpha", "M=1", "cpu", us=10.0, bytes=1000, baseline="torch", baseline_us=20.0))
+    report.add(Row("beta", "M=2", "cpu", us=5.0))
+    table = report.table().splitlines()
+    assert table[0] == "== title =="
+    assert table[2].split()[:3] == ["alpha", "M=1", "10.00"] and table[2].split()[-1] == "2.00"
+    assert table[3].split()[-1] == "-"
