@@ -2,6 +2,7 @@
 // Entry points of the CPU kernels (csrc/cpu/*.cpp). Each validates its parameters and runs on the calling thread's
 // OpenMP team.
 
+#include "dsv3/gemm_params.h"
 #include "dsv3/quant_params.h"
 
 namespace dsv3::cpu {
@@ -9,5 +10,7 @@ namespace dsv3::cpu {
 void per_token_group_quant_fp8(const TokenGroupQuantParams& params);
 void per_block_quant_fp8(const BlockQuantParams& params);
 void dequant_fp8_block(const BlockDequantParams& params);
+
+void fp8_gemm_nt(const Fp8GemmParams& params);
 
 }  // namespace dsv3::cpu

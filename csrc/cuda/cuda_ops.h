@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "dsv3/gemm_params.h"
 #include "dsv3/quant_params.h"
 
 namespace dsv3::cuda {
@@ -20,5 +21,9 @@ int runtime_version();
 void per_token_group_quant_fp8(const TokenGroupQuantParams& params, std::uintptr_t stream);
 void per_block_quant_fp8(const BlockQuantParams& params, std::uintptr_t stream);
 void dequant_fp8_block(const BlockDequantParams& params, std::uintptr_t stream);
+
+// workspace: device memory of fp8_gemm_workspace_bytes(params) bytes (split-K partial sums), or 0 when that is 0.
+int64_t fp8_gemm_workspace_bytes(const Fp8GemmParams& params, int num_sms);
+void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);
 
 }  // namespace dsv3::cuda
