@@ -52,6 +52,18 @@ dsv3::BlockDequantParams block_dequant_params(std::uintptr_t q, std::uintptr_t s
           block};
 }
 
+dsv3::Fp8GemmParams fp8_gemm_params(std::uintptr_t a, std::uintptr_t a_scales, std::uintptr_t b,
+                                    std::uintptr_t b_scales, std::uintptr_t out, int64_t m, int64_t n, int64_t k) {
+  return {pointer<const uint8_t>(a),
+          pointer<const float>(a_scales),
+          pointer<const uint8_t>(b),
+          pointer<const float>(b_scales),
+          pointer<uint16_t>(out),
+          m,
+          n,
+          k};
+}
+
 py::dict build_info() {
   py::dict info;
   py::list backends;
@@ -121,6 +133,17 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("scale_inv"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("k"),
       py::arg("block"));
 
+  cpu.def(
+      "fp8_gemm_nt",
+      [](std::uintptr_t a, std::uintptr_t a_scales, std::uintptr_t b, std::uintptr_t b_scales, std::uintptr_t out,
+         int64_t m, int64_t n, int64_t k) {
+        const auto params = fp8_gemm_params(a, a_scales, b, b_scales, out, m, n, k);
+        py::gil_scoped_release release;
+        dsv3::cpu::fp8_gemm_nt(params);
+      },
+      py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
+      py::arg("k"));
+
 #if defined(DSV3_WITH_CUDA)
   py::module_ cuda = m.def_submodule("cuda", "CUDA kernels (sm_90a)");
   cuda.def("device_count", &dsv3::cuda::device_count);
@@ -150,5 +173,15 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("q"), py::arg("scale_inv"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("k"),
       py::arg("block"), py::arg("stream"));
+  cuda.def("fp8_gemm_workspace_bytes", &dsv3::cuda::fp8_gemm_workspace_bytes, py::arg("m"), py::arg("n"), py::arg("k"),
+           py::arg("num_sms"));
+  cuda.def(
+      "fp8_gemm_nt",
+      [](std::uintptr_t a, std::uintptr_t a_scales, std::uintptr_t b, std::uintptr_t b_scales, std::uintptr_t out,
+         int64_t m, int64_t n, int64_t k, std::uintptr_t workspace, int num_sms, std::uintptr_t stream) {
+        dsv3::cuda::fp8_gemm_nt(fp8_gemm_params(a, a_scales, b, b_scales, out, m, n, k), workspace, num_sms, stream);
+      },
+      py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
+      py::arg("k"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"));
 #endif
 }

@@ -22,8 +22,9 @@ void per_token_group_quant_fp8(const TokenGroupQuantParams& params, std::uintptr
 void per_block_quant_fp8(const BlockQuantParams& params, std::uintptr_t stream);
 void dequant_fp8_block(const BlockDequantParams& params, std::uintptr_t stream);
 
-// workspace: device memory of fp8_gemm_workspace_bytes(params) bytes (split-K partial sums), or 0 when that is 0.
-int64_t fp8_gemm_workspace_bytes(const Fp8GemmParams& params, int num_sms);
+// Device memory (bytes) the GEMM needs for split-K partial sums on a GPU with num_sms SMs; 0 when it needs none.
+int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms);
+// workspace: fp8_gemm_workspace_bytes(...) bytes of device memory (any content), or 0 when that is 0.
 void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);
 
 }  // namespace dsv3::cuda

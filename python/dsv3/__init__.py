@@ -16,6 +16,8 @@ _LAZY = {
     "per_token_group_quant_fp8": ("dsv3.ops", "per_token_group_quant_fp8"),
     "per_block_quant_fp8": ("dsv3.ops", "per_block_quant_fp8"),
     "dequant_fp8_block": ("dsv3.ops", "dequant_fp8_block"),
+    "fp8_gemm_nt": ("dsv3.ops", "fp8_gemm_nt"),
+    "fp8_linear": ("dsv3.ops", "fp8_linear"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,16 @@ def cuda_compiled() -> bool:
     return hasattr(_C, "cuda")
 
 
+def cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.cache
+def num_sms(index: int) -> int:
+    """Streaming multiprocessors of CUDA device `index` (what persistent kernels size their grids by)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def run_kernel(name: str, device: torch.device, *args: Any) -> Any:
     """Run kernel `name` of the backend for `device`; CUDA kernels go on the device's current torch stream."""
     if device.type == "cpu":
@@ -40,15 +51,18 @@ def run_kernel(name: str, device: torch.device, *args: Any) -> Any:
                 "dsv3 was built without its CUDA kernels (no nvcc at build time, or DSV3_CUDA=OFF); "
                 "rebuild with nvcc on the PATH to run on CUDA tensors"
             )
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = cuda_index(device)
         # The extension has its own (static) CUDA runtime, whose current device is independent of torch's.
         _C.cuda.set_device(index)
         return getattr(_C.cuda, name)(*args, torch.cuda.current_stream(index).cuda_stream)
     raise ValueError(f"no dsv3 kernels for device {device}")
 
 
-def custom_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register the decorated implementation as torch.ops.dsv3.<name> (with `fake` for shape propagation).
+def custom_op(
+    name: str, fake: Callable[..., Any], mutates_args: tuple[str, ...] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register the decorated implementation as torch.ops.dsv3.<name> (with `fake` for shape propagation; ops that
+    write into an argument name it in `mutates_args`).
 
     The returned callable runs the implementation directly in eager mode, where the dispatcher would add ~20 us to a
     call, and goes through torch.ops.dsv3.<name> while torch.compile traces, so compiled graphs and CUDA graphs see
@@ -56,7 +70,7 @@ def custom_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., An
     """
 
     def register(implementation: Callable[..., Any]) -> Callable[..., Any]:
-        op = torch.library.custom_op(f"dsv3::{name}", implementation, mutates_args=())
+        op = torch.library.custom_op(f"dsv3::{name}", implementation, mutates_args=mutates_args)
         op.register_fake(fake)
 
         def call(*args: Any) -> Any:
