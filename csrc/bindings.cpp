@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "cpu/cpu_ops.h"
+#include "dsv3/gemm_schedule.h"
 #include "dsv3/quant_params.h"
 #if defined(DSV3_WITH_CUDA)
 #include "cuda/cuda_ops.h"
@@ -100,6 +101,21 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dsv3 kernels (raw-pointer interface; use dsv3.ops)";
   m.def("build_info", &build_info, "What this extension was compiled with");
+  m.def(
+      "fp8_gemm_schedule",
+      [](int64_t m, int64_t n, int64_t k, int num_sms) {
+        const dsv3::Fp8GemmSchedule schedule = dsv3::choose_fp8_gemm_schedule(m, n, k, num_sms);
+        static const char* variants[] = {"tile128x128", "swapab128x64"};
+        static const char* decompositions[] = {"data_parallel", "split_k", "stream_k"};
+        py::dict out;
+        out["variant"] = variants[static_cast<int>(schedule.variant)];
+        out["decomposition"] = decompositions[static_cast<int>(schedule.decomposition)];
+        out["splits"] = schedule.splits;
+        out["tiles"] = schedule.tiles;
+        return out;
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_sms"),
+      "How the CUDA FP8 GEMM would run an (m, n, k) problem on a GPU with num_sms SMs");
 
   py::module_ cpu = m.def_submodule("cpu", "C++ CPU kernels");
   cpu.def(

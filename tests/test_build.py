@@ -7,27 +7,12 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import dsv3
-from dsv3.ops.extension import _C, cuda_compiled
-
-
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import nvidia
-
-        for root in nvidia.__path__:
-            for candidate in Path(root).glob("cu*/bin/cuobjdump"):
-                return str(candidate)
-    except ImportError:
-        pass
-    return None
+from dsv3.ops.extension import cuda_compiled
+from tests import cuda_binary
 
 
 def test_build_info_reports_what_was_compiled():
@@ -53,10 +38,9 @@ def test_cuda_kernels_are_built_where_nvcc_exists():
 
 @pytest.mark.skipif(not cuda_compiled(), reason="built without CUDA kernels")
 def test_extension_embeds_sm90a_cubins():
-    tool = _cuobjdump()
-    if tool is None:
+    if cuda_binary.cuobjdump() is None:
         pytest.skip("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
-    listing = subprocess.run([tool, "--list-elf", _C.__file__], capture_output=True, text=True, check=True).stdout
+    listing = cuda_binary.run("--list-elf")
     cubins = re.findall(r"\.(sm_\w+)\.cubin", listing)
     assert cubins and set(cubins) == {"sm_90a"}, listing
 

@@ -1,0 +1,21 @@
+#pragma once
+// The compiled FP8 GEMM variants. Each is defined in its own translation unit under instantiations/ (a CUTLASS
+// kernel costs ~90 s and ~4 GB to compile), so this header stays free of CUTLASS.
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "dsv3/gemm_params.h"
+#include "dsv3/gemm_schedule.h"
+
+namespace dsv3::cuda {
+
+template <Fp8GemmVariant kVariant>
+struct Fp8GemmKernel {
+  static int64_t workspace_bytes(int64_t m, int64_t n, int64_t k, const Fp8GemmSchedule& schedule, int num_sms);
+  static void run(const Fp8GemmParams& params, const Fp8GemmSchedule& schedule, void* workspace, int num_sms,
+                  cudaStream_t stream);
+};
+
+}  // namespace dsv3::cuda

@@ -1,0 +1,39 @@
+"""What the compiled sm_90a code contains: FP8 wgmma and TMA in the GEMM kernels, and no register spills anywhere."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dsv3.ops.extension import cuda_compiled
+from tests import cuda_binary
+
+pytestmark = [
+    pytest.mark.skipif(not cuda_compiled(), reason="built without CUDA kernels"),
+    pytest.mark.skipif(cuda_binary.cuobjdump() is None, reason="cuobjdump not found (nvidia-cuda-cuobjdump)"),
+]
+
+
+@pytest.fixture(scope="module")
+def sass() -> dict[str, str]:
+    try:
+        return cuda_binary.sass_by_function()
+    except Exception as error:  # nvdisasm missing
+        pytest.skip(f"cuobjdump -sass failed: {error}")
+
+
+def test_fp8_gemm_kernels_use_fp8_wgmma_and_tma(sass):
+    gemms = {name: code for name, code in sass.items() if "BlockwiseFP8" in name}
+    assert len(gemms) == 2, f"expected the two FP8 GEMM variants, found {len(gemms)}"
+    for name, code in gemms.items():
+        # sm_90a FP8 warpgroup MMA (QGMMA ... E4M3.E4M3 with fp32 accumulators) and bulk tensor (TMA) loads/stores
+        assert re.search(r"\b[HQ]GMMA\.64x\d+x32\.F32\.E4M3\.E4M3\b", code), name
+        assert "UTMALDG" in code and "UTMASTG" in code, name
+
+
+def test_no_kernel_spills_registers():
+    usage = cuda_binary.resource_usage()
+    assert usage, "no kernels listed"
+    spilling = {name: u for name, u in usage.items() if u.get("LOCAL", 0) or u.get("STACK", 0)}
+    assert not spilling, f"kernels using local memory (spills or stack): {sorted(spilling)[:3]}"
