@@ -18,6 +18,9 @@ _LAZY = {
     "dequant_fp8_block": ("dsv3.ops", "dequant_fp8_block"),
     "fp8_gemm_nt": ("dsv3.ops", "fp8_gemm_nt"),
     "fp8_linear": ("dsv3.ops", "fp8_linear"),
+    "get_mla_metadata": ("dsv3.ops", "get_mla_metadata"),
+    "mla_decode_with_kvcache": ("dsv3.ops", "mla_decode_with_kvcache"),
+    "append_kv_cache": ("dsv3.ops", "append_kv_cache"),
 }
 
 

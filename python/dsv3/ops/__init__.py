@@ -4,12 +4,16 @@ Each op is also registered as a torch custom op (torch.ops.dsv3.*), so torch.com
 """
 
 from dsv3.ops.gemm import fp8_gemm_nt, fp8_linear
+from dsv3.ops.mla import append_kv_cache, get_mla_metadata, mla_decode_with_kvcache
 from dsv3.ops.quant import dequant_fp8_block, per_block_quant_fp8, per_token_group_quant_fp8
 
 __all__ = [
+    "append_kv_cache",
     "dequant_fp8_block",
     "fp8_gemm_nt",
     "fp8_linear",
+    "get_mla_metadata",
+    "mla_decode_with_kvcache",
     "per_block_quant_fp8",
     "per_token_group_quant_fp8",
 ]

@@ -1,0 +1,216 @@
+// MLA decode on the CPU over a paged latent cache (bf16 or 656-byte FP8 rows): the split-KV partition of
+// dsv3/mla_schedule.h (the one the GPU uses), one OpenMP task per part, online softmax in fp32 per 64-token block,
+// then the combine step for sequences cut into several splits.
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/cpu_ops.h"
+#include "dsv3/fp8.h"
+#include "dsv3/half_types.h"
+
+namespace dsv3::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+
+int32_t seqlen_of(const MlaDecodeParams& p, int64_t seq) { return p.cache_seqlens[seq]; }
+
+// Everything a part may dereference is checked before any work starts: sequence lengths against the block table,
+// used page ids against the cache, and the schedule (it arrives from the caller) against the batch and workspace.
+void check_inputs(const MlaDecodeParams& p) {
+  for (int64_t seq = 0; seq < p.batch; ++seq) {
+    const int32_t seqlen = seqlen_of(p, seq);
+    DSV3_CHECK(seqlen >= 0 && seqlen <= p.max_blocks * kMlaPageSize, "cache_seqlens[", seq, "]=", seqlen,
+               ": expected 0..", p.max_blocks * kMlaPageSize, " (block_table has ", p.max_blocks, " pages a row)");
+    for (int32_t block = 0; block < mla_blocks(seqlen); ++block) {
+      const int32_t page = p.block_table[seq * p.max_blocks + block];
+      DSV3_CHECK(page >= 0 && page < p.num_blocks, "block_table[", seq, ", ", block, "]=", page,
+                 ": page id outside the cache's ", p.num_blocks, " blocks");
+    }
+  }
+  const int64_t max_splits = mla_max_splits(p.batch, p.num_parts);
+  DSV3_CHECK(p.split_offsets[0] == 0, "num_splits: must start at 0");
+  for (int64_t seq = 0; seq < p.batch; ++seq) {
+    const int32_t count = p.split_offsets[seq + 1] - p.split_offsets[seq];
+    DSV3_CHECK(count >= 0 && p.split_offsets[seq + 1] <= max_splits && (count > 0) == (seqlen_of(p, seq) > 0),
+               "num_splits: inconsistent with cache_seqlens at sequence ", seq, " (recompute get_mla_metadata)");
+  }
+  for (int64_t part = 0; part < p.num_parts; ++part) {
+    const int32_t* row = p.metadata + part * kMlaMetadataInts;
+    if (row[0] > row[2]) continue;  // empty part
+    DSV3_CHECK(row[0] >= 0 && row[2] < p.batch, "tile_scheduler_metadata[", part, "]: sequence range outside batch");
+    int32_t split = row[4];
+    for (int64_t seq = row[0]; seq <= row[2]; ++seq) {
+      const int32_t blocks = mla_blocks(seqlen_of(p, seq));
+      const int32_t lo = seq == row[0] ? row[1] : 0, hi = seq == row[2] ? row[3] : blocks;
+      DSV3_CHECK(lo >= 0 && hi <= blocks, "tile_scheduler_metadata[", part, "]: block range outside sequence ", seq,
+                 " (recompute get_mla_metadata after cache_seqlens change)");
+      if (lo >= hi) continue;
+      DSV3_CHECK(split >= p.split_offsets[seq] && split < p.split_offsets[seq + 1], "tile_scheduler_metadata[", part,
+                 "]: split id ", split, " does not belong to sequence ", seq);
+      ++split;
+    }
+  }
+}
+
+// Decodes the cache row of one token into 576 fp32 values.
+void load_row(const MlaDecodeParams& p, int32_t page, int row, float* values) {
+  if (!p.fp8_cache) {
+    const auto* bf16 =
+        reinterpret_cast<const uint16_t*>(p.kv_cache) + (int64_t{page} * kMlaPageSize + row) * kMlaHeadDim;
+    for (int d = 0; d < kMlaHeadDim; ++d) values[d] = bf16_to_float(bf16[d]);
+    return;
+  }
+  const uint8_t* bytes = p.kv_cache + (int64_t{page} * kMlaPageSize + row) * kMlaFp8RowBytes;
+  float scales[kMlaLatentDim / 128];
+  std::memcpy(scales, bytes + kMlaLatentDim, sizeof(scales));
+  for (int d = 0; d < kMlaLatentDim; ++d) values[d] = e4m3_to_float(bytes[d]) * scales[d / 128];
+  uint16_t rope[kMlaRopeDim];
+  std::memcpy(rope, bytes + kMlaLatentDim + sizeof(scales), sizeof(rope));
+  for (int d = 0; d < kMlaRopeDim; ++d) values[kMlaLatentDim + d] = bf16_to_float(rope[d]);
+}
+
+// Attention of all s_q x heads queries of one sequence over KV blocks [first_block, last_block): writes the split's
+// normalized output and lse, either as the final result (the sequence has one split) or into the workspace.
+void attend_split(const MlaDecodeParams& p, int64_t seq, int32_t first_block, int32_t last_block, int32_t split) {
+  const int64_t rows = p.s_q * p.heads, dv = p.head_dim_v;
+  const int32_t seqlen = seqlen_of(p, seq);
+  std::vector<float> q(rows * kMlaHeadDim), acc(rows * dv, 0.0f), scores(rows * kMlaPageSize);
+  std::vector<float> keys_t(kMlaHeadDim * kMlaPageSize), values(kMlaPageSize * dv), row_buffer(kMlaHeadDim);
+  std::vector<float> running_max(rows, kNegInf), running_sum(rows, 0.0f);
+  const uint16_t* q_seq = p.q + seq * rows * kMlaHeadDim;  // rows ordered (query token, head)
+  for (int64_t i = 0; i < rows * kMlaHeadDim; ++i) q[i] = bf16_to_float(q_seq[i]);
+
+  for (int32_t block = first_block; block < last_block; ++block) {
+    const int32_t page = p.block_table[seq * p.max_blocks + block];
+    const int tokens = std::min(kMlaPageSize, seqlen - block * kMlaPageSize);  // never past the sequence's end
+    for (int j = 0; j < tokens; ++j) {
+      load_row(p, page, j, row_buffer.data());
+      for (int d = 0; d < kMlaHeadDim; ++d) keys_t[d * kMlaPageSize + j] = row_buffer[d];
+      std::copy(row_buffer.begin(), row_buffer.begin() + dv, values.begin() + j * dv);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* s = scores.data() + r * kMlaPageSize;
+      std::fill(s, s + tokens, 0.0f);
+      const float* q_row = q.data() + r * kMlaHeadDim;
+      for (int d = 0; d < kMlaHeadDim; ++d) {
+        const float qd = q_row[d];
+        const float* k_d = keys_t.data() + d * kMlaPageSize;
+        for (int j = 0; j < tokens; ++j) s[j] += qd * k_d[j];
+      }
+      // query token r / heads sits at position seqlen - s_q + (r / heads) and sees keys up to there when causal
+      const int64_t visible_end =
+          p.causal ? std::min<int64_t>(tokens, seqlen - p.s_q + r / p.heads + 1 - int64_t{block} * kMlaPageSize)
+                   : tokens;
+      float block_max = kNegInf;
+      for (int j = 0; j < tokens; ++j) {
+        s[j] = j < visible_end ? s[j] * p.softmax_scale : kNegInf;
+        block_max = std::max(block_max, s[j]);
+      }
+      if (block_max == kNegInf) continue;  // nothing visible for this query in this block
+      const float new_max = std::max(running_max[r], block_max);
+      const float rescale = std::exp(running_max[r] - new_max);  // 0 on the first visible block
+      float* a = acc.data() + r * dv;
+      for (int64_t c = 0; c < dv; ++c) a[c] *= rescale;
+      float sum = running_sum[r] * rescale;
+      for (int j = 0; j < tokens; ++j) {
+        const float weight = std::exp(s[j] - new_max);
+        sum += weight;
+        const float* v = values.data() + j * dv;
+        for (int64_t c = 0; c < dv; ++c) a[c] += weight * v[c];
+      }
+      running_sum[r] = sum;
+      running_max[r] = new_max;
+    }
+  }
+
+  const bool final_result = p.split_offsets[seq + 1] - p.split_offsets[seq] == 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t token = r / p.heads, head = r % p.heads;
+    const bool empty = running_sum[r] == 0.0f;
+    const float inverse = empty ? 0.0f : 1.0f / running_sum[r];
+    const float lse = empty ? (final_result ? kPosInf : kNegInf) : running_max[r] + std::log(running_sum[r]);
+    const float* a = acc.data() + r * dv;
+    if (final_result) {
+      uint16_t* out = p.out + ((seq * p.s_q + token) * p.heads + head) * dv;
+      for (int64_t c = 0; c < dv; ++c) out[c] = float_to_bf16(a[c] * inverse);
+      p.lse[(seq * p.heads + head) * p.s_q + token] = lse;
+    } else {
+      float* out = p.partial_out + ((int64_t{split} * p.s_q + token) * p.heads + head) * dv;
+      for (int64_t c = 0; c < dv; ++c) out[c] = a[c] * inverse;
+      p.partial_lse[(int64_t{split} * p.heads + head) * p.s_q + token] = lse;
+    }
+  }
+}
+
+void run_part(const MlaDecodeParams& p, int64_t part) {
+  const int32_t* row = p.metadata + part * kMlaMetadataInts;
+  int32_t split = row[4];
+  for (int64_t seq = row[0]; seq <= row[2]; ++seq) {
+    const int32_t lo = seq == row[0] ? row[1] : 0;
+    const int32_t hi = seq == row[2] ? row[3] : mla_blocks(seqlen_of(p, seq));
+    if (lo < hi) attend_split(p, seq, lo, hi, split++);
+  }
+}
+
+// lse = log sum_i exp(lse_i), out = sum_i exp(lse_i - lse) out_i over the non-empty splits of each sequence with
+// != 1 splits (single-split sequences were written directly); no splits or no visible key: out 0, lse +inf.
+void combine(const MlaDecodeParams& p) {
+  const int64_t dv = p.head_dim_v;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t seq = 0; seq < p.batch; ++seq) {
+    const int32_t first = p.split_offsets[seq], count = p.split_offsets[seq + 1] - first;
+    if (count == 1) continue;
+    std::vector<float> merged(dv);
+    for (int64_t token = 0; token < p.s_q; ++token) {
+      for (int64_t head = 0; head < p.heads; ++head) {
+        auto split_lse = [&](int32_t i) {
+          return p.partial_lse[((first + int64_t{i}) * p.heads + head) * p.s_q + token];
+        };
+        float max_lse = kNegInf;
+        for (int32_t i = 0; i < count; ++i) max_lse = std::max(max_lse, split_lse(i));
+        std::fill(merged.begin(), merged.end(), 0.0f);
+        float lse = kPosInf;
+        if (max_lse != kNegInf) {
+          float sum = 0.0f;
+          for (int32_t i = 0; i < count; ++i) sum += std::exp(split_lse(i) - max_lse);
+          lse = max_lse + std::log(sum);
+          for (int32_t i = 0; i < count; ++i) {
+            if (split_lse(i) == kNegInf) continue;  // an empty split's output is undefined
+            const float weight = std::exp(split_lse(i) - lse);
+            const float* part = p.partial_out + (((first + int64_t{i}) * p.s_q + token) * p.heads + head) * dv;
+            for (int64_t c = 0; c < dv; ++c) merged[c] += weight * part[c];
+          }
+        }
+        uint16_t* out = p.out + ((seq * p.s_q + token) * p.heads + head) * dv;
+        for (int64_t c = 0; c < dv; ++c) out[c] = float_to_bf16(merged[c]);
+        p.lse[(seq * p.heads + head) * p.s_q + token] = lse;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void mla_schedule(const MlaScheduleParams& params) {
+  validate(params);
+  for (int64_t i = 0; i < params.batch; ++i) {
+    DSV3_CHECK(params.cache_seqlens[i] >= 0, "cache_seqlens[", i, "]=", params.cache_seqlens[i], ": negative");
+  }
+  compute_mla_schedule(params.cache_seqlens, params.batch, params.num_parts, params.metadata, params.split_offsets);
+}
+
+void mla_decode(const MlaDecodeParams& params) {
+  validate(params);
+  check_inputs(params);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t part = 0; part < params.num_parts; ++part) run_part(params, part);
+  combine(params);
+}
+
+}  // namespace dsv3::cpu
