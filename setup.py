@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -22,7 +23,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-VERSION = "0.1.0"
+# the one place the version is written: python/dsv3/__init__.py (CMakeLists.txt reads it from there too)
+VERSION = re.search(r'^__version__ = "([^"]+)"', (ROOT / "python/dsv3/__init__.py").read_text(), re.M).group(1)
 GIB_PER_COMPILE_JOB = 4
 
 
@@ -82,7 +84,6 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DDSV3_CUDA={os.environ.get('DSV3_CUDA', 'AUTO')}",
             f"-DDSV3_CUDA_ARCHS={os.environ.get('DSV3_CUDA_ARCHS', '90a')}",
-            f"-DDSV3_VERSION={VERSION}",
         ]
         cutlass = find_cutlass_include()
         if cutlass:
