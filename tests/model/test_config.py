@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from pathlib import Path
@@ -16,6 +17,13 @@ from dsv3.model.tensors import checkpoint_tensors
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 OFFICIAL = json.loads((FIXTURES / "deepseek_v3_config.json").read_text())
 TABLE = {k: v for k, v in json.loads((FIXTURES / "deepseek_v3_tensors.json").read_text()).items() if k != "about"}
+
+
+@functools.cache
+def _official_specs():
+    return checkpoint_tensors(ModelConfig.from_dict(OFFICIAL))
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp32": torch.float32}
 
 
@@ -58,7 +66,7 @@ def _instances(pattern: str) -> list[str]:
 
 @pytest.mark.parametrize("pattern", sorted(TABLE))
 def test_every_official_tensor_shape_is_derived(pattern):
-    specs = checkpoint_tensors(ModelConfig.from_dict(OFFICIAL))
+    specs = _official_specs()
     row = TABLE[pattern]
     for name in _instances(pattern):
         assert specs[name].shape == tuple(row["shape"]), name
@@ -71,7 +79,7 @@ def test_every_official_tensor_shape_is_derived(pattern):
 
 
 def test_no_tensor_beyond_the_official_table():
-    specs = checkpoint_tensors(ModelConfig.from_dict(OFFICIAL))
+    specs = _official_specs()
     patterns = {p.split(" ")[0] for p in TABLE}
     for name in specs:
         exact = re.sub(r"\.experts\.\d+\.", ".experts.E.", name.removesuffix("_scale_inv"))
