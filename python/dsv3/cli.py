@@ -1,4 +1,4 @@
-"""The `dsv3` command line: info, check, demo, bench."""
+"""The `dsv3` command line: info, check, demo, bench, make-tiny, convert."""
 
 from __future__ import annotations
 
@@ -59,6 +59,22 @@ def _demo(args: argparse.Namespace) -> int:
     return status
 
 
+def _make_tiny(args: argparse.Namespace) -> int:
+    from dsv3.model.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.out, seed=args.seed)
+    print(f"wrote a tiny random DeepSeek-V3 checkpoint (FP8, sharded, with MTP and tokenizer) to {path}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from dsv3.model.convert import convert_to_bf16
+
+    path = convert_to_bf16(args.source, args.target, progress=True)
+    print(f"wrote the BF16 checkpoint to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the suites own their options (`dsv3 bench --help`)
@@ -76,5 +92,14 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         command.set_defaults(run=run)
     commands.add_parser("bench", help="run benchmark suites (see `dsv3 bench --help`)")
+    tiny = commands.add_parser("make-tiny", help="write a small random DeepSeek-V3 checkpoint in the official layout")
+    tiny.add_argument("out", help="directory to write (created if absent)")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(run=_make_tiny)
+    convert = commands.add_parser("convert", help="convert a checkpoint (FP8 weights -> BF16)")
+    convert.add_argument("--to-bf16", action="store_true", required=True, help="dequantize every FP8 weight")
+    convert.add_argument("source")
+    convert.add_argument("target")
+    convert.set_defaults(run=_convert)
     args = parser.parse_args(argv)
     sys.exit(args.run(args))

@@ -170,7 +170,7 @@ def test_append_kv_cache_rejects_bad_slots():
     with pytest.raises(ValueError, match="slot_mapping"):
         append_kv_cache(cache, torch.tensor([0, 128]), rows[:, :512], rows[:, 512:])
     with pytest.raises(ValueError, match="kv_cache"):
-        append_kv_cache(cache.float(), torch.tensor([0, 1]), rows[:, :512], rows[:, 512:])
+        append_kv_cache(cache.half(), torch.tensor([0, 1]), rows[:, :512], rows[:, 512:])
 
 
 def test_compute_slot_mapping():

@@ -2,7 +2,8 @@
 
 Cache layouts (one KV "head"; every token stores its compressed latent and its rope key):
 
-* bf16: ``[num_blocks, 64, 1, 576]`` bf16, per token 512 latent ("nope") values then 64 rope values.
+* bf16: ``[num_blocks, 64, 1, 576]`` bf16, per token 512 latent ("nope") values then 64 rope values. The same layout
+  in fp32 is accepted too, so a float32 model can keep its cache exact (for checking; kernels take bf16 or FP8).
 * FP8: ``[num_blocks, 64, 1, 656]`` uint8 (float8_e4m3fn accepted as the same bytes), per token, little-endian:
 
   ======== ============================================================================
@@ -88,12 +89,12 @@ def _cache_is_fp8(kv_cache: torch.Tensor) -> bool:
         kv_cache.dim() == 4 and kv_cache.shape[1] == PAGE_SIZE and kv_cache.shape[2] == 1,
         f"kv_cache: expected [num_blocks, {PAGE_SIZE}, 1, width], got {tuple(kv_cache.shape)}",
     )
-    if kv_cache.dtype == torch.bfloat16 and kv_cache.shape[3] == HEAD_DIM:
+    if kv_cache.dtype in (torch.bfloat16, torch.float32) and kv_cache.shape[3] == HEAD_DIM:
         return False
     if kv_cache.dtype in (torch.uint8, FP8_DTYPE) and kv_cache.shape[3] == FP8_ROW_BYTES:
         return True
     raise ValueError(
-        f"kv_cache: expected bf16 [..., {HEAD_DIM}] or uint8 [..., {FP8_ROW_BYTES}], "
+        f"kv_cache: expected bf16/fp32 [..., {HEAD_DIM}] or uint8 [..., {FP8_ROW_BYTES}], "
         f"got {kv_cache.dtype} [..., {kv_cache.shape[3]}]"
     )
 
@@ -129,7 +130,8 @@ def append_kv_cache(
     kv_cache: bf16 [num_blocks, 64, 1, 576] or uint8 [num_blocks, 64, 1, 656], contiguous.
     slot_mapping: int64 [T]; token t goes to flat row ``slot_mapping[t] = block_id * 64 + offset`` (vLLM convention);
     -1 skips the token (padding). Valid slots must be distinct and < num_blocks * 64.
-    latent: [T, 512], rope: [T, 64], any float dtype. bf16 cache: each row is ``cat(latent, rope)`` rounded to bf16.
+    latent: [T, 512], rope: [T, 64], any float dtype. bf16 (fp32) cache: each row is ``cat(latent, rope)`` rounded to
+    the cache's dtype.
     FP8 cache: each row is ``pack_fp8_kv(cat(latent, rope), ue8m0)``. No other byte of the cache changes.
     """
     fp8 = _cache_is_fp8(kv_cache)
@@ -152,7 +154,7 @@ def append_kv_cache(
         flat[slots] = pack_fp8_kv(rows, ue8m0)
     else:
         flat = kv_cache.view(num_slots, HEAD_DIM)
-        flat[slots] = rows.to(torch.bfloat16)
+        flat[slots] = rows.to(kv_cache.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,108 @@
+"""Multi-head latent attention (MLA) of one DeepSeek-V3 layer over a paged latent cache.
+
+Every token caches 576 values: its kv_lora_rank (512) normalized latent and its 64 rope key dims (already rotated).
+The two forms of attention over that cache give the same result:
+
+* unabsorbed (prefill): expand the cached latents through kv_b_proj into per-head keys [nope | rope] and values, then
+  ordinary causal attention with 192-wide q·k;
+* absorbed (decode): fold kv_b_proj's key half into the query (q_latent = q_nope @ W_UK, 512 wide) and its value half
+  into the output (out @ W_UV), so attention runs directly on the 576-wide cache rows (FlashMLA's form).
+
+Both use the YaRN softmax scale of the 192-wide product: absorption changes the width of the dot product, not its value.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.model.backend import Backend
+from dsv3.model.batch import AttentionBatch
+from dsv3.model.config import ModelConfig
+from dsv3.model.linear import Linear
+from dsv3.reference.layers import apply_rope, rms_norm
+from dsv3.reference.mla import gather_kv
+
+
+class MLAttention:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], make_linear, dtype: torch.dtype):
+        c = config
+        self.config = config
+        self.heads = c.num_attention_heads
+        self.q_proj: Linear | None = None
+        if c.q_lora_rank is None:
+            self.q_proj = make_linear("q_proj")
+        else:
+            self.q_a_proj = make_linear("q_a_proj")
+            self.q_a_norm = weights["q_a_layernorm.weight"].to(dtype)
+            self.q_b_proj = make_linear("q_b_proj")
+        self.kv_a_proj = make_linear("kv_a_proj_with_mqa")
+        self.kv_a_norm = weights["kv_a_layernorm.weight"].to(dtype)
+        self.kv_b_proj = make_linear("kv_b_proj")
+        self.o_proj = make_linear("o_proj")
+        # kv_b_proj rows are, per head, qk_nope_head_dim key rows then v_head_dim value rows.
+        kv_b = self.kv_b_proj.dense_weight(dtype).view(self.heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        self.w_uk = kv_b[:, : c.qk_nope_head_dim].contiguous()  # [h, nope, 512]
+        self.w_uv = kv_b[:, c.qk_nope_head_dim :].contiguous()  # [h, v, 512]
+
+    def __call__(
+        self, x: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor, cos_sin: torch.Tensor, backend: Backend
+    ) -> torch.Tensor:
+        """x [T, hidden] (normed) -> [T, hidden]; writes the T new tokens into kv_cache first."""
+        c, t = self.config, x.shape[0]
+        if self.q_proj is None:
+            q = self.q_b_proj(rms_norm(self.q_a_proj(x), self.q_a_norm, c.rms_norm_eps))
+        else:
+            q = self.q_proj(x)
+        q = q.view(t, self.heads, c.qk_head_dim)
+        q_nope, q_rope = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
+        q_rope = apply_rope(q_rope, batch.positions, cos_sin)
+        latent, k_rope = self.kv_a_proj(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent = rms_norm(latent, self.kv_a_norm, c.rms_norm_eps)
+        k_rope = apply_rope(k_rope, batch.positions, cos_sin)
+        backend.append_kv_cache(kv_cache, batch.slot_mapping, latent, k_rope)
+        if batch.absorbed:
+            out = self._absorbed(q_nope, q_rope, batch, kv_cache, backend)
+        else:
+            out = self._unabsorbed(q_nope, q_rope, batch, kv_cache)
+        return self.o_proj(out.reshape(t, self.heads * c.v_head_dim))
+
+    def _absorbed(self, q_nope, q_rope, batch: AttentionBatch, kv_cache, backend: Backend) -> torch.Tensor:
+        b, s_q = len(batch.query_lens), batch.query_lens[0]
+        q_latent = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, h, 512]
+        q = torch.cat([q_latent, q_rope], dim=-1).view(b, s_q, self.heads, -1)
+        out, _ = backend.mla_decode_with_kvcache(
+            q,
+            kv_cache,
+            batch.block_table,
+            batch.seq_lens,
+            self.config.kv_lora_rank,
+            self.config.softmax_scale,
+            True,
+        )
+        out = out.reshape(b * s_q, self.heads, self.config.kv_lora_rank)
+        return torch.einsum("thc,hvc->thv", out, self.w_uv)  # [T, h, v]
+
+    def _unabsorbed(self, q_nope, q_rope, batch: AttentionBatch, kv_cache) -> torch.Tensor:
+        c, dtype = self.config, q_nope.dtype
+        q = torch.cat([q_nope, q_rope], dim=-1)  # [T, h, 192]
+        outputs, start = [], 0
+        for i, n in enumerate(batch.query_lens):
+            seq_len = int(batch.seq_lens[i])
+            rows = gather_kv(kv_cache, batch.block_table[i], 0, seq_len).to(dtype)  # [L, 576], context + new tokens
+            kv = self.kv_b_proj(rows[:, : c.kv_lora_rank]).view(seq_len, self.heads, -1)
+            k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+            k_rope = rows[:, None, c.kv_lora_rank :].expand(seq_len, self.heads, c.qk_rope_head_dim)
+            k = torch.cat([k_nope, k_rope], dim=-1)
+            # The new tokens are the last n of the sequence: query j sees keys 0 .. seq_len - n + j.
+            visible = torch.ones(n, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - n)
+            out = F.scaled_dot_product_attention(
+                q[start : start + n].transpose(0, 1),
+                k.transpose(0, 1),
+                v.transpose(0, 1),
+                attn_mask=visible,
+                scale=c.softmax_scale,
+            )
+            outputs.append(out.transpose(0, 1))  # [n, h, v]
+            start += n
+        return torch.cat(outputs)

@@ -1,0 +1,57 @@
+"""The feed-forward half of a layer: a dense SwiGLU MLP, or DeepSeekMoE (routed experts + shared expert)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.model.backend import Backend
+from dsv3.model.config import ModelConfig
+from dsv3.reference.layers import silu_and_mul
+
+
+class MLP:
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, make_linear, prefix: str):
+        self.gate_proj = make_linear(f"{prefix}.gate_proj")
+        self.up_proj = make_linear(f"{prefix}.up_proj")
+        self.down_proj = make_linear(f"{prefix}.down_proj")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
+
+
+class MoE:
+    """Routed experts chosen by the noaux_tc router, weighted and summed, plus the shared expert.
+
+    The router's logits are computed in fp32 from the fp32-widened input (the checkpoint keeps the router in bf16,
+    its correction bias in fp32); the weighted expert outputs are summed in fp32 and rounded once.
+    """
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], make_linear, device: torch.device):
+        self.config = config
+        self.gate = weights["gate.weight"].to(device=device, dtype=torch.float32)  # [E, hidden]
+        self.correction_bias = weights["gate.e_score_correction_bias"].to(device=device, dtype=torch.float32)
+        self.experts = [MLP(make_linear, f"experts.{e}") for e in range(config.n_routed_experts)]
+        self.shared = MLP(make_linear, "shared_experts") if config.n_shared_experts else None
+
+    def __call__(self, x: torch.Tensor, backend: Backend) -> torch.Tensor:
+        c = self.config
+        logits = F.linear(x.float(), self.gate)  # [T, E]
+        weights, experts = backend.grouped_topk(
+            logits,
+            self.correction_bias,
+            c.num_experts_per_tok,
+            c.n_group,
+            c.topk_group,
+            c.routed_scaling_factor,
+            c.norm_topk_prob,
+        )  # f32 [T, k], int32 [T, k]
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for expert in experts.unique().tolist():
+            tokens, slots = (experts == expert).nonzero(as_tuple=True)
+            y = self.experts[expert](x[tokens])
+            out.index_add_(0, tokens, y.float() * weights[tokens, slots, None])
+        out = out.to(x.dtype)
+        return out if self.shared is None else out + self.shared(x)
