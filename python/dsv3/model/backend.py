@@ -29,6 +29,23 @@ def reference_fp8_linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tens
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def kernel_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+    """dsv3.ops' FlashMLA-style decode, with the split-KV schedule computed for this batch."""
+    import dsv3.ops
+
+    metadata, num_splits = dsv3.ops.get_mla_metadata(cache_seqlens, q.shape[1] * q.shape[2], 1)
+    return dsv3.ops.mla_decode_with_kvcache(
+        q, kv_cache, block_table, cache_seqlens, head_dim_v, metadata, num_splits, softmax_scale, causal
+    )
+
+
+def _kernel(op: str) -> Callable | None:
+    """The dsv3.ops implementation of `op` in the backend's signature, if dsv3.ops has one."""
+    import dsv3.ops
+
+    return kernel_mla_decode if op == "mla_decode_with_kvcache" else getattr(dsv3.ops, op, None)
+
+
 def _probes(device: torch.device) -> dict[str, tuple[Callable[[], tuple], Callable]]:
     """op name -> (arguments of a minimal call on `device`, reference implementation)."""
 
@@ -49,7 +66,7 @@ def _probes(device: torch.device) -> dict[str, tuple[Callable[[], tuple], Callab
     def decode_args():
         q = torch.zeros(1, 1, 1, reference.HEAD_DIM, dtype=torch.bfloat16, device=device)
         table = torch.zeros(1, 1, dtype=torch.int32, device=device)
-        return q, cache(), table, torch.ones(1, dtype=torch.int32, device=device)
+        return q, cache(), table, torch.ones(1, dtype=torch.int32, device=device), reference.LATENT_DIM, 1.0, False
 
     def topk_args():
         return torch.zeros(1, 4, device=device), torch.zeros(4, device=device), 1, 2, 1, 1.0
@@ -82,9 +99,7 @@ class Backend:
 
 
 def _working_kernel(op: str, make_args: Callable[[], tuple]) -> Callable | None:
-    import dsv3.ops
-
-    kernel = getattr(dsv3.ops, op, None)
+    kernel = _kernel(op)
     if kernel is None:
         return None
     try:
