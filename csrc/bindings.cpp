@@ -65,6 +65,26 @@ dsv3::Fp8GemmParams fp8_gemm_params(std::uintptr_t a, std::uintptr_t a_scales, s
           k};
 }
 
+dsv3::GroupedFp8GemmParams grouped_gemm_params(int32_t layout, std::uintptr_t a, std::uintptr_t a_scales,
+                                               std::uintptr_t b, std::uintptr_t b_scales, std::uintptr_t out,
+                                               std::uintptr_t group_rows, int64_t groups, int64_t m, int64_t n,
+                                               int64_t k) {
+  const auto kind = static_cast<dsv3::GroupedLayout>(layout);
+  const bool contiguous = kind == dsv3::GroupedLayout::kContiguous;
+  return {kind,
+          pointer<const uint8_t>(a),
+          pointer<const float>(a_scales),
+          pointer<const uint8_t>(b),
+          pointer<const float>(b_scales),
+          pointer<uint16_t>(out),
+          contiguous ? pointer<const int32_t>(group_rows) : nullptr,
+          contiguous ? nullptr : pointer<const int32_t>(group_rows),
+          groups,
+          m,
+          n,
+          k};
+}
+
 py::dict build_info() {
   py::dict info;
   py::list backends;
@@ -160,6 +180,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
       py::arg("k"));
 
+  cpu.def(
+      "grouped_fp8_gemm",
+      [](int32_t layout, std::uintptr_t a, std::uintptr_t a_scales, std::uintptr_t b, std::uintptr_t b_scales,
+         std::uintptr_t out, std::uintptr_t group_rows, int64_t groups, int64_t m, int64_t n, int64_t k) {
+        const auto params = grouped_gemm_params(layout, a, a_scales, b, b_scales, out, group_rows, groups, m, n, k);
+        py::gil_scoped_release release;
+        dsv3::cpu::grouped_fp8_gemm(params);
+      },
+      py::arg("layout"), py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"),
+      py::arg("group_rows"), py::arg("groups"), py::arg("m"), py::arg("n"), py::arg("k"));
   cpu.def(
       "mla_schedule",
       [](std::uintptr_t cache_seqlens, std::uintptr_t metadata, std::uintptr_t split_offsets, int64_t batch,
@@ -260,5 +290,19 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"));
+  cuda.def("grouped_fp8_gemm_workspace_bytes", &dsv3::cuda::grouped_fp8_gemm_workspace_bytes, py::arg("groups"),
+           py::arg("num_sms"));
+  cuda.def(
+      "grouped_fp8_gemm",
+      [](int32_t layout, std::uintptr_t a, std::uintptr_t a_scales, std::uintptr_t b, std::uintptr_t b_scales,
+         std::uintptr_t out, std::uintptr_t group_rows, int64_t groups, int64_t m, int64_t n, int64_t k,
+         std::uintptr_t workspace, int num_sms, std::uintptr_t stream) {
+        dsv3::cuda::grouped_fp8_gemm(
+            grouped_gemm_params(layout, a, a_scales, b, b_scales, out, group_rows, groups, m, n, k), workspace, num_sms,
+            stream);
+      },
+      py::arg("layout"), py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"),
+      py::arg("group_rows"), py::arg("groups"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("workspace"),
+      py::arg("num_sms"), py::arg("stream"));
 #endif
 }

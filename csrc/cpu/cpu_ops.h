@@ -3,6 +3,7 @@
 // OpenMP team.
 
 #include "dsv3/gemm_params.h"
+#include "dsv3/grouped_gemm_params.h"
 #include "dsv3/mla_params.h"
 #include "dsv3/quant_params.h"
 
@@ -13,6 +14,7 @@ void per_block_quant_fp8(const BlockQuantParams& params);
 void dequant_fp8_block(const BlockDequantParams& params);
 
 void fp8_gemm_nt(const Fp8GemmParams& params);
+void grouped_fp8_gemm(const GroupedFp8GemmParams& params);
 
 void mla_schedule(const MlaScheduleParams& params);
 void mla_decode(const MlaDecodeParams& params);

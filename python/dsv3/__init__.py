@@ -19,6 +19,8 @@ _LAZY = {
     "fp8_gemm_nt": ("dsv3.ops", "fp8_gemm_nt"),
     "fp8_linear": ("dsv3.ops", "fp8_linear"),
     "get_mla_metadata": ("dsv3.ops", "get_mla_metadata"),
+    "m_grouped_fp8_gemm_nt_contiguous": ("dsv3.ops", "m_grouped_fp8_gemm_nt_contiguous"),
+    "m_grouped_fp8_gemm_nt_masked": ("dsv3.ops", "m_grouped_fp8_gemm_nt_masked"),
     "mla_decode_with_kvcache": ("dsv3.ops", "mla_decode_with_kvcache"),
     "append_kv_cache": ("dsv3.ops", "append_kv_cache"),
 }

@@ -34,16 +34,18 @@
 namespace dsv3::cuda {
 
 // Stride of a packed rows x cols matrix (batch mode L = 1) for a CuTe stride type whose static-1 mode says which
-// dimension is contiguous.
+// dimension is contiguous (grouped kernels' strides have a static batch mode, left as is).
 template <class Stride>
-Stride packed_stride(int64_t rows, int64_t cols) {
+CUTE_HOST_DEVICE Stride packed_stride(int64_t rows, int64_t cols) {
   Stride stride{};
   if constexpr (cute::is_static_v<cute::remove_cvref_t<decltype(cute::get<1>(stride))>>) {
     cute::get<0>(stride) = cols;  // contiguous along the second dimension
   } else {
     cute::get<1>(stride) = rows;  // contiguous along the first dimension
   }
-  cute::get<2>(stride) = rows * cols;
+  if constexpr (!cute::is_static_v<cute::remove_cvref_t<decltype(cute::get<2>(stride))>>) {
+    cute::get<2>(stride) = rows * cols;
+  }
   return stride;
 }
 

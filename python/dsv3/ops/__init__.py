@@ -4,6 +4,7 @@ Each op is also registered as a torch custom op (torch.ops.dsv3.*), so torch.com
 """
 
 from dsv3.ops.gemm import fp8_gemm_nt, fp8_linear
+from dsv3.ops.grouped_gemm import m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked
 from dsv3.ops.mla import append_kv_cache, get_mla_metadata, mla_decode_with_kvcache
 from dsv3.ops.quant import dequant_fp8_block, per_block_quant_fp8, per_token_group_quant_fp8
 
@@ -13,6 +14,8 @@ __all__ = [
     "fp8_gemm_nt",
     "fp8_linear",
     "get_mla_metadata",
+    "m_grouped_fp8_gemm_nt_contiguous",
+    "m_grouped_fp8_gemm_nt_masked",
     "mla_decode_with_kvcache",
     "per_block_quant_fp8",
     "per_token_group_quant_fp8",

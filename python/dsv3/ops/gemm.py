@@ -32,7 +32,7 @@ def _fp8_gemm_nt(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.T
     run_kernel("fp8_gemm_nt", a.device, *pointers, m, n, k, workspace.data_ptr() if workspace is not None else 0, sms)
 
 
-def _unpack(pair: object, name: str) -> FP8Pair:
+def unpack_fp8_pair(pair: object, name: str) -> FP8Pair:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise TypeError(f"{name}: expected a (values, scales) pair of tensors, got {type(pair).__name__}")
     return pair[0], pair[1]
@@ -46,8 +46,8 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: torch.Tensor | None = None) -> torc
     out: optional bf16 [M, N] to write into. Returns out.
     On CUDA, K must be a multiple of 16 and N of 8 (row strides of 16 bytes, as TMA requires).
     """
-    qa, sa = _unpack(a, "a")
-    qb, sb = _unpack(b, "b")
+    qa, sa = unpack_fp8_pair(a, "a")
+    qb, sb = unpack_fp8_pair(b, "b")
     check_tensor(qa, "a", dtypes=(FP8_DTYPE,), ndim=2)
     m, k = qa.shape
     check_tensor(qb, "b", dtypes=(FP8_DTYPE,), shape=(None, k), device=qa.device)

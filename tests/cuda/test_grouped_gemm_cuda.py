@@ -1,0 +1,45 @@
+"""The grouped GEMM tests of tests/test_grouped_gemm.py on the GPU, plus full-size expert shapes and graph capture."""
+
+from __future__ import annotations
+
+import torch
+
+import dsv3
+from dsv3.reference import gemm as ref_gemm
+from dsv3.testing import calc_diff
+from tests.test_grouped_gemm import *  # noqa: F403  (the same tests, collected again with device=cuda)
+from tests.test_grouped_gemm import _contiguous_rows, _weights
+
+
+def test_full_size_deepseek_experts():
+    # 8 local experts, gate/up N=4096 K=7168 and down N=7168 K=2048, skewed loads with one empty expert
+    counts = [700, 0, 3, 128, 1, 257, 64, 40]
+    for n, k in ((4096, 7168), (7168, 2048)):
+        qb, sb = _weights(len(counts), n, k, "cuda")
+        m_indices = _contiguous_rows(counts, alignment=128).cuda()
+        qa, sa = dsv3.per_token_group_quant_fp8(torch.randn(m_indices.numel(), k, device="cuda", dtype=torch.bfloat16))
+        out = dsv3.m_grouped_fp8_gemm_nt_contiguous((qa, sa), (qb, sb), m_indices)
+        expected = ref_gemm.m_grouped_fp8_gemm_nt_contiguous((qa, sa), (qb, sb), m_indices)
+        assert calc_diff(out.float(), expected.float()) < 1e-5
+        assert torch.all(out[m_indices == -1] == 0)
+
+
+def test_masked_replays_in_a_cuda_graph_with_new_counts():
+    groups, m_max, n, k = 8, 64, 2048, 7168
+    qb, sb = _weights(groups, n, k, "cuda")
+    qa, sa = dsv3.per_token_group_quant_fp8(torch.randn(groups, m_max, k, device="cuda", dtype=torch.bfloat16))
+    masked_m = torch.tensor([0, 1, 64, 7, 0, 33, 2, 5], dtype=torch.int32, device="cuda")
+    out = torch.zeros(groups, m_max, n, dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        dsv3.m_grouped_fp8_gemm_nt_masked((qa, sa), (qb, sb), masked_m, expected_m=16, out=out)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            dsv3.m_grouped_fp8_gemm_nt_masked((qa, sa), (qb, sb), masked_m, expected_m=16, out=out)
+    masked_m.copy_(torch.tensor([64, 0, 3, 9, 1, 0, 64, 2], dtype=torch.int32))
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = ref_gemm.m_grouped_fp8_gemm_nt_masked((qa, sa), (qb, sb), masked_m)
+    for g, rows in enumerate(masked_m.tolist()):
+        assert calc_diff(out[g, :rows].float(), expected[g, :rows].float()) < 1e-5
