@@ -21,6 +21,8 @@ _LAZY = {
     "get_mla_metadata": ("dsv3.ops", "get_mla_metadata"),
     "mla_decode_with_kvcache": ("dsv3.ops", "mla_decode_with_kvcache"),
     "append_kv_cache": ("dsv3.ops", "append_kv_cache"),
+    "LLM": ("dsv3.runtime", "LLM"),
+    "SamplingParams": ("dsv3.runtime", "SamplingParams"),
 }
 
 
