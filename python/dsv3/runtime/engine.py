@@ -27,6 +27,7 @@ class EngineStats:
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
+    preemptions: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:

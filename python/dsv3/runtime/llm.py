@@ -128,6 +128,7 @@ class LLM:
             scheduler.add(sequence)
         while scheduler.has_work():
             engine.step()
+        engine.stats.preemptions = scheduler.num_preemptions
         self.stats = engine.stats
         return [_output(s, p) for s, p in zip(sequences, prompts, strict=True)]
 
