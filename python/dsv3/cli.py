@@ -61,13 +61,19 @@ def _demo(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from dsv3.cli_generate import run_generate
 
-    return run_generate(args)
+    try:
+        return run_generate(args)
+    except ValueError as error:  # bad options or prompts: one line, not a traceback
+        raise SystemExit(f"dsv3 generate: {error}") from None
 
 
 def _chat(args: argparse.Namespace) -> int:
     from dsv3.cli_generate import run_chat
 
-    return run_chat(args)
+    try:
+        return run_chat(args)
+    except ValueError as error:
+        raise SystemExit(f"dsv3 chat: {error}") from None
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
