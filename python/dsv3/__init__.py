@@ -23,6 +23,8 @@ _LAZY = {
     "m_grouped_fp8_gemm_nt_masked": ("dsv3.ops", "m_grouped_fp8_gemm_nt_masked"),
     "mla_decode_with_kvcache": ("dsv3.ops", "mla_decode_with_kvcache"),
     "append_kv_cache": ("dsv3.ops", "append_kv_cache"),
+    "LLM": ("dsv3.runtime", "LLM"),
+    "SamplingParams": ("dsv3.runtime", "SamplingParams"),
 }
 
 

@@ -72,13 +72,7 @@ class MLAttention:
         q_latent = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, h, 512]
         q = torch.cat([q_latent, q_rope], dim=-1).view(b, s_q, self.heads, -1)
         out, _ = backend.mla_decode_with_kvcache(
-            q,
-            kv_cache,
-            batch.block_table,
-            batch.seq_lens,
-            self.config.kv_lora_rank,
-            self.config.softmax_scale,
-            True,
+            q, kv_cache, batch, self.config.kv_lora_rank, self.config.softmax_scale, True
         )
         out = out.reshape(b * s_q, self.heads, self.config.kv_lora_rank)
         return torch.einsum("thc,hvc->thv", out, self.w_uv)  # [T, h, v]

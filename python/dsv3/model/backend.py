@@ -1,25 +1,50 @@
 """The ops the model calls, chosen once: "reference" (dsv3.reference, fp32 PyTorch) or "kernels" (dsv3.ops).
 
-With "kernels", each op comes from dsv3.ops when dsv3.ops has it and it runs on the model's device (checked with a tiny
-call when the backend is built); otherwise the reference op is used, so the model always runs and `kernel_ops` says
-which ops are compiled. Both backends share one signature per op:
+With "kernels", each op comes from dsv3.ops when its compiled kernel exists for the model's device and the kernel
+accepts the model's dtype (the table KERNEL_SUPPORT states both); otherwise the reference op is used, so the model
+always runs and `kernel_ops` says which ops are compiled. Both backends share one signature per op:
 
   fp8_linear(x bf16 [..., K], (e4m3 [N, K], f32 [ceil(N/128), ceil(K/128)])) -> bf16 [..., N]
   append_kv_cache(kv_cache, slot_mapping, latent, rope)                       (dsv3.reference.mla)
-  mla_decode_with_kvcache(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal) -> (out, lse)
+  mla_decode_with_kvcache(q, kv_cache, batch, head_dim_v, softmax_scale, causal) -> (out, lse)
   grouped_topk(router_logits, correction_bias, topk, num_expert_group, topk_group, routed_scaling_factor, renormalize)
+
+MLA decode runs once per layer over the same batch, so its split-KV schedule (FlashMLA's get_mla_metadata) is computed
+once per forward step by `plan` and carried on the AttentionBatch to every layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from dsv3 import reference
-from dsv3.reference.quant import FP8_DTYPE
+from dsv3.model.batch import AttentionBatch
 
 BACKENDS = ("reference", "kernels")
+
+
+@dataclass(frozen=True)
+class KernelSupport:
+    """Where dsv3.ops runs an op: the device types it has a kernel for, the compiled kernel that needs (absent from
+    a build without CUDA), and the model dtypes the kernel accepts."""
+
+    devices: tuple[str, ...]
+    kernel: str  # name in dsv3._C.cpu / dsv3._C.cuda
+    dtypes: tuple[torch.dtype, ...]
+
+
+# The MLA kernels take bf16 queries and bf16/FP8 caches, so a float32 model (fp32 cache) uses the reference ops;
+# fp8_linear only runs in a bfloat16 model (a float32 model dequantizes its weights). The FP8 GEMM has no CPU kernel
+# yet, MLA no CUDA kernel yet, and routing no kernel at all: extend this table as they land.
+KERNEL_SUPPORT = {
+    "fp8_linear": KernelSupport(("cuda",), "fp8_gemm_nt", (torch.bfloat16,)),
+    "append_kv_cache": KernelSupport(("cpu",), "mla_append_kv", (torch.bfloat16,)),
+    "mla_decode_with_kvcache": KernelSupport(("cpu",), "mla_decode", (torch.bfloat16,)),
+}
 
 
 def reference_fp8_linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -29,81 +54,71 @@ def reference_fp8_linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tens
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def kernel_mla_decode(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
-    """dsv3.ops' FlashMLA-style decode, with the split-KV schedule computed for this batch."""
-    import dsv3.ops
-
-    metadata, num_splits = dsv3.ops.get_mla_metadata(cache_seqlens, q.shape[1] * q.shape[2], 1)
-    return dsv3.ops.mla_decode_with_kvcache(
-        q, kv_cache, block_table, cache_seqlens, head_dim_v, metadata, num_splits, softmax_scale, causal
+def reference_mla_decode(q, kv_cache, batch: AttentionBatch, head_dim_v, softmax_scale, causal):
+    return reference.mla_decode_with_kvcache(
+        q, kv_cache, batch.block_table, batch.seq_lens, head_dim_v, softmax_scale, causal
     )
 
 
-def _kernel(op: str) -> Callable | None:
-    """The dsv3.ops implementation of `op` in the backend's signature, if dsv3.ops has one."""
+def kernel_mla_decode(q, kv_cache, batch: AttentionBatch, head_dim_v, softmax_scale, causal):
+    """dsv3.ops' FlashMLA-style decode with the schedule `plan` computed for this step."""
     import dsv3.ops
 
-    return kernel_mla_decode if op == "mla_decode_with_kvcache" else getattr(dsv3.ops, op, None)
+    metadata, num_splits = batch.mla_schedule
+    return dsv3.ops.mla_decode_with_kvcache(
+        q, kv_cache, batch.block_table, batch.seq_lens, head_dim_v, metadata, num_splits, softmax_scale, causal
+    )
 
 
-def _probes(device: torch.device) -> dict[str, tuple[Callable[[], tuple], Callable]]:
-    """op name -> (arguments of a minimal call on `device`, reference implementation)."""
+REFERENCE_OPS: dict[str, Callable] = {
+    "fp8_linear": reference_fp8_linear,
+    "append_kv_cache": reference.append_kv_cache,
+    "mla_decode_with_kvcache": reference_mla_decode,
+    "grouped_topk": reference.grouped_topk,
+}
 
-    def linear_args():
-        return torch.zeros(1, 128, dtype=torch.bfloat16, device=device), (
-            torch.zeros(8, 128, dtype=FP8_DTYPE, device=device),
-            torch.ones(1, 1, device=device),
-        )
 
-    def cache():
-        return torch.zeros(1, reference.PAGE_SIZE, 1, reference.HEAD_DIM, dtype=torch.bfloat16, device=device)
+def _kernel_op(op: str) -> Callable:
+    import dsv3.ops
 
-    def append_args():
-        latent = torch.zeros(1, reference.LATENT_DIM, dtype=torch.bfloat16, device=device)
-        rope = torch.zeros(1, reference.ROPE_DIM, dtype=torch.bfloat16, device=device)
-        return cache(), torch.zeros(1, dtype=torch.int64, device=device), latent, rope
+    return kernel_mla_decode if op == "mla_decode_with_kvcache" else getattr(dsv3.ops, op)
 
-    def decode_args():
-        q = torch.zeros(1, 1, 1, reference.HEAD_DIM, dtype=torch.bfloat16, device=device)
-        table = torch.zeros(1, 1, dtype=torch.int32, device=device)
-        return q, cache(), table, torch.ones(1, dtype=torch.int32, device=device), reference.LATENT_DIM, 1.0, False
 
-    def topk_args():
-        return torch.zeros(1, 4, device=device), torch.zeros(4, device=device), 1, 2, 1, 1.0
+def compiled_kernels(device: torch.device) -> set[str]:
+    """Names of the kernels the extension has for `device` (empty where it was built without them)."""
+    from dsv3.ops import extension
 
-    return {
-        "fp8_linear": (linear_args, reference_fp8_linear),
-        "append_kv_cache": (append_args, reference.append_kv_cache),
-        "mla_decode_with_kvcache": (decode_args, reference.mla_decode_with_kvcache),
-        "grouped_topk": (topk_args, reference.grouped_topk),
-    }
+    module = extension._C.cpu if device.type == "cpu" else getattr(extension._C, device.type, None)
+    return {name for name in dir(module) if not name.startswith("_")} if module is not None else set()
+
+
+def kernel_available(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    support = KERNEL_SUPPORT.get(op)
+    if support is None or device.type not in support.devices or dtype not in support.dtypes:
+        return False
+    return support.kernel in compiled_kernels(device)
 
 
 class Backend:
-    def __init__(self, name: str = "reference", device: str | torch.device = "cpu"):
+    def __init__(
+        self, name: str = "reference", device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16
+    ):
         if name not in BACKENDS:
             raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {name!r}")
         self.name = name
-        self.kernel_ops: list[str] = []
-        for op, (make_args, reference_op) in _probes(torch.device(device)).items():
-            chosen = reference_op
-            if name == "kernels":
-                kernel = _working_kernel(op, make_args)
-                if kernel is not None:
-                    chosen = kernel
-                    self.kernel_ops.append(op)
-            setattr(self, op, chosen)
+        device = torch.device(device)
+        self.kernel_ops = [op for op in REFERENCE_OPS if name == "kernels" and kernel_available(op, device, dtype)]
+        for op, reference_op in REFERENCE_OPS.items():
+            setattr(self, op, _kernel_op(op) if op in self.kernel_ops else reference_op)
+
+    def plan(self, batch: AttentionBatch, num_heads: int) -> AttentionBatch:
+        """The batch with what every layer's attention shares computed once: the MLA decode schedule."""
+        if not batch.absorbed or "mla_decode_with_kvcache" not in self.kernel_ops or batch.mla_schedule is not None:
+            return batch
+        import dsv3.ops
+
+        schedule = dsv3.ops.get_mla_metadata(batch.seq_lens, batch.query_lens[0] * num_heads, 1)
+        return dataclasses.replace(batch, mla_schedule=schedule)
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r}, kernels for: {', '.join(self.kernel_ops) or 'none'})"
-
-
-def _working_kernel(op: str, make_args: Callable[[], tuple]) -> Callable | None:
-    kernel = _kernel(op)
-    if kernel is None:
-        return None
-    try:
-        kernel(*make_args())
-    except (RuntimeError, NotImplementedError):  # declared, but not compiled for this device yet
-        return None
-    return kernel

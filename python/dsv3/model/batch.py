@@ -21,6 +21,8 @@ class AttentionBatch:
     slot_mapping: int64 [T], flat cache row each new token is written to (page * 64 + offset).
     block_table: int32 [b, max_pages], pages of each sequence in position order.
     seq_lens: int32 [b], tokens in the cache per sequence once the new ones are written.
+    mla_schedule: the MLA decode kernel's split-KV schedule (metadata, num_splits) for this batch, set by the
+    backend's `plan` once per step and shared by every layer; None where the kernel does not run.
     """
 
     query_lens: tuple[int, ...]
@@ -28,6 +30,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor
     block_table: torch.Tensor
     seq_lens: torch.Tensor
+    mla_schedule: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, block_table: torch.Tensor, context_lens: list[int], query_lens: list[int]) -> AttentionBatch:

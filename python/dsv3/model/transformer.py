@@ -113,7 +113,7 @@ class DeepseekV3:
         self.config = config
         self.dtype = DTYPES[dtype]
         self.device = torch.device(device)
-        self.backend = Backend(backend, self.device)
+        self.backend = Backend(backend, self.device, self.dtype)
         build = _Builder(checkpoint.tensors, self.dtype, self.device, self.backend)
         self.embed = build.vector("model.embed_tokens.weight")
         self.layers = [DecoderLayer(config, checkpoint.tensors, i, build) for i in range(config.num_hidden_layers)]
@@ -135,16 +135,19 @@ class DeepseekV3:
     ) -> DeepseekV3:
         return cls(load_checkpoint(path, progress=progress), dtype, device, backend)
 
-    def allocate_kv_cache(self, num_pages: int, fp8: bool = False) -> list[torch.Tensor]:
-        """One paged latent cache per layer (main layers, then MTP blocks): [num_pages, 64, 1, 576] in the model's
-        dtype, or the 656-byte FP8 rows as uint8 when fp8."""
+    def allocate_kv_cache(
+        self, num_pages: int, fp8: bool = False, dtype: torch.dtype | None = None
+    ) -> list[torch.Tensor]:
+        """One paged latent cache per layer (main layers, then MTP blocks): [num_pages, 64, 1, 576] in `dtype` (by
+        default the model's), or the 656-byte FP8 rows as uint8 when fp8."""
         shape = (num_pages, PAGE_SIZE, 1, FP8_ROW_BYTES if fp8 else HEAD_DIM)
-        dtype = torch.uint8 if fp8 else self.dtype
+        dtype = torch.uint8 if fp8 else (dtype or self.dtype)
         return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(len(self.layers) + len(self.mtp))]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """input_ids int [T] (the batch's new tokens) -> final-normed hidden states [T, hidden]."""
+        batch = self.backend.plan(batch, self.config.num_attention_heads)
         x = F.embedding(input_ids.to(self.device), self.embed)
         for layer, cache in zip(self.layers, kv_caches[: len(self.layers)], strict=True):
             x = layer(x, batch, cache, self.cos_sin, self.backend)
@@ -162,6 +165,7 @@ class DeepseekV3:
         """Logits of the first MTP module (token t + 2) for each new token t of `batch`; needs a checkpoint with MTP."""
         if not self.mtp:
             raise ValueError("this checkpoint has no MTP module")
+        batch = self.backend.plan(batch, self.config.num_attention_heads)
         return self.mtp[0](
             next_ids.to(self.device), hidden, batch, kv_caches[len(self.layers)], self.cos_sin, self.backend
         )

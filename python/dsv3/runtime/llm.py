@@ -1,0 +1,179 @@
+"""`LLM`: load a checkpoint once, then generate for batches of prompts (vLLM's offline API)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsv3.model.transformer import DeepseekV3
+from dsv3.model.weights import load_checkpoint
+from dsv3.runtime.engine import Engine, EngineStats
+from dsv3.runtime.kv_cache import KV_CACHE_DTYPES, PagedKVCache, page_bytes
+from dsv3.runtime.page_allocator import pages_for
+from dsv3.runtime.sampling_params import SamplingParams
+from dsv3.runtime.scheduler import Scheduler
+from dsv3.runtime.sequence import Sequence
+from dsv3.runtime.tokenizer import Tokenizer
+
+SPECULATIVE = (None, "mtp")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class RequestOutput:
+    """One prompt's result. time_s runs from the request's arrival to its last token; mtp_acceptance_rate is the
+    share of MTP drafts the model kept (None without speculative decoding)."""
+
+    index: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    time_s: float
+    mtp_acceptance_rate: float | None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class LLM:
+    """A DeepSeek-V3 checkpoint ready to generate.
+
+    dtype "bfloat16" keeps FP8 weights FP8 (production numerics), "float32" dequantizes them (exact, for checking).
+    kv_cache_dtype "auto" caches in the model's dtype; "bf16" or "fp8" (656-byte rows) choose. speculative="mtp"
+    drafts one token per step with the checkpoint's MTP module and verifies it in the same step. backend "kernels" uses
+    dsv3.ops where compiled, "reference" the fp32 PyTorch specification. Scheduling: at most max_num_seqs sequences
+    run at once and a step computes at most max_num_batched_tokens tokens (longer prompts are prefilled in chunks);
+    the cache has num_kv_pages pages of 64 tokens (default: what kv_cache_bytes holds, at most what max_num_seqs
+    sequences of max_model_len tokens need).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        device: str = "cpu",
+        dtype: str = "bfloat16",
+        kv_cache_dtype: str = "auto",
+        speculative: str | None = None,
+        backend: str = "kernels",
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 512,
+        max_model_len: int | None = None,
+        num_kv_pages: int | None = None,
+        kv_cache_bytes: int = 1 << 28,
+    ):
+        started = time.perf_counter()
+        if str(device).split(":")[0] not in DEVICES:
+            raise ValueError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
+        if speculative not in SPECULATIVE:
+            raise ValueError(f"speculative: expected 'mtp' or None, got {speculative!r}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        for name, value, least in (
+            ("max_num_seqs", max_num_seqs, 1),
+            ("max_num_batched_tokens", max_num_batched_tokens, 2),
+        ):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}: expected an int >= {least}, got {value!r}")
+        checkpoint = load_checkpoint(model)
+        if speculative == "mtp" and not checkpoint.has_mtp:
+            raise ValueError(f"speculative='mtp': the checkpoint at {model} has no MTP layer")
+        self.model = DeepseekV3(checkpoint, dtype, device, backend)
+        config = self.model.config
+        self.max_model_len = max_model_len or config.max_position_embeddings
+        if not 1 <= self.max_model_len <= config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len: expected 1 .. {config.max_position_embeddings} (max_position_embeddings), "
+                f"got {max_model_len}"
+            )
+        if num_kv_pages is None:
+            wanted = max_num_seqs * pages_for(self.max_model_len)
+            num_kv_pages = max(min(kv_cache_bytes // page_bytes(self.model, kv_cache_dtype), wanted), 1)
+        self.cache = PagedKVCache(self.model, kv_cache_dtype, num_kv_pages)
+        self.speculative = speculative == "mtp"
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        directory = Path(model)
+        self.tokenizer = Tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
+        self.load_s = time.perf_counter() - started
+        self.stats = EngineStats()
+
+    def generate(
+        self,
+        prompts: str | list[int] | Seq[str | list[int]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text, or a list of token ids), all batched together; results in prompt order.
+        Statistics of the run (time per phase, tokens, MTP acceptance) are left in `self.stats`."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts: expected at least one prompt, got an empty list")
+        params = sampling_params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params: expected one per prompt ({len(prompts)}), got {len(params)}")
+        sequences = [self._sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+        scheduler = Scheduler(self.cache.allocator, self.max_num_seqs, self.max_num_batched_tokens, self.speculative)
+        engine = Engine(self.model, self.cache, scheduler, self.speculative)
+        for sequence in sequences:
+            scheduler.add(sequence)
+        while scheduler.has_work():
+            engine.step()
+        engine.stats.preemptions = scheduler.num_preemptions
+        self.stats = engine.stats
+        return [_output(s, p) for s, p in zip(sequences, prompts, strict=True)]
+
+    def _sequence(self, index: int, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompts: this checkpoint has no tokenizer.json; pass lists of token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.model.config.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompts[{index}]: expected token ids in [0, {vocab})")
+        if not ids:
+            raise ValueError(f"prompts[{index}]: empty prompt")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need the checkpoint's tokenizer.json")
+        # Speculative steps write one slot past the last token (the draft).
+        needed = len(ids) + params.max_tokens + self.speculative
+        limit = min(self.max_model_len, self.cache.capacity_tokens)
+        if needed > limit:
+            raise ValueError(
+                f"prompts[{index}]: {len(ids)} prompt tokens + max_tokens={params.max_tokens} exceed the "
+                f"{limit} tokens a sequence may hold (max_model_len {self.max_model_len}, KV cache "
+                f"{self.cache.capacity_tokens})"
+            )
+        return Sequence(index, ids, params, self.model.config.eos_token_ids, self.tokenizer)
+
+    def chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """Reply to one conversation ([{"role": ..., "content": ...}, ...]) through the checkpoint's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("chat: this checkpoint has no tokenizer.json")
+        return self.generate([self.tokenizer.encode_chat(messages)], sampling_params)[0]
+
+
+def _output(sequence: Sequence, prompt: str | list[int]) -> RequestOutput:
+    return RequestOutput(
+        index=sequence.index,
+        prompt=prompt if isinstance(prompt, str) else None,
+        prompt_token_ids=sequence.token_ids[: sequence.num_prompt_tokens],
+        token_ids=sequence.output_ids,
+        text=sequence.text,
+        finish_reason=sequence.finish_reason,
+        time_s=sequence.finish_time - sequence.arrival,
+        mtp_acceptance_rate=sequence.accepted / sequence.drafted if sequence.drafted else None,
+    )
