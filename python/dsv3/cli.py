@@ -43,7 +43,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dsv3.bench import quant
+    from dsv3.bench import gemm, quant
     from dsv3.info import build_info
 
     info = build_info()
@@ -55,6 +55,7 @@ def _demo(args: argparse.Namespace) -> int:
     device = _devices(args.device)[-1]
     print()
     print(quant.run(device, quick=True).table())
+    print(gemm.run(device, quick=True).table())
     print(f"\ndemo finished in {time.perf_counter() - started:.1f} s")
     return status
 
