@@ -20,8 +20,8 @@ from dsv3.reference import gemm as ref
 from dsv3.reference import quant as rq
 from dsv3.testing import assert_close, calc_diff
 
-# (N, K) of every DeepSeek-V3 FP8 projection: q_a/kv_a (1536, 576 x 7168), q_b (24576 x 1536), o_proj (7168 x 16384),
-# MoE down (7168 x 2048), dense up/gate (2 x 18432 sharded) and MoE up/gate (4096, 2048 x 7168).
+# (N, K) of DeepSeek-V3's FP8 projections: kv_a (576), q_a (1536), q_b (128 heads x 192), o_proj (128 heads x 128 in),
+# an expert's down (2048 in), fused gate+up (2 x 2048 out) and gate or up alone.
 DSV3_SHAPES = [(576, 7168), (1536, 7168), (24576, 1536), (7168, 16384), (7168, 2048), (4096, 7168), (2048, 7168)]
 N_SLICE = 704  # rows of the weight tested here (5.5 scale tiles: a partial last tile); tests/cuda runs the full sizes
 RTOL = 2**-7
