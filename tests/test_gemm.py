@@ -29,6 +29,17 @@ ATOL_OF_ABS_SUM = 2**-17
 E4M3_NAN = 0x7F
 
 
+@pytest.fixture(params=["auto", "no_amx"])
+def cpu_kernel(request, device, monkeypatch) -> str:
+    """Runs a test with the kernel the CPU picks (AMX tiles from 2 rows of a on, where the CPU has them), then again
+    with DSV3_CPU_NO_AMX=1 (AVX-512 dot products for every M). Only the CPU kernels have the choice."""
+    if request.param == "no_amx":
+        if device.type != "cpu":
+            pytest.skip("DSV3_CPU_NO_AMX only concerns the CPU kernels")
+        monkeypatch.setenv("DSV3_CPU_NO_AMX", "1")
+    return request.param
+
+
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference per-token quantization for any K: zero padding to a multiple of 128 leaves every group's amax."""
     m, k = x.shape
@@ -73,7 +84,8 @@ def assert_matches_reference(
     return result
 
 
-@pytest.mark.parametrize("m", [1, 3, 7, 64, 129])  # 1-3: the dot-product kernel, 4+: AMX tiles (CPU)
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("m", [1, 3, 7, 64, 129])
 @pytest.mark.parametrize("n,k", DSV3_SHAPES, ids=lambda v: str(v))
 def test_deepseek_v3_shapes_match_reference(device, n, k, m):
     w, (qb, sb) = _weight(n, k, device.type)
@@ -85,6 +97,7 @@ def test_deepseek_v3_shapes_match_reference(device, n, k, m):
     assert calc_diff(out, unquantized) < 1e-3
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("m,n,k", [(3, 576, 640), (65, 576, 640), (5, 300, 200), (70, 128, 200), (9, 1, 129)])
 def test_partial_k_groups_and_n_tiles(device, m, n, k):
     x, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
@@ -104,6 +117,7 @@ def test_empty_m(device, n):
     assert out.shape == (0, n) and out.dtype == torch.bfloat16
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("m", [1, 20])
 def test_all_zero_blocks_contribute_nothing(device, m):
     x, w = torch.randn(m, 512, device=device), torch.randn(384, 512, device=device)
@@ -116,6 +130,7 @@ def test_all_zero_blocks_contribute_nothing(device, m):
     assert torch.all(out[:, 128:256] == 0)
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("m", [2, 33])
 def test_extreme_codes_and_large_scales(device, m):
     k, n = 1024, 256
@@ -136,6 +151,7 @@ def test_extreme_codes_and_large_scales(device, m):
     assert torch.all(out[:, : n // 2] == float("inf")) and torch.all(out[:, n // 2 :] == -float("inf"))
 
 
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("m", [3, 40])
 def test_nan_and_inf_propagate_like_the_reference(device, m):
     k, n = 768, 384

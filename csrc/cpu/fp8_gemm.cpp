@@ -4,11 +4,13 @@
 // schedule as the GPU kernels. e4m3 values are exact in bf16, so with AVX-512 BF16 the group sums are vdpbf16ps dot
 // products; elsewhere a portable fp32 loop the compiler vectorizes.
 //
-// Work is split into tiles of (kRowsPerTile rows of a) x (kColsPerTile rows of b), one tile at a time per thread.
-// Each tile first decodes its b rows (the weight, read exactly once per row of tiles) into a thread-local buffer, then
-// runs register-blocked micro-tiles over it. a is decoded once per call into a buffer shared by all threads.
-// Decoded rows are padded with zeros to a multiple of 64 values (kChunk), so every K group holds whole vectors and a
-// partial last group (K % 128 != 0) adds only 0 * 0 products.
+// Two kernels. From two rows of a on, where the CPU has AMX, tile dot products (tdpbf16ps) with the weight as the
+// row-major operand (see the amx section). Otherwise, register-blocked micro-tiles of kMicroRows rows of a by
+// kMicroCols rows of b, each vector lane a partial dot product (vdpbf16ps, or the portable loop), which for a single
+// row of a streams the weight once at the decoder's speed. Both decode a once per call into a shared buffer and the
+// weight one K group at a time, right before its use, so the decoded slice stays in L1. Decoded rows are padded with
+// zeros to a multiple of 64 values (kChunk), so every K group holds whole vectors and a partial last group
+// (K % 128 != 0) adds only 0 * 0 products. Threads take tiles of work dynamically.
 //
 // Non-finite values: a NaN code (0x7F / 0xFF) decodes to NaN and poisons its group sum, and NaN scales poison the
 // promoted sum, so NaN lands where the reference puts it. Scales multiply the group sum (sa first, then sb), not each
@@ -18,6 +20,8 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <new>
 #include <utility>
@@ -40,7 +44,7 @@ namespace dsv3::cpu {
 namespace {
 
 constexpr int64_t kChunk = 64;        // values decoded together; rows are padded to a multiple of this
-constexpr int64_t kRowsPerTile = 64;  // rows of a per tile: the decoded b rows are reused this many times
+constexpr int64_t kRowsPerTile = 64;  // rows of a per tile of the micro-tile kernel (a unit of work for a thread)
 constexpr int64_t kColsPerTile = 16;  // rows of b per tile: small enough that a decode-sized GEMM has many tiles
 constexpr int kMicroRows = 4;         // micro-tile: rows of a ...
 constexpr int kMicroCols = 4;         // ... times rows of b, whose dot products share every load
@@ -63,9 +67,10 @@ struct AlignedBuffer {
 
 // ---- AVX-512 BF16 --------------------------------------------------------------------------------------------------
 // Decoding: the low and high bytes of each value's bf16 pattern come from two 128-entry byte tables indexed by the
-// code's 7 magnitude bits (vpermt2b), the sign bit is or-ed into the high byte, and unpacking the two byte vectors
-// yields 64 bf16 values in a lane-interleaved order: [0-7, 16-23, 32-39, 48-55] then [8-15, 24-31, 40-47, 56-63]. a and
-// b are decoded by the same function, so their pairs line up and the dot products are unchanged by the permutation.
+// code's 7 magnitude bits (two vpermb per table, which measured faster here than one vpermt2b), the sign bit is or-ed
+// into the high byte, and unpacking the two byte vectors yields 64 bf16 values in a lane-interleaved order:
+// [0-7, 16-23, 32-39, 48-55] then [8-15, 24-31, 40-47, 56-63]. a and b are decoded by the same function, so their
+// pairs line up and the dot products are unchanged by the permutation.
 struct Bf16Kernel {
   using Element = uint16_t;  // bf16 bits
 
@@ -95,11 +100,18 @@ struct Bf16Kernel {
     void chunk(const uint8_t* src, int64_t count, Element* dst) const {
       const __mmask64 mask = count >= 64 ? ~__mmask64{0} : (__mmask64{1} << count) - 1;
       const __m512i codes = _mm512_maskz_loadu_epi8(mask, src);
-      const __m512i low = _mm512_permutex2var_epi8(low0, codes, low1);
+      // vpermb looks up 64 entries by the low 6 bits; codes with bit 6 set take the upper half of each table. (The
+      // zero-masking forms with a full mask: GCC 12's unmasked vpermb intrinsic trips -Wmaybe-uninitialized.)
+      constexpr __mmask64 kAll = ~__mmask64{0};
+      const __mmask64 upper = _mm512_test_epi8_mask(codes, _mm512_set1_epi8(0x40));
+      const __m512i low =
+          _mm512_mask_permutexvar_epi8(_mm512_maskz_permutexvar_epi8(kAll, codes, low0), upper, codes, low1);
+      const __m512i high =
+          _mm512_mask_permutexvar_epi8(_mm512_maskz_permutexvar_epi8(kAll, codes, high0), upper, codes, high1);
       // high | (codes & 0x80): ternary-logic truth table 0xF8 for (A | (B & C)).
-      const __m512i high = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(high0, codes, high1), codes, sign, 0xF8);
-      _mm512_store_si512(dst, _mm512_unpacklo_epi8(low, high));
-      _mm512_store_si512(dst + 32, _mm512_unpackhi_epi8(low, high));
+      const __m512i signed_high = _mm512_ternarylogic_epi32(high, codes, sign, 0xF8);
+      _mm512_store_si512(dst, _mm512_unpacklo_epi8(low, signed_high));
+      _mm512_store_si512(dst + 32, _mm512_unpackhi_epi8(low, signed_high));
     }
   };
 
@@ -114,23 +126,31 @@ struct Bf16Kernel {
     return _mm512_cvtss_f32(v);
   }
 
-  // acc[i][j] += dot(a row i, b row j) per K group, promoted with sa[i, g] * sb_row[j][g]; writes out[i, j].
+  // out[i, j] = sum over K groups g of dot(a row i, b row j over g) * sa[i, g] * sb_rows[j][g], with the group's
+  // slice of the kCols rows of b decoded into a 1 KB stack buffer right before its use (L1-resident).
   template <int kRows, int kCols>
-  static void micro_tile(const Element* a, int64_t lda, const float* sa, int64_t groups, const Element* b, int64_t ldb,
-                         const float* const* sb_rows, int64_t kp, uint16_t* out, int64_t ldo) {
+  static void micro_tile(const Decoder& decoder, const Element* a, int64_t lda, const float* sa, int64_t groups,
+                         const uint8_t* b, int64_t k, const float* const* sb_rows, uint16_t* out, int64_t ldo) {
+    alignas(64) Element slice[kCols][kScaleBlock];
     __m512 acc[kRows][kCols];
     for (int i = 0; i < kRows; ++i)
       for (int j = 0; j < kCols; ++j) acc[i][j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * kScaleBlock, k1 = std::min(k, k0 + kScaleBlock);
+      for (int j = 0; j < kCols; ++j) {
+        if (k1 < k) _mm_prefetch(reinterpret_cast<const char*>(b + j * k + k1), _MM_HINT_T0);
+        for (int64_t c = k0; c < k1; c += kChunk)
+          decoder.chunk(b + j * k + c, std::min(kChunk, k1 - c), slice[j] + c - k0);
+      }
       __m512 part[kRows][kCols];
       for (int i = 0; i < kRows; ++i)
         for (int j = 0; j < kCols; ++j) part[i][j] = _mm512_setzero_ps();
-      const int64_t k_end = std::min(kp, (g + 1) * kScaleBlock);
-      for (int64_t k = g * kScaleBlock; k < k_end; k += 32) {
+      const int64_t length = padded_k(k1 - k0);
+      for (int64_t kk = 0; kk < length; kk += 32) {
         __m512bh bv[kCols];
-        for (int j = 0; j < kCols; ++j) bv[j] = (__m512bh)_mm512_load_si512(b + j * ldb + k);
+        for (int j = 0; j < kCols; ++j) bv[j] = (__m512bh)_mm512_load_si512(slice[j] + kk);
         for (int i = 0; i < kRows; ++i) {
-          const __m512bh av = (__m512bh)_mm512_load_si512(a + i * lda + k);
+          const __m512bh av = (__m512bh)_mm512_load_si512(a + i * lda + k0 + kk);
           for (int j = 0; j < kCols; ++j) part[i][j] = _mm512_dpbf16_ps(part[i][j], av, bv[j]);
         }
       }
@@ -165,25 +185,30 @@ struct PortableKernel {
   };
 
   template <int kRows, int kCols>
-  static void micro_tile(const Element* a, int64_t lda, const float* sa, int64_t groups, const Element* b, int64_t ldb,
-                         const float* const* sb_rows, int64_t kp, uint16_t* out, int64_t ldo) {
-    for (int i = 0; i < kRows; ++i) {
-      for (int j = 0; j < kCols; ++j) {
-        const Element* a_row = a + i * lda;
-        const Element* b_row = b + j * ldb;
-        float acc = 0.0f;
-        for (int64_t g = 0; g < groups; ++g) {
+  static void micro_tile(const Decoder& decoder, const Element* a, int64_t lda, const float* sa, int64_t groups,
+                         const uint8_t* b, int64_t k, const float* const* sb_rows, uint16_t* out, int64_t ldo) {
+    Element slice[kCols][kScaleBlock];
+    float acc[kRows][kCols] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * kScaleBlock, k1 = std::min(k, k0 + kScaleBlock);
+      for (int j = 0; j < kCols; ++j)
+        for (int64_t c = k0; c < k1; c += kChunk)
+          decoder.chunk(b + j * k + c, std::min(kChunk, k1 - c), slice[j] + c - k0);
+      const int64_t length = padded_k(k1 - k0);
+      for (int i = 0; i < kRows; ++i) {
+        const Element* a_group = a + i * lda + k0;
+        for (int j = 0; j < kCols; ++j) {
           float lanes[kLanes] = {};
-          const int64_t k_end = std::min(kp, (g + 1) * kScaleBlock);
-          for (int64_t k = g * kScaleBlock; k < k_end; k += kLanes)
-            for (int l = 0; l < kLanes; ++l) lanes[l] += a_row[k + l] * b_row[k + l];
+          for (int64_t kk = 0; kk < length; kk += kLanes)
+            for (int l = 0; l < kLanes; ++l) lanes[l] += a_group[kk + l] * slice[j][kk + l];
           float part = 0.0f;
           for (int l = 0; l < kLanes; ++l) part += lanes[l];
-          acc += part * sa[i * groups + g] * sb_rows[j][g];
+          acc[i][j] += part * sa[i * groups + g] * sb_rows[j][g];
         }
-        out[i * ldo + j] = float_to_bf16(acc);
       }
     }
+    for (int i = 0; i < kRows; ++i)
+      for (int j = 0; j < kCols; ++j) out[i * ldo + j] = float_to_bf16(acc[i][j]);
   }
 };
 
@@ -193,26 +218,32 @@ using Kernel = PortableKernel;
 
 using Element = Kernel::Element;
 
-void decode_rows(const Kernel::Decoder& decoder, const uint8_t* src, int64_t k, Element* dst, int64_t rows) {
-  const int64_t kp = padded_k(k);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < kp; c += kChunk) decoder.chunk(src + r * k + c, std::min(kChunk, k - c), dst + r * kp + c);
+// One row of k codes into kp = padded_k(k) values, zero-filled past k.
+void decode_row(const Kernel::Decoder& decoder, const uint8_t* src, int64_t k, Element* dst) {
+  for (int64_t c = 0; c < padded_k(k); c += kChunk) decoder.chunk(src + c, std::min(kChunk, k - c), dst + c);
 }
 
 #if defined(DSV3_GEMM_AMX)
 
 // ---- AMX (tdpbf16ps) -----------------------------------------------------------------------------------------------
-// For more than a few rows of a, the group sums come from AMX tile dot products. The weight is the tiles' "A" operand:
+// From kMinRows rows of a on, the group sums come from AMX tile dot products. The weight is the tiles' "A" operand:
 // a tile is 16 rows of b by 32 decoded values, exactly b's row-major layout, so the weight needs no transpose. The
 // activations are the "B" operand, which pairs consecutive K values of 16 rows: a is re-laid once per call as
 //   a_pairs[m / 16][k / 2][m % 16] = (a[m, k], a[m, k + 1])   (bf16 pairs, in the decoder's lane order, zero-padded)
-// so each C tile holds out^T for 16 rows of b x 16 rows of a. A unit of work is kAmxCols rows of b (two tiles, one
-// weight scale tile since 128 is a multiple of 32) by up to kAmxRows rows of a; per K group it decodes its slice of b
-// into L1, runs 2x2 tile products per pair of row tiles of a, and promotes the four C tiles into an fp32 accumulator.
+// so each C tile holds out^T for 16 rows of b x 16 rows of a. A unit of work is kCols rows of b (two tiles, one
+// weight scale tile since 128 is a multiple of 32) by up to kRows rows of a; per K group it decodes its slice of b
+// into L1 (prefetching the next), runs 2x2 tile products per pair of row tiles of a, and promotes the four C tiles into
+// an fp32 accumulator.
 namespace amx {
 
-constexpr int64_t kMinRows =
-    4;  // from this many rows of a on (below, the dot-product kernel streams the weight faster)
+// From two rows of a on. For a single row the dot-product kernel is as fast and needs no re-layout of a.
+constexpr int64_t kMinRows = 2;
+
+// DSV3_CPU_NO_AMX=1 keeps the GEMM on AVX-512 (to compare the two, or where AMX state is unwelcome).
+bool disabled_by_environment() {
+  const char* value = std::getenv("DSV3_CPU_NO_AMX");
+  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+}
 
 constexpr int64_t kTile = 16;         // rows per tile and rows of a per C tile column block
 constexpr int64_t kCols = 2 * kTile;  // rows of b per unit
@@ -287,25 +318,28 @@ void run(const Fp8GemmParams& p, const Bf16Kernel::Decoder& decoder) {
   const int64_t row_tiles = (p.m + kTile - 1) / kTile;
 
   // a_pairs (see above) and the activation scales transposed per row tile: sa_t[m / 16][g][m % 16], zero-padded.
+  // One work item per (row tile, K group) writes whole cache lines of both, so no two threads share a line.
   AlignedBuffer<uint32_t> a_pairs(row_tiles * (kp / 2) * kTile);
   AlignedBuffer<float> sa_t(row_tiles * groups * kTile);
-#pragma omp parallel
-  {
-    AlignedBuffer<uint16_t> row(kp);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < row_tiles * kTile; ++r) {
-      const int64_t tile = r / kTile, lane = r % kTile;
-      uint32_t* dst = a_pairs.get() + tile * (kp / 2) * kTile + lane;
-      float* scales = sa_t.get() + tile * groups * kTile + lane;
-      if (r < p.m) {
-        decode_rows(decoder, p.a + r * p.k, p.k, row.get(), 1);
-        const auto* pairs = reinterpret_cast<const uint32_t*>(row.get());
-        for (int64_t q = 0; q < kp / 2; ++q) dst[q * kTile] = pairs[q];
-        for (int64_t g = 0; g < groups; ++g) scales[g * kTile] = p.a_scales[r * groups + g];
-      } else {
-        for (int64_t q = 0; q < kp / 2; ++q) dst[q * kTile] = 0;
-        for (int64_t g = 0; g < groups; ++g) scales[g * kTile] = 0.0f;
+#pragma omp parallel for schedule(static)
+  for (int64_t item = 0; item < row_tiles * groups; ++item) {
+    const int64_t tile = item / groups, g = item % groups;
+    const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
+    const int64_t pairs = (std::min(kp, k0 + kScaleBlock) - k0) / 2;
+    uint32_t* dst = a_pairs.get() + (tile * (kp / 2) + g * kPairsPerGroup) * kTile;
+    float* scales = sa_t.get() + (tile * groups + g) * kTile;
+    for (int64_t lane = 0; lane < kTile; ++lane) {
+      const int64_t r = tile * kTile + lane;
+      alignas(64) uint16_t values[kScaleBlock];
+      if (r < p.m)
+        for (int64_t k = k0; k < k1; k += kChunk)
+          decoder.chunk(p.a + r * p.k + k, std::min(kChunk, k1 - k), values + k - k0);
+      for (int64_t q = 0; q < pairs; ++q) {
+        uint32_t pair;
+        std::memcpy(&pair, values + 2 * q, sizeof(pair));
+        dst[q * kTile + lane] = r < p.m ? pair : 0u;
       }
+      scales[lane] = r < p.m ? p.a_scales[r * groups + g] : 0.0f;
     }
   }
 
@@ -315,10 +349,10 @@ void run(const Fp8GemmParams& p, const Bf16Kernel::Decoder& decoder) {
   {
     const TileConfig config;
     _tile_loadconfig(&config);
-    AlignedBuffer<uint16_t> b_slice(kCols * kScaleBlock);
+    AlignedBuffer<uint16_t> b_slice(kCols * kScaleBlock);  // [row of b][128]: one K group, decoded (L1-resident)
     AlignedBuffer<float> c(4 * kTile * kTile);
     AlignedBuffer<float> acc((kRows / kTile) * kCols * kTile);  // [row tile of a][row of b][16 rows of a]
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic)
     for (int64_t unit = 0; unit < row_units * col_units; ++unit) {
       const int64_t m0 = (unit / col_units) * kRows, m1 = std::min(p.m, m0 + kRows);
       const int64_t n0 = (unit % col_units) * kCols, n1 = std::min(p.n, n0 + kCols);
@@ -327,6 +361,13 @@ void run(const Fp8GemmParams& p, const Bf16Kernel::Decoder& decoder) {
       std::fill(b_slice.get(), b_slice.get() + kCols * kScaleBlock, uint16_t{0});  // rows past n stay zero
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
+        // The group's slice of b is kCols short pieces of rows K bytes apart, too many streams for the hardware
+        // prefetcher: fetch the next group's pieces while this one is decoded and multiplied.
+        if (k1 < p.k)
+          for (int64_t n = n0; n < n1; ++n) {
+            _mm_prefetch(reinterpret_cast<const char*>(p.b + n * p.k + k1), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(p.b + n * p.k + k1 + 64), _MM_HINT_T0);
+          }
         for (int64_t n = n0; n < n1; ++n)
           for (int64_t k = k0; k < k1; k += kChunk)
             decoder.chunk(p.b + n * p.k + k, std::min(kChunk, k1 - k), b_slice.get() + (n - n0) * kScaleBlock + k - k0);
@@ -360,8 +401,8 @@ void run(const Fp8GemmParams& p, const Bf16Kernel::Decoder& decoder) {
 
 #endif
 
-using MicroTileFn = void (*)(const Element*, int64_t, const float*, int64_t, const Element*, int64_t,
-                             const float* const*, int64_t, uint16_t*, int64_t);
+using MicroTileFn = void (*)(const Kernel::Decoder&, const Element*, int64_t, const float*, int64_t, const uint8_t*,
+                             int64_t, const float* const*, uint16_t*, int64_t);
 
 // micro-tile kernels for every (rows, cols) in [1, kMicroRows] x [1, kMicroCols], for the edges of a tile.
 template <int... kRows, int... kCols>
@@ -381,34 +422,30 @@ void run_gemm(const Fp8GemmParams& p) {
   const int64_t groups = scale_blocks(p.k);
   const Kernel::Decoder decoder;
 #if defined(DSV3_GEMM_AMX)
-  if (p.m >= amx::kMinRows && amx::usable()) return amx::run(p, decoder);
+  if (p.m >= amx::kMinRows && !amx::disabled_by_environment() && amx::usable()) return amx::run(p, decoder);
 #endif
 
   // a, decoded once: [m, kp]. Tiny compared with the weight for decode-sized m, and reused by every column tile.
   AlignedBuffer<Element> a(p.m * kp);
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < p.m; ++r) decode_rows(decoder, p.a + r * p.k, p.k, a.get() + r * kp, 1);
+  for (int64_t r = 0; r < p.m; ++r) decode_row(decoder, p.a + r * p.k, p.k, a.get() + r * kp);
 
   const int64_t row_tiles = (p.m + kRowsPerTile - 1) / kRowsPerTile;
   const int64_t col_tiles = (p.n + kColsPerTile - 1) / kColsPerTile;
-  // Tiles are numbered row-tile-major, so a thread's contiguous share mostly keeps one block of a hot in its cache.
-#pragma omp parallel
-  {
-    AlignedBuffer<Element> b(kColsPerTile * kp);
-#pragma omp for schedule(static)
-    for (int64_t tile = 0; tile < row_tiles * col_tiles; ++tile) {
-      const int64_t m0 = (tile / col_tiles) * kRowsPerTile, m1 = std::min(p.m, m0 + kRowsPerTile);
-      const int64_t n0 = (tile % col_tiles) * kColsPerTile, n1 = std::min(p.n, n0 + kColsPerTile);
-      decode_rows(decoder, p.b + n0 * p.k, p.k, b.get(), n1 - n0);
-      for (int64_t j0 = n0; j0 < n1; j0 += kMicroCols) {
-        const int cols = static_cast<int>(std::min<int64_t>(kMicroCols, n1 - j0));
-        const float* sb_rows[kMicroCols];
-        for (int j = 0; j < cols; ++j) sb_rows[j] = p.b_scales + ((j0 + j) / kScaleBlock) * groups;
-        for (int64_t i0 = m0; i0 < m1; i0 += kMicroRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kMicroRows, m1 - i0));
-          kMicroTiles[rows - 1][cols - 1](a.get() + i0 * kp, kp, p.a_scales + i0 * groups, groups,
-                                          b.get() + (j0 - n0) * kp, kp, sb_rows, kp, p.out + i0 * p.n + j0, p.n);
-        }
+  // Tiles are numbered row-tile-major, so consecutive tiles share one block of a; they are handed out dynamically
+  // because on a shared machine a descheduled thread would otherwise hold back its whole static share.
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t tile = 0; tile < row_tiles * col_tiles; ++tile) {
+    const int64_t m0 = (tile / col_tiles) * kRowsPerTile, m1 = std::min(p.m, m0 + kRowsPerTile);
+    const int64_t n0 = (tile % col_tiles) * kColsPerTile, n1 = std::min(p.n, n0 + kColsPerTile);
+    for (int64_t j0 = n0; j0 < n1; j0 += kMicroCols) {
+      const int cols = static_cast<int>(std::min<int64_t>(kMicroCols, n1 - j0));
+      const float* sb_rows[kMicroCols];
+      for (int j = 0; j < cols; ++j) sb_rows[j] = p.b_scales + ((j0 + j) / kScaleBlock) * groups;
+      for (int64_t i0 = m0; i0 < m1; i0 += kMicroRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMicroRows, m1 - i0));
+        kMicroTiles[rows - 1][cols - 1](decoder, a.get() + i0 * kp, kp, p.a_scales + i0 * groups, groups,
+                                        p.b + j0 * p.k, p.k, sb_rows, p.out + i0 * p.n + j0, p.n);
       }
     }
   }
