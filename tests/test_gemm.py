@@ -152,6 +152,21 @@ def test_extreme_codes_and_large_scales(device, m):
 
 
 @pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("m", [1, 20])
+def test_scale_products_beyond_fp32_range(device, m):
+    """sa * sb overflows fp32 while every dequantized value is finite: a group of zero codes still adds exactly 0
+    (the reference scales each product; a kernel that multiplied its zero sum by sa * sb = inf would give NaN)."""
+    k, n = 384, 256
+    qa = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
+    qa[:, 128:256] = 0
+    qb = torch.randn(n, k, device=device).to(torch.float8_e4m3fn)
+    sa = torch.tensor([2.0**-60, 2.0**70, 2.0**-60], device=device).expand(m, 3).contiguous()
+    sb = torch.full((2, 3), 2.0**70, device=device)
+    out = assert_matches_reference((qa, sa), (qb, sb))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("m", [3, 40])
 def test_nan_and_inf_propagate_like_the_reference(device, m):
     k, n = 768, 384

@@ -12,13 +12,16 @@
 // zeros to a multiple of 64 values (kChunk), so every K group holds whole vectors and a partial last group
 // (K % 128 != 0) adds only 0 * 0 products. Threads take tiles of work dynamically.
 //
-// Non-finite values: a NaN code (0x7F / 0xFF) decodes to NaN and poisons its group sum, and NaN scales poison the
-// promoted sum, so NaN lands where the reference puts it. Scales multiply the group sum (sa first, then sb), not each
-// product: a zero sum with huge finite scales stays zero, while an infinite scale, which the quantizers only produce
-// together with a NaN code in its group, gives inf * sum where the reference may see inf * 0 = NaN per product.
+// Promotion and non-finite values: a group sum is scaled by sa * sb, fused into the accumulation (one FMA), when that
+// product is finite; otherwise as (sum * sa) * sb, so a zero sum stays zero when huge finite scales overflow their
+// product, as in the reference, which scales each product. A NaN code (0x7F / 0xFF) decodes to NaN and poisons its
+// group sum, and NaN scales poison the promoted sum, so NaN lands where the reference puts it. An infinite scale,
+// which the quantizers only produce together with a NaN code in its group, gives inf * sum where the reference may
+// see inf * 0 = NaN per product.
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -71,6 +74,15 @@ struct AlignedBuffer {
 // into the high byte, and unpacking the two byte vectors yields 64 bf16 values in a lane-interleaved order:
 // [0-7, 16-23, 32-39, 48-55] then [8-15, 24-31, 40-47, 56-63]. a and b are decoded by the same function, so their
 // pairs line up and the dot products are unchanged by the permutation.
+// The kernels read the weight one K group (128 bytes) of several rows at a time, too many short streams for the
+// hardware prefetcher; they ask for the lines kPrefetchGroups groups ahead of each row themselves.
+constexpr int64_t kPrefetchGroups = 1;
+inline void prefetch_group(const uint8_t* row, int64_t k, int64_t g) {
+  const int64_t ahead = (g + kPrefetchGroups) * kScaleBlock;
+  if (ahead < k) _mm_prefetch(reinterpret_cast<const char*>(row + ahead), _MM_HINT_T0);
+  if (ahead + 64 < k) _mm_prefetch(reinterpret_cast<const char*>(row + ahead + 64), _MM_HINT_T0);
+}
+
 struct Bf16Kernel {
   using Element = uint16_t;  // bf16 bits
 
@@ -138,7 +150,7 @@ struct Bf16Kernel {
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t k0 = g * kScaleBlock, k1 = std::min(k, k0 + kScaleBlock);
       for (int j = 0; j < kCols; ++j) {
-        if (k1 < k) _mm_prefetch(reinterpret_cast<const char*>(b + j * k + k1), _MM_HINT_T0);
+        prefetch_group(b + j * k, k, g);
         for (int64_t c = k0; c < k1; c += kChunk)
           decoder.chunk(b + j * k + c, std::min(kChunk, k1 - c), slice[j] + c - k0);
       }
@@ -155,10 +167,15 @@ struct Bf16Kernel {
         }
       }
       for (int i = 0; i < kRows; ++i) {
-        const __m512 row_scale = _mm512_set1_ps(sa[i * groups + g]);
         for (int j = 0; j < kCols; ++j) {
-          const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(part[i][j], row_scale), _mm512_set1_ps(sb_rows[j][g]));
-          acc[i][j] = _mm512_add_ps(acc[i][j], scaled);
+          const float row_scale = sa[i * groups + g], tile_scale = sb_rows[j][g], scale = row_scale * tile_scale;
+          if (std::isfinite(scale)) {
+            acc[i][j] = _mm512_fmadd_ps(part[i][j], _mm512_set1_ps(scale), acc[i][j]);
+          } else {
+            const __m512 scaled =
+                _mm512_mul_ps(_mm512_mul_ps(part[i][j], _mm512_set1_ps(row_scale)), _mm512_set1_ps(tile_scale));
+            acc[i][j] = _mm512_add_ps(acc[i][j], scaled);
+          }
         }
       }
     }
@@ -305,10 +322,15 @@ void group_products(const uint16_t* b_slice, const uint32_t* pairs0, const uint3
 void promote(const float* c_lower, const float* c_upper, const float* sa, float sb, float* acc) {
   const __m512 row_scales = _mm512_loadu_ps(sa);
   const __m512 tile_scale = _mm512_set1_ps(sb);
+  const __m512 scales = _mm512_mul_ps(row_scales, tile_scale);
+  constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // fpclass: quiet NaN, +inf, -inf, signaling NaN
+  const bool fused = _mm512_fpclass_ps_mask(scales, kNonFinite) == 0;
   for (int64_t i = 0; i < kCols; ++i) {
-    const float* c = i < kTile ? c_lower + i * kTile : c_upper + (i - kTile) * kTile;
-    const __m512 scaled = _mm512_mul_ps(_mm512_mul_ps(_mm512_load_ps(c), row_scales), tile_scale);
-    _mm512_store_ps(acc + i * kTile, _mm512_add_ps(_mm512_load_ps(acc + i * kTile), scaled));
+    const __m512 c = _mm512_load_ps(i < kTile ? c_lower + i * kTile : c_upper + (i - kTile) * kTile);
+    const __m512 sum = _mm512_load_ps(acc + i * kTile);
+    _mm512_store_ps(acc + i * kTile, fused
+                                         ? _mm512_fmadd_ps(c, scales, sum)
+                                         : _mm512_add_ps(sum, _mm512_mul_ps(_mm512_mul_ps(c, row_scales), tile_scale)));
   }
 }
 
@@ -363,11 +385,7 @@ void run(const Fp8GemmParams& p, const Bf16Kernel::Decoder& decoder) {
         const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
         // The group's slice of b is kCols short pieces of rows K bytes apart, too many streams for the hardware
         // prefetcher: fetch the next group's pieces while this one is decoded and multiplied.
-        if (k1 < p.k)
-          for (int64_t n = n0; n < n1; ++n) {
-            _mm_prefetch(reinterpret_cast<const char*>(p.b + n * p.k + k1), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(p.b + n * p.k + k1 + 64), _MM_HINT_T0);
-          }
+        for (int64_t n = n0; n < n1; ++n) prefetch_group(p.b + n * p.k, p.k, g);
         for (int64_t n = n0; n < n1; ++n)
           for (int64_t k = k0; k < k1; k += kChunk)
             decoder.chunk(p.b + n * p.k + k, std::min(kChunk, k1 - k), b_slice.get() + (n - n0) * kScaleBlock + k - k0);
