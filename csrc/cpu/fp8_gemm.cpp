@@ -108,8 +108,8 @@ struct Bf16Kernel {
       high1 = _mm512_load_si512(tables.high + 64);
       sign = _mm512_set1_epi8(static_cast<char>(0x80));
     }
-    // Decodes `count` (<= 64) codes; the rest of the 64 outputs are zeros.
-    void chunk(const uint8_t* src, int64_t count, Element* dst) const {
+    // Decodes `count` (<= 64) codes into two vectors of 32 bf16 values; the rest of the 64 values are zeros.
+    void decode(const uint8_t* src, int64_t count, __m512i& first, __m512i& second) const {
       const __mmask64 mask = count >= 64 ? ~__mmask64{0} : (__mmask64{1} << count) - 1;
       const __m512i codes = _mm512_maskz_loadu_epi8(mask, src);
       // vpermb looks up 64 entries by the low 6 bits; codes with bit 6 set take the upper half of each table. (The
@@ -122,8 +122,14 @@ struct Bf16Kernel {
           _mm512_mask_permutexvar_epi8(_mm512_maskz_permutexvar_epi8(kAll, codes, high0), upper, codes, high1);
       // high | (codes & 0x80): ternary-logic truth table 0xF8 for (A | (B & C)).
       const __m512i signed_high = _mm512_ternarylogic_epi32(high, codes, sign, 0xF8);
-      _mm512_store_si512(dst, _mm512_unpacklo_epi8(low, signed_high));
-      _mm512_store_si512(dst + 32, _mm512_unpackhi_epi8(low, signed_high));
+      first = _mm512_unpacklo_epi8(low, signed_high);
+      second = _mm512_unpackhi_epi8(low, signed_high);
+    }
+    void chunk(const uint8_t* src, int64_t count, Element* dst) const {
+      __m512i first, second;
+      decode(src, count, first, second);
+      _mm512_store_si512(dst, first);
+      _mm512_store_si512(dst + 32, second);
     }
   };
 
@@ -138,32 +144,29 @@ struct Bf16Kernel {
     return _mm512_cvtss_f32(v);
   }
 
-  // out[i, j] = sum over K groups g of dot(a row i, b row j over g) * sa[i, g] * sb_rows[j][g], with the group's
-  // slice of the kCols rows of b decoded into a 1 KB stack buffer right before its use (L1-resident).
+  // out[i, j] = sum over K groups g of dot(a row i, b row j over g) * sa[i, g] * sb_rows[j][g]. Each 64 codes of b
+  // are decoded into registers and used at once by all kRows rows of a.
   template <int kRows, int kCols>
   static void micro_tile(const Decoder& decoder, const Element* a, int64_t lda, const float* sa, int64_t groups,
                          const uint8_t* b, int64_t k, const float* const* sb_rows, uint16_t* out, int64_t ldo) {
-    alignas(64) Element slice[kCols][kScaleBlock];
     __m512 acc[kRows][kCols];
     for (int i = 0; i < kRows; ++i)
       for (int j = 0; j < kCols; ++j) acc[i][j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t k0 = g * kScaleBlock, k1 = std::min(k, k0 + kScaleBlock);
-      for (int j = 0; j < kCols; ++j) {
-        prefetch_group(b + j * k, k, g);
-        for (int64_t c = k0; c < k1; c += kChunk)
-          decoder.chunk(b + j * k + c, std::min(kChunk, k1 - c), slice[j] + c - k0);
-      }
       __m512 part[kRows][kCols];
       for (int i = 0; i < kRows; ++i)
         for (int j = 0; j < kCols; ++j) part[i][j] = _mm512_setzero_ps();
-      const int64_t length = padded_k(k1 - k0);
-      for (int64_t kk = 0; kk < length; kk += 32) {
-        __m512bh bv[kCols];
-        for (int j = 0; j < kCols; ++j) bv[j] = (__m512bh)_mm512_load_si512(slice[j] + kk);
-        for (int i = 0; i < kRows; ++i) {
-          const __m512bh av = (__m512bh)_mm512_load_si512(a + i * lda + k0 + kk);
-          for (int j = 0; j < kCols; ++j) part[i][j] = _mm512_dpbf16_ps(part[i][j], av, bv[j]);
+      for (int j = 0; j < kCols; ++j) prefetch_group(b + j * k, k, g);
+      for (int64_t c = k0; c < k1; c += kChunk) {
+        for (int j = 0; j < kCols; ++j) {  // kRows x kCols independent accumulation chains per chunk
+          __m512i first, second;
+          decoder.decode(b + j * k + c, std::min(kChunk, k1 - c), first, second);
+          for (int i = 0; i < kRows; ++i) {
+            const Element* a_chunk = a + i * lda + c;
+            part[i][j] = _mm512_dpbf16_ps(part[i][j], (__m512bh)_mm512_load_si512(a_chunk), (__m512bh)first);
+            part[i][j] = _mm512_dpbf16_ps(part[i][j], (__m512bh)_mm512_load_si512(a_chunk + 32), (__m512bh)second);
+          }
         }
       }
       for (int i = 0; i < kRows; ++i) {
