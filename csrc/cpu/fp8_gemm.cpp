@@ -8,9 +8,9 @@
 // row-major operand (see the amx section). Otherwise, register-blocked micro-tiles of kMicroRows rows of a by
 // kMicroCols rows of b, each vector lane a partial dot product (vdpbf16ps, or the portable loop), which for a single
 // row of a streams the weight once at the decoder's speed. Both decode a once per call into a shared buffer and the
-// weight one K group at a time, right before its use, so the decoded slice stays in L1. Decoded rows are padded with
-// zeros to a multiple of 64 values (kChunk), so every K group holds whole vectors and a partial last group
-// (K % 128 != 0) adds only 0 * 0 products. Threads take tiles of work dynamically.
+// weight one K group at a time, right before its use (into L1, or straight into registers). Decoded rows are padded
+// with zeros to a multiple of 64 values (kChunk), so every K group holds whole vectors and a partial last group (K %
+// 128 != 0) adds only 0 * 0 products. Threads take tiles of work dynamically.
 //
 // Promotion and non-finite values: a group sum is scaled by sa * sb, fused into the accumulation (one FMA), when that
 // product is finite; otherwise as (sum * sa) * sb, so a zero sum stays zero when huge finite scales overflow their
@@ -74,6 +74,7 @@ struct AlignedBuffer {
 // into the high byte, and unpacking the two byte vectors yields 64 bf16 values in a lane-interleaved order:
 // [0-7, 16-23, 32-39, 48-55] then [8-15, 24-31, 40-47, 56-63]. a and b are decoded by the same function, so their
 // pairs line up and the dot products are unchanged by the permutation.
+//
 // The kernels read the weight one K group (128 bytes) of several rows at a time, too many short streams for the
 // hardware prefetcher; they ask for the lines kPrefetchGroups groups ahead of each row themselves.
 constexpr int64_t kPrefetchGroups = 1;
