@@ -1,14 +1,484 @@
-// FP8 block-scaled GEMM on the CPU.
+// FP8 block-scaled GEMM on the CPU: out[m, n] = sum over 128-wide K groups g of
+//   (sum_{k in g} qa[m, k] * qb[n, k]) * sa[m, g] * sb[n / 128, g]
+// with the raw e4m3 products accumulated in fp32 per group and then "promoted" into an fp32 accumulator, the same
+// schedule as the GPU kernels. e4m3 values are exact in bf16, so with AVX-512 BF16 the group sums are vdpbf16ps dot
+// products; elsewhere a portable fp32 loop the compiler vectorizes.
+//
+// Two kernels. From two rows of a on, where the CPU has AMX, tile dot products (tdpbf16ps) with the weight as the
+// row-major operand (see the amx section). Otherwise, register-blocked micro-tiles of kMicroRows rows of a by
+// kMicroCols rows of b, each vector lane a partial dot product (vdpbf16ps, or the portable loop), which for a single
+// row of a streams the weight once at the decoder's speed. Both decode a once per call into a shared buffer and the
+// weight one K group at a time, right before its use (into L1, or straight into registers). Decoded rows are padded
+// with zeros to a multiple of 64 values (kChunk), so every K group holds whole vectors and a partial last group (K %
+// 128 != 0) adds only 0 * 0 products. Threads take tiles of work dynamically.
+//
+// Promotion and non-finite values: a group sum is scaled by sa * sb, fused into the accumulation (one FMA), when that
+// product is finite; otherwise as (sum * sa) * sb, so a zero sum stays zero when huge finite scales overflow their
+// product, as in the reference, which scales each product. A NaN code (0x7F / 0xFF) decodes to NaN and poisons its
+// group sum, and NaN scales poison the promoted sum, so NaN lands where the reference puts it. An infinite scale,
+// which the quantizers only produce together with a NaN code in its group, gives inf * sum where the reference may
+// see inf * 0 = NaN per product.
 
-#include <stdexcept>
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <utility>
 
 #include "cpu/cpu_ops.h"
+#include "dsv3/fp8.h"
+#include "dsv3/half_types.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+#define DSV3_GEMM_AVX512 1
+#include <immintrin.h>
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define DSV3_GEMM_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#endif
 
 namespace dsv3::cpu {
+namespace {
+
+constexpr int64_t kChunk = 64;        // values decoded together; rows are padded to a multiple of this
+constexpr int64_t kRowsPerTile = 64;  // rows of a per tile of the micro-tile kernel (a unit of work for a thread)
+constexpr int64_t kColsPerTile = 16;  // rows of b per tile: small enough that a decode-sized GEMM has many tiles
+constexpr int kMicroRows = 4;         // micro-tile: rows of a ...
+constexpr int kMicroCols = 4;         // ... times rows of b, whose dot products share every load
+
+int64_t padded_k(int64_t k) { return (k + kChunk - 1) / kChunk * kChunk; }
+
+// 64-byte aligned scratch for decoded rows.
+template <typename T>
+struct AlignedBuffer {
+  struct Free {
+    void operator()(T* p) const { ::operator delete(p, std::align_val_t{64}); }
+  };
+  std::unique_ptr<T, Free> data;
+  explicit AlignedBuffer(int64_t count)
+      : data(static_cast<T*>(::operator new(sizeof(T) * std::max<int64_t>(count, 1), std::align_val_t{64}))) {}
+  T* get() const { return data.get(); }
+};
+
+#if defined(DSV3_GEMM_AVX512)
+
+// ---- AVX-512 BF16 --------------------------------------------------------------------------------------------------
+// Decoding: the low and high bytes of each value's bf16 pattern come from two 128-entry byte tables indexed by the
+// code's 7 magnitude bits (two vpermb per table, which measured faster here than one vpermt2b), the sign bit is or-ed
+// into the high byte, and unpacking the two byte vectors yields 64 bf16 values in a lane-interleaved order:
+// [0-7, 16-23, 32-39, 48-55] then [8-15, 24-31, 40-47, 56-63]. a and b are decoded by the same function, so their
+// pairs line up and the dot products are unchanged by the permutation.
+//
+// The kernels read the weight one K group (128 bytes) of several rows at a time, too many short streams for the
+// hardware prefetcher; they ask for the lines kPrefetchGroups groups ahead of each row themselves.
+constexpr int64_t kPrefetchGroups = 1;
+inline void prefetch_group(const uint8_t* row, int64_t k, int64_t g) {
+  const int64_t ahead = (g + kPrefetchGroups) * kScaleBlock;
+  if (ahead < k) _mm_prefetch(reinterpret_cast<const char*>(row + ahead), _MM_HINT_T0);
+  if (ahead + 64 < k) _mm_prefetch(reinterpret_cast<const char*>(row + ahead + 64), _MM_HINT_T0);
+}
+
+struct Bf16Kernel {
+  using Element = uint16_t;  // bf16 bits
+
+  struct Tables {
+    alignas(64) uint8_t low[128];
+    alignas(64) uint8_t high[128];
+    Tables() {
+      for (int code = 0; code < 128; ++code) {
+        const uint16_t bits = float_to_bf16(e4m3_to_float(static_cast<uint8_t>(code)));  // exact: e4m3 fits in bf16
+        low[code] = static_cast<uint8_t>(bits & 0xFF);
+        high[code] = static_cast<uint8_t>(bits >> 8);
+      }
+    }
+  };
+
+  struct Decoder {
+    __m512i low0, low1, high0, high1, sign;
+    Decoder() {
+      static const Tables tables;
+      low0 = _mm512_load_si512(tables.low);
+      low1 = _mm512_load_si512(tables.low + 64);
+      high0 = _mm512_load_si512(tables.high);
+      high1 = _mm512_load_si512(tables.high + 64);
+      sign = _mm512_set1_epi8(static_cast<char>(0x80));
+    }
+    // Decodes `count` (<= 64) codes into two vectors of 32 bf16 values; the rest of the 64 values are zeros.
+    void decode(const uint8_t* src, int64_t count, __m512i& first, __m512i& second) const {
+      const __mmask64 mask = count >= 64 ? ~__mmask64{0} : (__mmask64{1} << count) - 1;
+      const __m512i codes = _mm512_maskz_loadu_epi8(mask, src);
+      // vpermb looks up 64 entries by the low 6 bits; codes with bit 6 set take the upper half of each table. (The
+      // zero-masking forms with a full mask: GCC 12's unmasked vpermb intrinsic trips -Wmaybe-uninitialized.)
+      constexpr __mmask64 kAll = ~__mmask64{0};
+      const __mmask64 upper = _mm512_test_epi8_mask(codes, _mm512_set1_epi8(0x40));
+      const __m512i low =
+          _mm512_mask_permutexvar_epi8(_mm512_maskz_permutexvar_epi8(kAll, codes, low0), upper, codes, low1);
+      const __m512i high =
+          _mm512_mask_permutexvar_epi8(_mm512_maskz_permutexvar_epi8(kAll, codes, high0), upper, codes, high1);
+      // high | (codes & 0x80): ternary-logic truth table 0xF8 for (A | (B & C)).
+      const __m512i signed_high = _mm512_ternarylogic_epi32(high, codes, sign, 0xF8);
+      first = _mm512_unpacklo_epi8(low, signed_high);
+      second = _mm512_unpackhi_epi8(low, signed_high);
+    }
+    void chunk(const uint8_t* src, int64_t count, Element* dst) const {
+      __m512i first, second;
+      decode(src, count, first, second);
+      _mm512_store_si512(dst, first);
+      _mm512_store_si512(dst + 32, second);
+    }
+  };
+
+  // Sum of the 16 lanes. Zero-masked shuffles with a full mask: the unmasked intrinsics (and _mm512_reduce_add_ps)
+  // trip -Wuninitialized inside GCC 12's own headers.
+  static float horizontal_sum(__m512 v) {
+    constexpr __mmask16 kAll = 0xFFFF;
+    v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll, v, v, 0x4E));
+    v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll, v, v, 0xB1));
+    v = _mm512_add_ps(v, _mm512_maskz_permute_ps(kAll, v, 0x4E));
+    v = _mm512_add_ps(v, _mm512_maskz_permute_ps(kAll, v, 0xB1));
+    return _mm512_cvtss_f32(v);
+  }
+
+  // out[i, j] = sum over K groups g of dot(a row i, b row j over g) * sa[i, g] * sb_rows[j][g]. Each 64 codes of b
+  // are decoded into registers and used at once by all kRows rows of a.
+  template <int kRows, int kCols>
+  static void micro_tile(const Decoder& decoder, const Element* a, int64_t lda, const float* sa, int64_t groups,
+                         const uint8_t* b, int64_t k, const float* const* sb_rows, uint16_t* out, int64_t ldo) {
+    __m512 acc[kRows][kCols];
+    for (int i = 0; i < kRows; ++i)
+      for (int j = 0; j < kCols; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * kScaleBlock, k1 = std::min(k, k0 + kScaleBlock);
+      __m512 part[kRows][kCols];
+      for (int i = 0; i < kRows; ++i)
+        for (int j = 0; j < kCols; ++j) part[i][j] = _mm512_setzero_ps();
+      for (int j = 0; j < kCols; ++j) prefetch_group(b + j * k, k, g);
+      for (int64_t c = k0; c < k1; c += kChunk) {
+        for (int j = 0; j < kCols; ++j) {  // kRows x kCols independent accumulation chains per chunk
+          __m512i first, second;
+          decoder.decode(b + j * k + c, std::min(kChunk, k1 - c), first, second);
+          for (int i = 0; i < kRows; ++i) {
+            const Element* a_chunk = a + i * lda + c;
+            part[i][j] = _mm512_dpbf16_ps(part[i][j], (__m512bh)_mm512_load_si512(a_chunk), (__m512bh)first);
+            part[i][j] = _mm512_dpbf16_ps(part[i][j], (__m512bh)_mm512_load_si512(a_chunk + 32), (__m512bh)second);
+          }
+        }
+      }
+      for (int i = 0; i < kRows; ++i) {
+        for (int j = 0; j < kCols; ++j) {
+          const float row_scale = sa[i * groups + g], tile_scale = sb_rows[j][g], scale = row_scale * tile_scale;
+          if (std::isfinite(scale)) {
+            acc[i][j] = _mm512_fmadd_ps(part[i][j], _mm512_set1_ps(scale), acc[i][j]);
+          } else {
+            const __m512 scaled =
+                _mm512_mul_ps(_mm512_mul_ps(part[i][j], _mm512_set1_ps(row_scale)), _mm512_set1_ps(tile_scale));
+            acc[i][j] = _mm512_add_ps(acc[i][j], scaled);
+          }
+        }
+      }
+    }
+    for (int i = 0; i < kRows; ++i)
+      for (int j = 0; j < kCols; ++j) out[i * ldo + j] = float_to_bf16(horizontal_sum(acc[i][j]));
+  }
+};
+
+using Kernel = Bf16Kernel;
+
+#else
+
+// ---- Portable ------------------------------------------------------------------------------------------------------
+// Rows decode to fp32 in natural order; each group sum runs in 16 independent lanes (a fixed order the compiler can
+// vectorize without reassociating), then the lanes are added and promoted.
+struct PortableKernel {
+  using Element = float;
+  static constexpr int kLanes = 16;
+
+  struct Decoder {
+    void chunk(const uint8_t* src, int64_t count, Element* dst) const {
+      for (int64_t i = 0; i < kChunk; ++i) dst[i] = i < count ? e4m3_to_float(src[i]) : 0.0f;
+    }
+  };
+
+  template <int kRows, int kCols>
+  static void micro_tile(const Decoder& decoder, const Element* a, int64_t lda, const float* sa, int64_t groups,
+                         const uint8_t* b, int64_t k, const float* const* sb_rows, uint16_t* out, int64_t ldo) {
+    Element slice[kCols][kScaleBlock];
+    float acc[kRows][kCols] = {};
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k0 = g * kScaleBlock, k1 = std::min(k, k0 + kScaleBlock);
+      for (int j = 0; j < kCols; ++j)
+        for (int64_t c = k0; c < k1; c += kChunk)
+          decoder.chunk(b + j * k + c, std::min(kChunk, k1 - c), slice[j] + c - k0);
+      const int64_t length = padded_k(k1 - k0);
+      for (int i = 0; i < kRows; ++i) {
+        const Element* a_group = a + i * lda + k0;
+        for (int j = 0; j < kCols; ++j) {
+          float lanes[kLanes] = {};
+          for (int64_t kk = 0; kk < length; kk += kLanes)
+            for (int l = 0; l < kLanes; ++l) lanes[l] += a_group[kk + l] * slice[j][kk + l];
+          float part = 0.0f;
+          for (int l = 0; l < kLanes; ++l) part += lanes[l];
+          acc[i][j] += part * sa[i * groups + g] * sb_rows[j][g];
+        }
+      }
+    }
+    for (int i = 0; i < kRows; ++i)
+      for (int j = 0; j < kCols; ++j) out[i * ldo + j] = float_to_bf16(acc[i][j]);
+  }
+};
+
+using Kernel = PortableKernel;
+
+#endif
+
+using Element = Kernel::Element;
+
+// One row of k codes into kp = padded_k(k) values, zero-filled past k.
+void decode_row(const Kernel::Decoder& decoder, const uint8_t* src, int64_t k, Element* dst) {
+  for (int64_t c = 0; c < padded_k(k); c += kChunk) decoder.chunk(src + c, std::min(kChunk, k - c), dst + c);
+}
+
+#if defined(DSV3_GEMM_AMX)
+
+// ---- AMX (tdpbf16ps) -----------------------------------------------------------------------------------------------
+// From kMinRows rows of a on, the group sums come from AMX tile dot products. The weight is the tiles' "A" operand:
+// a tile is 16 rows of b by 32 decoded values, exactly b's row-major layout, so the weight needs no transpose. The
+// activations are the "B" operand, which pairs consecutive K values of 16 rows: a is re-laid once per call as
+//   a_pairs[m / 16][k / 2][m % 16] = (a[m, k], a[m, k + 1])   (bf16 pairs, in the decoder's lane order, zero-padded)
+// so each C tile holds out^T for 16 rows of b x 16 rows of a. A unit of work is kCols rows of b (two tiles, one
+// weight scale tile since 128 is a multiple of 32) by up to kRows rows of a; per K group it decodes its slice of b
+// into L1 (prefetching the next), runs 2x2 tile products per pair of row tiles of a, and promotes the four C tiles into
+// an fp32 accumulator.
+namespace amx {
+
+// From two rows of a on. For a single row the dot-product kernel is as fast and needs no re-layout of a.
+constexpr int64_t kMinRows = 2;
+
+// DSV3_CPU_NO_AMX=1 keeps the GEMM on AVX-512 (to compare the two, or where AMX state is unwelcome).
+bool disabled_by_environment() {
+  const char* value = std::getenv("DSV3_CPU_NO_AMX");
+  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
+}
+
+constexpr int64_t kTile = 16;         // rows per tile and rows of a per C tile column block
+constexpr int64_t kCols = 2 * kTile;  // rows of b per unit
+constexpr int64_t kRows = 256;        // rows of a per unit: the b slice decoded per group serves all of them
+constexpr int64_t kPairsPerGroup = kScaleBlock / 2;
+
+// Linux hands out AMX state only to processes that ask for it (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+bool usable() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+}
+
+// Palette 1, eight tiles of 16 rows x 64 bytes: tiles 0-3 accumulate C, 4-5 hold b, 6-7 hold a_pairs.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) {
+      bytes_per_row[t] = 64;
+      rows[t] = kTile;
+    }
+  }
+};
+
+// c[t] (16 rows of b x 16 rows of a) += slice of b (tile) . a_pairs (tile) over one K group of `steps` x 32 values.
+// kTwo: whether a second row tile of a exists (tiles 2-3); b_slice holds kCols rows of 128 decoded values.
+template <bool kTwo>
+void group_products(const uint16_t* b_slice, const uint32_t* pairs0, const uint32_t* pairs1, int64_t steps, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (kTwo) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, b_slice + s * 32, kScaleBlock * 2);
+    _tile_loadd(5, b_slice + kTile * kScaleBlock + s * 32, kScaleBlock * 2);
+    _tile_loadd(6, pairs0 + s * kTile * kTile, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 5, 6);
+    if (kTwo) {
+      _tile_loadd(7, pairs1 + s * kTile * kTile, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + kTile * kTile, 64);
+  if (kTwo) {
+    _tile_stored(2, c + 2 * kTile * kTile, 64);
+    _tile_stored(3, c + 3 * kTile * kTile, 64);
+  }
+}
+
+// acc[i] (row i of b, 16 rows of a) += (c[i] * sa) * sb for one row tile of a.
+void promote(const float* c_lower, const float* c_upper, const float* sa, float sb, float* acc) {
+  const __m512 row_scales = _mm512_loadu_ps(sa);
+  const __m512 tile_scale = _mm512_set1_ps(sb);
+  const __m512 scales = _mm512_mul_ps(row_scales, tile_scale);
+  constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // fpclass: quiet NaN, +inf, -inf, signaling NaN
+  const bool fused = _mm512_fpclass_ps_mask(scales, kNonFinite) == 0;
+  for (int64_t i = 0; i < kCols; ++i) {
+    const __m512 c = _mm512_load_ps(i < kTile ? c_lower + i * kTile : c_upper + (i - kTile) * kTile);
+    const __m512 sum = _mm512_load_ps(acc + i * kTile);
+    _mm512_store_ps(acc + i * kTile, fused
+                                         ? _mm512_fmadd_ps(c, scales, sum)
+                                         : _mm512_add_ps(sum, _mm512_mul_ps(_mm512_mul_ps(c, row_scales), tile_scale)));
+  }
+}
+
+void run(const Fp8GemmParams& p, const Bf16Kernel::Decoder& decoder) {
+  const int64_t kp = padded_k(p.k);
+  const int64_t groups = scale_blocks(p.k);
+  const int64_t row_tiles = (p.m + kTile - 1) / kTile;
+
+  // a_pairs (see above) and the activation scales transposed per row tile: sa_t[m / 16][g][m % 16], zero-padded.
+  // One work item per (row tile, K group) writes whole cache lines of both, so no two threads share a line.
+  AlignedBuffer<uint32_t> a_pairs(row_tiles * (kp / 2) * kTile);
+  AlignedBuffer<float> sa_t(row_tiles * groups * kTile);
+#pragma omp parallel for schedule(static)
+  for (int64_t item = 0; item < row_tiles * groups; ++item) {
+    const int64_t tile = item / groups, g = item % groups;
+    const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
+    const int64_t pairs = (std::min(kp, k0 + kScaleBlock) - k0) / 2;
+    uint32_t* dst = a_pairs.get() + (tile * (kp / 2) + g * kPairsPerGroup) * kTile;
+    float* scales = sa_t.get() + (tile * groups + g) * kTile;
+    for (int64_t lane = 0; lane < kTile; ++lane) {
+      const int64_t r = tile * kTile + lane;
+      alignas(64) uint16_t values[kScaleBlock];
+      if (r < p.m)
+        for (int64_t k = k0; k < k1; k += kChunk)
+          decoder.chunk(p.a + r * p.k + k, std::min(kChunk, k1 - k), values + k - k0);
+      for (int64_t q = 0; q < pairs; ++q) {
+        uint32_t pair;
+        std::memcpy(&pair, values + 2 * q, sizeof(pair));
+        dst[q * kTile + lane] = r < p.m ? pair : 0u;
+      }
+      scales[lane] = r < p.m ? p.a_scales[r * groups + g] : 0.0f;
+    }
+  }
+
+  const int64_t row_units = (p.m + kRows - 1) / kRows;
+  const int64_t col_units = (p.n + kCols - 1) / kCols;
+#pragma omp parallel
+  {
+    const TileConfig config;
+    _tile_loadconfig(&config);
+    AlignedBuffer<uint16_t> b_slice(kCols * kScaleBlock);  // [row of b][128]: one K group, decoded (L1-resident)
+    AlignedBuffer<float> c(4 * kTile * kTile);
+    AlignedBuffer<float> acc((kRows / kTile) * kCols * kTile);  // [row tile of a][row of b][16 rows of a]
+#pragma omp for schedule(dynamic)
+    for (int64_t unit = 0; unit < row_units * col_units; ++unit) {
+      const int64_t m0 = (unit / col_units) * kRows, m1 = std::min(p.m, m0 + kRows);
+      const int64_t n0 = (unit % col_units) * kCols, n1 = std::min(p.n, n0 + kCols);
+      const int64_t tile0 = m0 / kTile, tiles = (m1 - m0 + kTile - 1) / kTile;
+      std::fill(acc.get(), acc.get() + tiles * kCols * kTile, 0.0f);
+      std::fill(b_slice.get(), b_slice.get() + kCols * kScaleBlock, uint16_t{0});  // rows past n stay zero
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
+        // The group's slice of b is kCols short pieces of rows K bytes apart, too many streams for the hardware
+        // prefetcher: fetch the next group's pieces while this one is decoded and multiplied.
+        for (int64_t n = n0; n < n1; ++n) prefetch_group(p.b + n * p.k, p.k, g);
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t k = k0; k < k1; k += kChunk)
+            decoder.chunk(p.b + n * p.k + k, std::min(kChunk, k1 - k), b_slice.get() + (n - n0) * kScaleBlock + k - k0);
+        const int64_t steps = (std::min(kp, k0 + kScaleBlock) - k0) / 32;
+        const float sb = p.b_scales[(n0 / kScaleBlock) * groups + g];
+        for (int64_t t = 0; t < tiles; t += 2) {
+          const uint32_t* pairs0 = a_pairs.get() + ((tile0 + t) * (kp / 2) + g * kPairsPerGroup) * kTile;
+          const float* sa0 = sa_t.get() + ((tile0 + t) * groups + g) * kTile;
+          float* acc0 = acc.get() + t * kCols * kTile;
+          if (t + 1 < tiles) {
+            group_products<true>(b_slice.get(), pairs0, pairs0 + (kp / 2) * kTile, steps, c.get());
+            promote(c.get(), c.get() + kTile * kTile, sa0, sb, acc0);
+            promote(c.get() + 2 * kTile * kTile, c.get() + 3 * kTile * kTile, sa0 + groups * kTile, sb,
+                    acc0 + kCols * kTile);
+          } else {
+            group_products<false>(b_slice.get(), pairs0, nullptr, steps, c.get());
+            promote(c.get(), c.get() + kTile * kTile, sa0, sb, acc0);
+          }
+        }
+      }
+      for (int64_t m = m0; m < m1; ++m) {
+        const float* acc_m = acc.get() + ((m - m0) / kTile) * kCols * kTile + (m - m0) % kTile;
+        for (int64_t n = n0; n < n1; ++n) p.out[m * p.n + n] = float_to_bf16(acc_m[(n - n0) * kTile]);
+      }
+    }
+    _tile_release();
+  }
+}
+
+}  // namespace amx
+
+#endif
+
+using MicroTileFn = void (*)(const Kernel::Decoder&, const Element*, int64_t, const float*, int64_t, const uint8_t*,
+                             int64_t, const float* const*, uint16_t*, int64_t);
+
+// micro-tile kernels for every (rows, cols) in [1, kMicroRows] x [1, kMicroCols], for the edges of a tile.
+template <int... kRows, int... kCols>
+constexpr auto micro_tile_table(std::integer_sequence<int, kRows...>, std::integer_sequence<int, kCols...> cols) {
+  auto row = [](auto rows, std::integer_sequence<int, kCols...>) {
+    return std::array<MicroTileFn, kMicroCols>{&Kernel::micro_tile<decltype(rows)::value, kCols + 1>...};
+  };
+  return std::array<std::array<MicroTileFn, kMicroCols>, kMicroRows>{
+      row(std::integral_constant<int, kRows + 1>{}, cols)...};
+}
+
+const auto kMicroTiles =
+    micro_tile_table(std::make_integer_sequence<int, kMicroRows>{}, std::make_integer_sequence<int, kMicroCols>{});
+
+void run_gemm(const Fp8GemmParams& p) {
+  const int64_t kp = padded_k(p.k);
+  const int64_t groups = scale_blocks(p.k);
+  const Kernel::Decoder decoder;
+#if defined(DSV3_GEMM_AMX)
+  if (p.m >= amx::kMinRows && !amx::disabled_by_environment() && amx::usable()) return amx::run(p, decoder);
+#endif
+
+  // a, decoded once: [m, kp]. Tiny compared with the weight for decode-sized m, and reused by every column tile.
+  AlignedBuffer<Element> a(p.m * kp);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < p.m; ++r) decode_row(decoder, p.a + r * p.k, p.k, a.get() + r * kp);
+
+  const int64_t row_tiles = (p.m + kRowsPerTile - 1) / kRowsPerTile;
+  const int64_t col_tiles = (p.n + kColsPerTile - 1) / kColsPerTile;
+  // Tiles are numbered row-tile-major, so consecutive tiles share one block of a; they are handed out dynamically
+  // because on a shared machine a descheduled thread would otherwise hold back its whole static share.
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t tile = 0; tile < row_tiles * col_tiles; ++tile) {
+    const int64_t m0 = (tile / col_tiles) * kRowsPerTile, m1 = std::min(p.m, m0 + kRowsPerTile);
+    const int64_t n0 = (tile % col_tiles) * kColsPerTile, n1 = std::min(p.n, n0 + kColsPerTile);
+    for (int64_t j0 = n0; j0 < n1; j0 += kMicroCols) {
+      const int cols = static_cast<int>(std::min<int64_t>(kMicroCols, n1 - j0));
+      const float* sb_rows[kMicroCols];
+      for (int j = 0; j < cols; ++j) sb_rows[j] = p.b_scales + ((j0 + j) / kScaleBlock) * groups;
+      for (int64_t i0 = m0; i0 < m1; i0 += kMicroRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kMicroRows, m1 - i0));
+        kMicroTiles[rows - 1][cols - 1](decoder, a.get() + i0 * kp, kp, p.a_scales + i0 * groups, groups,
+                                        p.b + j0 * p.k, p.k, sb_rows, p.out + i0 * p.n + j0, p.n);
+      }
+    }
+  }
+}
+
+}  // namespace
 
 void fp8_gemm_nt(const Fp8GemmParams& params) {
   validate(params);
-  throw std::runtime_error("fp8_gemm_nt: the CPU kernel is not implemented yet");
+  if (params.m == 0 || params.n == 0) return;
+  run_gemm(params);  // K = 0 writes zeros: every group loop is empty
 }
 
 }  // namespace dsv3::cpu

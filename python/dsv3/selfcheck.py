@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 
 import dsv3.ops as ops
+from dsv3.reference import gemm as ref_gemm
 from dsv3.reference import quant as ref
-from dsv3.testing import assert_bitwise_equal
+from dsv3.testing import assert_bitwise_equal, assert_same_nonfinite, calc_diff
 
 
 @dataclass
@@ -50,15 +51,29 @@ def _checks() -> list[tuple[str, Callable[[torch.device], None]]]:
         out = ops.dequant_fp8_block(rq.to(device), rs.to(device))
         assert_bitwise_equal(out.cpu(), ref.dequant_fp8_block(rq, rs), "out")
 
+    def gemm(device: torch.device) -> None:
+        # 576 rows: a partial weight tile; NaN codes in one row of a and one row of b spread over a row and a column.
+        a = ref.per_token_group_quant_fp8(_adversarial(33, 640))
+        b = ref.per_block_quant_fp8(_adversarial(576, 640))
+        a[0].view(torch.uint8)[5, 17] = 0x7F
+        b[0].view(torch.uint8)[300, 600] = 0xFF
+        out = ops.fp8_gemm_nt((a[0].to(device), a[1].to(device)), (b[0].to(device), b[1].to(device))).cpu()
+        expected = ref_gemm.fp8_gemm_nt(a, b)
+        assert_same_nonfinite(out, expected, "out")
+        diff = calc_diff(out, expected)
+        assert diff <= 1e-5, f"out: calc_diff {diff:.3e} > 1e-5"
+
     return [
         ("per_token_group_quant_fp8", token_quant),
         ("per_block_quant_fp8", block_quant),
         ("dequant_fp8_block", dequant),
+        ("fp8_gemm_nt", gemm),
     ]
 
 
 def run_self_check(device: torch.device) -> list[CheckResult]:
-    """Run every op on `device` and compare with the reference bit for bit; failures are reported, not raised."""
+    """Run every op on `device` and compare with the reference (bit for bit, or within calc_diff 1e-5 for the GEMM);
+    failures are reported, not raised."""
     torch.manual_seed(0)
     results = []
     for name, check in _checks():

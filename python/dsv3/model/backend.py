@@ -41,7 +41,7 @@ class KernelSupport:
 # fp8_linear only runs in a bfloat16 model (a float32 model dequantizes its weights). The FP8 GEMM has no CPU kernel
 # yet, MLA no CUDA kernel yet, and routing no kernel at all: extend this table as they land.
 KERNEL_SUPPORT = {
-    "fp8_linear": KernelSupport(("cuda",), "fp8_gemm_nt", (torch.bfloat16,)),
+    "fp8_linear": KernelSupport(("cpu", "cuda"), "fp8_gemm_nt", (torch.bfloat16,)),
     "append_kv_cache": KernelSupport(("cpu",), "mla_append_kv", (torch.bfloat16,)),
     "mla_decode_with_kvcache": KernelSupport(("cpu",), "mla_decode", (torch.bfloat16,)),
 }

@@ -1,0 +1,67 @@
+"""The FP8 GEMM tests of tests/test_gemm.py, run on the GPU (tests/cuda/conftest.py sets `device`), plus every
+DeepSeek-V3 shape at its real size and CUDA-graph capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.reference import gemm as ref
+from dsv3.testing import assert_same_nonfinite, calc_diff
+from tests.test_gemm import *  # noqa: F403  (the same tests, collected again with device=cuda)
+from tests.test_gemm import DSV3_SHAPES
+
+
+@pytest.fixture
+def exact_fp32_matmul():
+    """The reference's fp32 matmul in full fp32 (no TF32) while these tests run."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.usefixtures("exact_fp32_matmul")
+@pytest.mark.parametrize("n,k", DSV3_SHAPES, ids=lambda v: str(v))
+def test_real_shapes_match_reference(n, k):
+    w = torch.randn(n, k, device="cuda") * 0.02
+    b = dsv3.per_block_quant_fp8(w)  # bit-exact with dsv3.reference.quant (tests/test_quant.py)
+    for m in (1, 16, 64, 128, 512, 4096):
+        a = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
+        out = dsv3.fp8_gemm_nt(a, b)
+        expected = ref.fp8_gemm_nt(a, b)
+        assert out.shape == (m, n) and out.dtype == torch.bfloat16
+        assert_same_nonfinite(out, expected, f"M={m} N={n} K={k}")
+        diff = calc_diff(out, expected)
+        assert diff <= 1e-5, f"M={m} N={n} K={k}: calc_diff {diff:.3e}"
+
+
+@pytest.mark.usefixtures("exact_fp32_matmul")
+def test_captured_in_cuda_graph():
+    m, n, k = 64, 576, 7168
+    a_q, a_s = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
+    b = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda"))
+    out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        dsv3.fp8_gemm_nt((a_q, a_s), b, out=out)  # warm-up outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            dsv3.fp8_gemm_nt((a_q, a_s), b, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    a_s.mul_(2)  # the graph reads the scales in place: replay must see the new values
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert calc_diff(out, ref.fp8_gemm_nt((a_q, a_s), b)) <= 1e-5  # with the old scales: calc_diff ~0.1
+
+
+def test_rejects_operands_on_mixed_devices():
+    a = dsv3.per_token_group_quant_fp8(torch.randn(4, 256, device="cuda"))
+    qb, sb = dsv3.per_block_quant_fp8(torch.randn(256, 256, device="cuda"))
+    with pytest.raises(ValueError, match="b scales: expected a tensor on cuda"):
+        dsv3.fp8_gemm_nt(a, (qb, sb.cpu()))
+    with pytest.raises(ValueError, match="out: expected a tensor on cuda"):
+        dsv3.fp8_gemm_nt(a, (qb, sb), out=torch.empty(4, 256, dtype=torch.bfloat16))
