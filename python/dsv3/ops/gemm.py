@@ -69,9 +69,9 @@ def fp8_linear(x: torch.Tensor, weight: FP8Pair) -> torch.Tensor:
     """y [..., N] bf16 = x @ dequant(weight)^T with x quantized per token and 128 channels on the way in.
 
     x: bf16 [..., K]; weight: (e4m3 [N, K], f32 [ceil(N/128), ceil(K/128)]) as stored in the official checkpoint
-    (`weight`, `weight_scale_inv`). K must be a multiple of 128.
+    (`weight`, `weight_scale_inv`). K must be a multiple of 128. x may be a strided view (like F.linear's input).
     """
-    check_tensor(x, "x", dtypes=(torch.bfloat16,), min_ndim=1)
-    q, scales = per_token_group_quant_fp8(x.reshape(-1, x.shape[-1]), BLOCK)
+    check_tensor(x, "x", dtypes=(torch.bfloat16,), min_ndim=1, contiguous=False)
+    q, scales = per_token_group_quant_fp8(x.reshape(-1, x.shape[-1]).contiguous(), BLOCK)
     y = fp8_gemm_nt((q, scales), weight)
     return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,9 +1,9 @@
 """The one place where dsv3.ops checks tensors before they reach a kernel.
 
-Every kernel receives raw addresses, so whatever it relies on (dtype, device, shape, contiguity, 16-byte alignment)
-is checked here, with an exception naming the argument and what was expected. check_tensor looks at metadata only, so
-the public wrappers can call it while torch.compile traces them; check_aligned needs real addresses and is called by
-the custom ops' implementations, right before the kernel.
+Every kernel receives raw addresses, so whatever it relies on (dtype, device, shape, contiguity, 16-byte alignment of
+CUDA tensors) is checked here, with an exception naming the argument and what was expected. check_tensor looks at
+metadata only, so the public wrappers can call it while torch.compile traces them; check_aligned needs real addresses
+and is called by the custom ops' implementations, right before the kernel.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def check_tensor(
     min_ndim: int | None = None,
     shape: Sequence[int | None] | None = None,
     device: torch.device | None = None,
+    contiguous: bool = True,
 ) -> torch.Tensor:
-    """Validate one kernel operand and return it.
+    """Validate one kernel operand and return it (contiguous=False for ops that make their own contiguous copy).
 
     shape entries of None match any size. Raises TypeError for a non-tensor or a wrong dtype, ValueError otherwise.
     """
@@ -50,15 +51,19 @@ def check_tensor(
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on {t.device}")
-    if not t.is_contiguous():
+    if contiguous and not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor (strides {t.stride()} for shape {tuple(t.shape)})")
     return t
 
 
 def check_aligned(**tensors: torch.Tensor) -> None:
-    """Every non-empty tensor starts on a 16-byte boundary (vector loads and TMA need it)."""
+    """Every non-empty CUDA tensor starts on a 16-byte boundary (TMA and 16-byte vector loads need it).
+
+    The CPU kernels use unaligned loads, so CPU tensors may start anywhere: memory-mapped checkpoint tensors, for
+    example, are only 8-byte aligned within their safetensors file.
+    """
     for name, t in tensors.items():
-        if t.numel() and t.data_ptr() % ALIGNMENT_BYTES:
+        if t.device.type == "cuda" and t.numel() and t.data_ptr() % ALIGNMENT_BYTES:
             raise ValueError(f"{name}: expected a {ALIGNMENT_BYTES}-byte aligned data pointer, got {t.data_ptr():#x}")
 
 
