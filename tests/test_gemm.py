@@ -84,7 +84,6 @@ def assert_matches_reference(
     return result
 
 
-@pytest.mark.usefixtures("cpu_kernel")
 @pytest.mark.parametrize("m", [1, 3, 7, 64, 129])
 @pytest.mark.parametrize("n,k", DSV3_SHAPES, ids=lambda v: str(v))
 def test_deepseek_v3_shapes_match_reference(device, n, k, m):

@@ -52,6 +52,9 @@ constexpr int64_t kColsPerTile = 16;  // rows of b per tile: small enough that a
 constexpr int kMicroRows = 4;         // micro-tile: rows of a ...
 constexpr int kMicroCols = 4;         // ... times rows of b, whose dot products share every load
 
+// Decoding fewer codes of a than this takes less time than waking the thread team costs (tens of microseconds).
+constexpr int64_t kParallelCodes = int64_t{1} << 18;
+
 int64_t padded_k(int64_t k) { return (k + kChunk - 1) / kChunk * kChunk; }
 
 // 64-byte aligned scratch for decoded rows.
@@ -347,7 +350,7 @@ void run(const Fp8GemmParams& p, const Bf16Kernel::Decoder& decoder) {
   // One work item per (row tile, K group) writes whole cache lines of both, so no two threads share a line.
   AlignedBuffer<uint32_t> a_pairs(row_tiles * (kp / 2) * kTile);
   AlignedBuffer<float> sa_t(row_tiles * groups * kTile);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.m * p.k >= kParallelCodes)
   for (int64_t item = 0; item < row_tiles * groups; ++item) {
     const int64_t tile = item / groups, g = item % groups;
     const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
@@ -449,7 +452,7 @@ void run_gemm(const Fp8GemmParams& p) {
 
   // a, decoded once: [m, kp]. Tiny compared with the weight for decode-sized m, and reused by every column tile.
   AlignedBuffer<Element> a(p.m * kp);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.m * p.k >= kParallelCodes)
   for (int64_t r = 0; r < p.m; ++r) decode_row(decoder, p.a + r * p.k, p.k, a.get() + r * kp);
 
   const int64_t row_tiles = (p.m + kRowsPerTile - 1) / kRowsPerTile;
