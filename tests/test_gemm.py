@@ -156,7 +156,7 @@ def test_scale_products_beyond_fp32_range(device, m):
     """sa * sb overflows fp32 while every dequantized value is finite: a group of zero codes still adds exactly 0
     (the reference scales each product; a kernel that multiplied its zero sum by sa * sb = inf would give NaN)."""
     if device.type == "cuda":
-        pytest.skip("the sm_90a kernel scales a group's sum by sa * sb (inf * 0 = NaN); quantizers never make such scales")
+        pytest.skip("the sm_90a kernel scales group sums by sa * sb (inf * 0 = NaN); quantizers never make such scales")
     k, n = 384, 256
     qa = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
     qa[:, 128:256] = 0
