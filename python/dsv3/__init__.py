@@ -21,6 +21,13 @@ _LAZY = {
     "get_mla_metadata": ("dsv3.ops", "get_mla_metadata"),
     "mla_decode_with_kvcache": ("dsv3.ops", "mla_decode_with_kvcache"),
     "append_kv_cache": ("dsv3.ops", "append_kv_cache"),
+    "grouped_topk": ("dsv3.ops", "grouped_topk"),
+    "moe_contiguous_layout": ("dsv3.ops", "moe_contiguous_layout"),
+    "moe_masked_layout": ("dsv3.ops", "moe_masked_layout"),
+    "permute_tokens": ("dsv3.ops", "permute_tokens"),
+    "permute_tokens_masked": ("dsv3.ops", "permute_tokens_masked"),
+    "unpermute_tokens": ("dsv3.ops", "unpermute_tokens"),
+    "unpermute_tokens_masked": ("dsv3.ops", "unpermute_tokens_masked"),
 }
 
 
