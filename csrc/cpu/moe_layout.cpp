@@ -12,6 +12,10 @@
 namespace dsv3::cpu {
 namespace {
 
+// (Un)permutations touching fewer elements than this run on the calling thread: waking the OpenMP team costs more
+// than it saves (decode batches).
+constexpr int64_t kParallelElements = 65536;
+
 template <typename Index>
 void count_slots(const MoeLayoutParams& p) {
   const auto* topk_idx = static_cast<const Index*>(p.topk_idx);
@@ -82,7 +86,7 @@ void permute_rows(const MoePermuteParams& p) {
   const auto* x = static_cast<const Storage*>(p.x);
   const int64_t groups = p.quantize ? p.hidden / kMoeQuantGroup : 0;
   const float zero_row_scale = scale_from_amax(0.0f, p.ue8m0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (p.rows * p.hidden >= kParallelElements)
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t token = p.src_token[r];
     const Storage* src = token >= 0 ? x + token * p.hidden : nullptr;
@@ -116,7 +120,7 @@ void unpermute_rows(const MoeUnpermuteParams& p) {
   using Storage = typename Element<kType>::Storage;
   const auto* y = static_cast<const Storage*>(p.y);
   auto* out = static_cast<Storage*>(p.out);
-#pragma omp parallel
+#pragma omp parallel if (p.tokens * p.topk * p.hidden >= kParallelElements)
   {
     std::vector<float> acc(p.hidden);
 #pragma omp for schedule(static)

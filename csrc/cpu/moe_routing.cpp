@@ -12,6 +12,9 @@
 namespace dsv3::cpu {
 namespace {
 
+// Logits below this many run on the calling thread: waking the OpenMP team costs more than it saves (decode).
+constexpr int64_t kParallelLogits = 8192;
+
 // Sum of the two largest values of a group (at least 2 values); equal values count twice, as a sort would keep them.
 float top2_sum(const float* values, int64_t n) {
   float first = values[0] > values[1] ? values[0] : values[1];
@@ -33,7 +36,7 @@ void route_tokens(const GroupedTopkParams& p) {
   using Storage = typename Element<kType>::Storage;
   const auto* logits = static_cast<const Storage*>(p.logits);
   const int64_t experts = p.num_experts, group_size = p.num_experts / p.num_groups, topk = p.topk;
-#pragma omp parallel
+#pragma omp parallel if (p.tokens * experts >= kParallelLogits)
   {
     std::vector<float> scores(experts), biased(experts), group_scores(p.num_groups), top_values(topk);
     std::vector<char> kept(p.num_groups);
