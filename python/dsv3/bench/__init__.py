@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import torch
 
-from dsv3.bench import quant
+from dsv3.bench import moe, quant
 from dsv3.bench.harness import Report, argument_parser, pick_device, write_json
 
 # suite name -> run(device, quick, reps) -> Report
-SUITES: dict[str, Callable[[torch.device, bool, int | None], Report]] = {"quant": quant.run}
+SUITES: dict[str, Callable[[torch.device, bool, int | None], Report]] = {"quant": quant.run, "moe": moe.run}
 
 
 def main(argv: list[str] | None = None) -> None:
