@@ -360,6 +360,8 @@ def test_registered_as_torch_custom_ops(device):
     x = torch.randn(6, 256, device=device)
     checks = ("test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.dsv3.moe_masked_layout.default, (topk_idx, E, 16), test_utils=checks)
+    # M_sum depends on the data (a dynamic size on the CPU; the static bound on a GPU)
+    torch.library.opcheck(torch.ops.dsv3.moe_contiguous_layout.default, (topk_idx, E, 128), test_utils=checks)
     torch.library.opcheck(torch.ops.dsv3.moe_permute.default, (x, layout.src_token, False, False), test_utils=checks)
     y = torch.randn(layout.m_indices.shape[0], 256, device=device)
     weights = torch.rand(6, 8, device=device)
@@ -369,5 +371,10 @@ def test_registered_as_torch_custom_ops(device):
         layout = dsv3.moe_masked_layout(topk_idx, E, 16)
         return dsv3.unpermute_tokens_masked(dsv3.permute_tokens_masked(x, layout) * 2, layout, weights)
 
-    compiled = torch.compile(moe_data_path, backend="aot_eager", fullgraph=True)
-    assert torch.equal(compiled(x, topk_idx, weights), moe_data_path(x, topk_idx, weights))
+    def contiguous_data_path(x, topk_idx, weights):
+        layout = dsv3.moe_contiguous_layout(topk_idx, E)
+        return dsv3.unpermute_tokens(dsv3.permute_tokens(x, layout) * 2, layout, weights)
+
+    for path in (moe_data_path, contiguous_data_path):
+        compiled = torch.compile(path, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x, topk_idx, weights), path(x, topk_idx, weights))

@@ -60,8 +60,13 @@ __global__ void __launch_bounds__(kThreads)
     const int group = first + lane / kLanes;
     const bool active = group < groups;
     const int64_t offset = static_cast<int64_t>(group) * kMoeQuantGroup + sub_lane * kVec;
-    InVector in{};
-    if (active && valid) in = *reinterpret_cast<const InVector*>(x + token * hidden + offset);
+    InVector in;
+    if (active && valid) {
+      in = *reinterpret_cast<const InVector*>(x + token * hidden + offset);
+    } else {  // a padding row quantizes zeros
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) in.values[i] = from_float<T>(0.0f);
+    }
     float amax = 0.0f;
 #pragma unroll
     for (int i = 0; i < kVec; ++i) amax = nan_max(amax, fabsf(to_float(in.values[i])));
