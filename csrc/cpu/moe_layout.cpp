@@ -14,7 +14,7 @@ namespace {
 
 // (Un)permutations touching fewer elements than this run on the calling thread: waking the OpenMP team costs more
 // than it saves (decode batches).
-constexpr int64_t kParallelElements = 65536;
+constexpr int64_t kParallelElements = 262144;
 
 template <typename Index>
 void count_slots(const MoeLayoutParams& p) {

@@ -12,8 +12,9 @@
 namespace dsv3::cpu {
 namespace {
 
-// Logits below this many run on the calling thread: waking the OpenMP team costs more than it saves (decode).
-constexpr int64_t kParallelLogits = 8192;
+// Fewer logits than this (256 tokens of 256 experts) run on the calling thread: waking the OpenMP team can cost
+// more than it saves.
+constexpr int64_t kParallelLogits = 65536;
 
 // Sum of the two largest values of a group (at least 2 values); equal values count twice, as a sort would keep them.
 float top2_sum(const float* values, int64_t n) {

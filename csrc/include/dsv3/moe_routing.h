@@ -52,9 +52,9 @@ DSV3_HOST_DEVICE float router_exp(float x) {
   u = fused_multiply_add(u, s, 0.5f);
   u = 1.0f + fused_multiply_add(s * s, u, s);
   u = u * power_of_two(q >> 1) * power_of_two(q - (q >> 1));
-  if (x < -104.0f) u = 0.0f;
-  if (x > 100.0f) u = INFINITY;
-  return u;
+  // selects rather than branches, so that CPU loops over this vectorize
+  u = x < -104.0f ? 0.0f : u;
+  return x > 100.0f ? INFINITY : u;
 }
 
 DSV3_HOST_DEVICE float router_sigmoid(float logit) { return 1.0f / (1.0f + router_exp(-logit)); }
