@@ -8,6 +8,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "dsv3/gemm_schedule.h"
+#include "dsv3/moe_params.h"
 #include "dsv3/quant_params.h"
 #if defined(DSV3_WITH_CUDA)
 #include "cuda/cuda_ops.h"
@@ -83,44 +84,123 @@ dsv3::GroupedFp8GemmParams grouped_gemm_params(int32_t layout, std::uintptr_t a,
           m,
           n,
           k};
-}
-
-py::dict build_info() {
-  py::dict info;
-  py::list backends;
-  backends.append("cpu");
-#if defined(DSV3_WITH_CUDA)
-  backends.append("cuda");
-  info["cuda_runtime_version"] = dsv3::cuda::runtime_version();
-  info["cutlass_version"] = DSV3_CUTLASS_VERSION;
-#else
-  info["cuda_runtime_version"] = py::none();
-  info["cutlass_version"] = py::none();
-#endif
-  info["backends"] = backends;
-  py::list archs;
-  const std::string arch_list = DSV3_CUDA_ARCH_LIST;
-  for (size_t start = 0; start < arch_list.size();) {
-    const size_t end = std::min(arch_list.find(',', start), arch_list.size());
-    archs.append(arch_list.substr(start, end - start));
-    start = end + 1;
+  dsv3::GroupedTopkParams grouped_topk_params(std::uintptr_t logits, int32_t logits_dtype, std::uintptr_t bias,
+                                              std::uintptr_t weights, std::uintptr_t indices, int64_t tokens,
+                                              int64_t num_experts, int64_t num_groups, int64_t topk_group, int64_t topk,
+                                              float routed_scaling_factor, bool renormalize) {
+    return {pointer<const void>(logits),
+            static_cast<DType>(logits_dtype),
+            pointer<const float>(bias),
+            pointer<float>(weights),
+            pointer<int32_t>(indices),
+            tokens,
+            num_experts,
+            num_groups,
+            topk_group,
+            topk,
+            routed_scaling_factor,
+            renormalize};
   }
-  info["cuda_archs"] = archs;
-#if defined(DSV3_WITH_OPENMP)
-  info["openmp"] = true;
+
+  // Arguments of moe_layout_count / moe_layout_scatter, in the order of MoeLayoutParams.
+  struct MoeLayoutArgs {
+    std::uintptr_t topk_idx;
+    bool idx_int64;
+    int64_t tokens, topk, num_experts;
+    bool masked;
+    int64_t alignment, max_m, rows;
+    std::uintptr_t tokens_per_expert, expert_offsets, masked_m, workspace, errors, m_indices, src_token, src_slot,
+        row_of;
+
+    dsv3::MoeLayoutParams params() const {
+      return {pointer<const void>(topk_idx),
+              idx_int64,
+              tokens,
+              topk,
+              num_experts,
+              masked,
+              alignment,
+              max_m,
+              rows,
+              pointer<int32_t>(tokens_per_expert),
+              pointer<int64_t>(expert_offsets),
+              pointer<int32_t>(masked_m),
+              pointer<int32_t>(workspace),
+              pointer<int32_t>(errors),
+              pointer<int32_t>(m_indices),
+              pointer<int64_t>(src_token),
+              pointer<int64_t>(src_slot),
+              pointer<int64_t>(row_of)};
+    }
+  };
+
+  dsv3::MoePermuteParams moe_permute_params(std::uintptr_t x, int32_t x_dtype, std::uintptr_t src_token,
+                                            std::uintptr_t out, std::uintptr_t q, std::uintptr_t scales, int64_t tokens,
+                                            int64_t hidden, int64_t rows, bool quantize, bool ue8m0) {
+    return {pointer<const void>(x),
+            static_cast<DType>(x_dtype),
+            pointer<const int64_t>(src_token),
+            pointer<void>(out),
+            pointer<uint8_t>(q),
+            pointer<float>(scales),
+            tokens,
+            hidden,
+            rows,
+            quantize,
+            ue8m0};
+  }
+
+  dsv3::MoeUnpermuteParams moe_unpermute_params(std::uintptr_t y, int32_t dtype, std::uintptr_t row_of,
+                                                std::uintptr_t weights, std::uintptr_t out, int64_t tokens,
+                                                int64_t topk, int64_t rows, int64_t hidden) {
+    return {pointer<const void>(y),
+            static_cast<DType>(dtype),
+            pointer<const int64_t>(row_of),
+            pointer<const float>(weights),
+            pointer<void>(out),
+            tokens,
+            topk,
+            rows,
+            hidden};
+  }
+
+  py::dict build_info() {
+    py::dict info;
+    py::list backends;
+    backends.append("cpu");
+#if defined(DSV3_WITH_CUDA)
+    backends.append("cuda");
+    info["cuda_runtime_version"] = dsv3::cuda::runtime_version();
+    info["cutlass_version"] = DSV3_CUTLASS_VERSION;
 #else
-  info["openmp"] = false;
+    info["cuda_runtime_version"] = py::none();
+    info["cutlass_version"] = py::none();
 #endif
-  info["version"] = DSV3_VERSION;
-  info["compiler"] = __VERSION__;
-  return info;
-}
+    info["backends"] = backends;
+    py::list archs;
+    const std::string arch_list = DSV3_CUDA_ARCH_LIST;
+    for (size_t start = 0; start < arch_list.size();) {
+      const size_t end = std::min(arch_list.find(',', start), arch_list.size());
+      archs.append(arch_list.substr(start, end - start));
+      start = end + 1;
+    }
+    info["cuda_archs"] = archs;
+#if defined(DSV3_WITH_OPENMP)
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    info["version"] = DSV3_VERSION;
+    info["compiler"] = __VERSION__;
+    return info;
+  }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dsv3 kernels (raw-pointer interface; use dsv3.ops)";
   m.def("build_info", &build_info, "What this extension was compiled with");
+  m.attr("moe_layout_chunk") = dsv3::kMoeLayoutChunk;  // entries per chunk of the GPU layout workspace
   m.def(
       "fp8_gemm_schedule",
       [](int64_t m, int64_t n, int64_t k, int num_sms) {
@@ -251,6 +331,75 @@ PYBIND11_MODULE(_C, m) {
       py::arg("kv_cache"), py::arg("fp8_cache"), py::arg("slot_mapping"), py::arg("latent"), py::arg("rope"),
       py::arg("input_dtype"), py::arg("tokens"), py::arg("num_blocks"), py::arg("ue8m0"));
 
+  cpu.def(
+      "grouped_topk",
+      [](std::uintptr_t logits, int32_t logits_dtype, std::uintptr_t bias, std::uintptr_t weights,
+         std::uintptr_t indices, int64_t tokens, int64_t num_experts, int64_t num_groups, int64_t topk_group,
+         int64_t topk, float routed_scaling_factor, bool renormalize) {
+        const auto params = grouped_topk_params(logits, logits_dtype, bias, weights, indices, tokens, num_experts,
+                                                num_groups, topk_group, topk, routed_scaling_factor, renormalize);
+        py::gil_scoped_release release;
+        dsv3::cpu::grouped_topk(params);
+      },
+      py::arg("logits"), py::arg("logits_dtype"), py::arg("bias"), py::arg("weights"), py::arg("indices"),
+      py::arg("tokens"), py::arg("num_experts"), py::arg("num_groups"), py::arg("topk_group"), py::arg("topk"),
+      py::arg("routed_scaling_factor"), py::arg("renormalize"));
+  cpu.def(
+      "moe_layout_count",
+      [](std::uintptr_t topk_idx, bool idx_int64, int64_t tokens, int64_t topk, int64_t num_experts, bool masked,
+         int64_t alignment, int64_t max_m, int64_t rows, std::uintptr_t tokens_per_expert,
+         std::uintptr_t expert_offsets, std::uintptr_t masked_m, std::uintptr_t workspace, std::uintptr_t errors,
+         std::uintptr_t m_indices, std::uintptr_t src_token, std::uintptr_t src_slot, std::uintptr_t row_of) {
+        const MoeLayoutArgs args{topk_idx,       idx_int64, tokens,    topk,   num_experts,
+                                 masked,         alignment, max_m,     rows,   tokens_per_expert,
+                                 expert_offsets, masked_m,  workspace, errors, m_indices,
+                                 src_token,      src_slot,  row_of};
+        py::gil_scoped_release release;
+        dsv3::cpu::moe_layout_count(args.params());
+      },
+      py::arg("topk_idx"), py::arg("idx_int64"), py::arg("tokens"), py::arg("topk"), py::arg("num_experts"),
+      py::arg("masked"), py::arg("alignment"), py::arg("max_m"), py::arg("rows"), py::arg("tokens_per_expert"),
+      py::arg("expert_offsets"), py::arg("masked_m"), py::arg("workspace"), py::arg("errors"), py::arg("m_indices"),
+      py::arg("src_token"), py::arg("src_slot"), py::arg("row_of"));
+  cpu.def(
+      "moe_layout_scatter",
+      [](std::uintptr_t topk_idx, bool idx_int64, int64_t tokens, int64_t topk, int64_t num_experts, bool masked,
+         int64_t alignment, int64_t max_m, int64_t rows, std::uintptr_t tokens_per_expert,
+         std::uintptr_t expert_offsets, std::uintptr_t masked_m, std::uintptr_t workspace, std::uintptr_t errors,
+         std::uintptr_t m_indices, std::uintptr_t src_token, std::uintptr_t src_slot, std::uintptr_t row_of) {
+        const MoeLayoutArgs args{topk_idx,       idx_int64, tokens,    topk,   num_experts,
+                                 masked,         alignment, max_m,     rows,   tokens_per_expert,
+                                 expert_offsets, masked_m,  workspace, errors, m_indices,
+                                 src_token,      src_slot,  row_of};
+        py::gil_scoped_release release;
+        dsv3::cpu::moe_layout_scatter(args.params());
+      },
+      py::arg("topk_idx"), py::arg("idx_int64"), py::arg("tokens"), py::arg("topk"), py::arg("num_experts"),
+      py::arg("masked"), py::arg("alignment"), py::arg("max_m"), py::arg("rows"), py::arg("tokens_per_expert"),
+      py::arg("expert_offsets"), py::arg("masked_m"), py::arg("workspace"), py::arg("errors"), py::arg("m_indices"),
+      py::arg("src_token"), py::arg("src_slot"), py::arg("row_of"));
+  cpu.def(
+      "moe_permute",
+      [](std::uintptr_t x, int32_t x_dtype, std::uintptr_t src_token, std::uintptr_t out, std::uintptr_t q,
+         std::uintptr_t scales, int64_t tokens, int64_t hidden, int64_t rows, bool quantize, bool ue8m0) {
+        const auto params =
+            moe_permute_params(x, x_dtype, src_token, out, q, scales, tokens, hidden, rows, quantize, ue8m0);
+        py::gil_scoped_release release;
+        dsv3::cpu::moe_permute(params);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("src_token"), py::arg("out"), py::arg("q"), py::arg("scales"),
+      py::arg("tokens"), py::arg("hidden"), py::arg("rows"), py::arg("quantize"), py::arg("ue8m0"));
+  cpu.def(
+      "moe_unpermute",
+      [](std::uintptr_t y, int32_t dtype, std::uintptr_t row_of, std::uintptr_t weights, std::uintptr_t out,
+         int64_t tokens, int64_t topk, int64_t rows, int64_t hidden) {
+        const auto params = moe_unpermute_params(y, dtype, row_of, weights, out, tokens, topk, rows, hidden);
+        py::gil_scoped_release release;
+        dsv3::cpu::moe_unpermute(params);
+      },
+      py::arg("y"), py::arg("dtype"), py::arg("row_of"), py::arg("weights"), py::arg("out"), py::arg("tokens"),
+      py::arg("topk"), py::arg("rows"), py::arg("hidden"));
+
 #if defined(DSV3_WITH_CUDA)
   py::module_ cuda = m.def_submodule("cuda", "CUDA kernels (sm_90a)");
   cuda.def("device_count", &dsv3::cuda::device_count);
@@ -304,5 +453,70 @@ PYBIND11_MODULE(_C, m) {
       py::arg("layout"), py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"),
       py::arg("group_rows"), py::arg("groups"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("workspace"),
       py::arg("num_sms"), py::arg("stream"));
+  cuda.def(
+      "grouped_topk",
+      [](std::uintptr_t logits, int32_t logits_dtype, std::uintptr_t bias, std::uintptr_t weights,
+         std::uintptr_t indices, int64_t tokens, int64_t num_experts, int64_t num_groups, int64_t topk_group,
+         int64_t topk, float routed_scaling_factor, bool renormalize, std::uintptr_t stream) {
+        dsv3::cuda::grouped_topk(grouped_topk_params(logits, logits_dtype, bias, weights, indices, tokens, num_experts,
+                                                     num_groups, topk_group, topk, routed_scaling_factor, renormalize),
+                                 stream);
+      },
+      py::arg("logits"), py::arg("logits_dtype"), py::arg("bias"), py::arg("weights"), py::arg("indices"),
+      py::arg("tokens"), py::arg("num_experts"), py::arg("num_groups"), py::arg("topk_group"), py::arg("topk"),
+      py::arg("routed_scaling_factor"), py::arg("renormalize"), py::arg("stream"));
+  cuda.def(
+      "moe_layout_count",
+      [](std::uintptr_t topk_idx, bool idx_int64, int64_t tokens, int64_t topk, int64_t num_experts, bool masked,
+         int64_t alignment, int64_t max_m, int64_t rows, std::uintptr_t tokens_per_expert,
+         std::uintptr_t expert_offsets, std::uintptr_t masked_m, std::uintptr_t workspace, std::uintptr_t errors,
+         std::uintptr_t m_indices, std::uintptr_t src_token, std::uintptr_t src_slot, std::uintptr_t row_of,
+         std::uintptr_t stream) {
+        const MoeLayoutArgs args{topk_idx,       idx_int64, tokens,    topk,   num_experts,
+                                 masked,         alignment, max_m,     rows,   tokens_per_expert,
+                                 expert_offsets, masked_m,  workspace, errors, m_indices,
+                                 src_token,      src_slot,  row_of};
+        dsv3::cuda::moe_layout_count(args.params(), stream);
+      },
+      py::arg("topk_idx"), py::arg("idx_int64"), py::arg("tokens"), py::arg("topk"), py::arg("num_experts"),
+      py::arg("masked"), py::arg("alignment"), py::arg("max_m"), py::arg("rows"), py::arg("tokens_per_expert"),
+      py::arg("expert_offsets"), py::arg("masked_m"), py::arg("workspace"), py::arg("errors"), py::arg("m_indices"),
+      py::arg("src_token"), py::arg("src_slot"), py::arg("row_of"), py::arg("stream"));
+  cuda.def(
+      "moe_layout_scatter",
+      [](std::uintptr_t topk_idx, bool idx_int64, int64_t tokens, int64_t topk, int64_t num_experts, bool masked,
+         int64_t alignment, int64_t max_m, int64_t rows, std::uintptr_t tokens_per_expert,
+         std::uintptr_t expert_offsets, std::uintptr_t masked_m, std::uintptr_t workspace, std::uintptr_t errors,
+         std::uintptr_t m_indices, std::uintptr_t src_token, std::uintptr_t src_slot, std::uintptr_t row_of,
+         std::uintptr_t stream) {
+        const MoeLayoutArgs args{topk_idx,       idx_int64, tokens,    topk,   num_experts,
+                                 masked,         alignment, max_m,     rows,   tokens_per_expert,
+                                 expert_offsets, masked_m,  workspace, errors, m_indices,
+                                 src_token,      src_slot,  row_of};
+        dsv3::cuda::moe_layout_scatter(args.params(), stream);
+      },
+      py::arg("topk_idx"), py::arg("idx_int64"), py::arg("tokens"), py::arg("topk"), py::arg("num_experts"),
+      py::arg("masked"), py::arg("alignment"), py::arg("max_m"), py::arg("rows"), py::arg("tokens_per_expert"),
+      py::arg("expert_offsets"), py::arg("masked_m"), py::arg("workspace"), py::arg("errors"), py::arg("m_indices"),
+      py::arg("src_token"), py::arg("src_slot"), py::arg("row_of"), py::arg("stream"));
+  cuda.def(
+      "moe_permute",
+      [](std::uintptr_t x, int32_t x_dtype, std::uintptr_t src_token, std::uintptr_t out, std::uintptr_t q,
+         std::uintptr_t scales, int64_t tokens, int64_t hidden, int64_t rows, bool quantize, bool ue8m0,
+         std::uintptr_t stream) {
+        dsv3::cuda::moe_permute(
+            moe_permute_params(x, x_dtype, src_token, out, q, scales, tokens, hidden, rows, quantize, ue8m0), stream);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("src_token"), py::arg("out"), py::arg("q"), py::arg("scales"),
+      py::arg("tokens"), py::arg("hidden"), py::arg("rows"), py::arg("quantize"), py::arg("ue8m0"), py::arg("stream"));
+  cuda.def(
+      "moe_unpermute",
+      [](std::uintptr_t y, int32_t dtype, std::uintptr_t row_of, std::uintptr_t weights, std::uintptr_t out,
+         int64_t tokens, int64_t topk, int64_t rows, int64_t hidden, std::uintptr_t stream) {
+        dsv3::cuda::moe_unpermute(moe_unpermute_params(y, dtype, row_of, weights, out, tokens, topk, rows, hidden),
+                                  stream);
+      },
+      py::arg("y"), py::arg("dtype"), py::arg("row_of"), py::arg("weights"), py::arg("out"), py::arg("tokens"),
+      py::arg("topk"), py::arg("rows"), py::arg("hidden"), py::arg("stream"));
 #endif
 }

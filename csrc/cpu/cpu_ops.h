@@ -5,6 +5,7 @@
 #include "dsv3/gemm_params.h"
 #include "dsv3/grouped_gemm_params.h"
 #include "dsv3/mla_params.h"
+#include "dsv3/moe_params.h"
 #include "dsv3/quant_params.h"
 
 namespace dsv3::cpu {
@@ -19,5 +20,14 @@ void grouped_fp8_gemm(const GroupedFp8GemmParams& params);
 void mla_schedule(const MlaScheduleParams& params);
 void mla_decode(const MlaDecodeParams& params);
 void mla_append_kv(const MlaAppendParams& params);
+
+void grouped_topk(const GroupedTopkParams& params);
+// Layouts in two calls, so the caller can size the row outputs between them: counting validates topk_idx (raising
+// on an expert outside [-1, E) or, masked, on more than max_m rows) and fills the counts and offsets; placing fills
+// the rows (it counts again, so it never trusts offsets that no longer match topk_idx).
+void moe_layout_count(const MoeLayoutParams& params);
+void moe_layout_scatter(const MoeLayoutParams& params);
+void moe_permute(const MoePermuteParams& params);
+void moe_unpermute(const MoeUnpermuteParams& params);
 
 }  // namespace dsv3::cpu

@@ -8,6 +8,7 @@
 
 #include "dsv3/gemm_params.h"
 #include "dsv3/grouped_gemm_params.h"
+#include "dsv3/moe_params.h"
 #include "dsv3/quant_params.h"
 
 namespace dsv3::cuda {
@@ -31,5 +32,14 @@ void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_
 // Grouped (MoE) GEMM: workspace holds the per-group argument arrays the device builds, plus CUTLASS's own.
 int64_t grouped_fp8_gemm_workspace_bytes(int64_t groups, int num_sms);
 void grouped_fp8_gemm(const GroupedFp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);
+void grouped_topk(const GroupedTopkParams& params, std::uintptr_t stream);
+// Layouts without a host synchronization: counting zeroes params.errors and fills the workspace, counts and
+// offsets; placing fills the rows. A slot whose expert lies outside [-1, E) takes no row and counts in errors[0];
+// masked, a slot past an expert's max_m takes no row and counts in errors[1]. Contiguous rows past M_sum stay -1.
+void moe_layout_count(const MoeLayoutParams& params, std::uintptr_t stream);
+void moe_layout_scatter(const MoeLayoutParams& params, std::uintptr_t stream);
+// Rows whose src_token lies outside [0, tokens) are zero rows; slots whose row_of lies outside [0, rows) add nothing.
+void moe_permute(const MoePermuteParams& params, std::uintptr_t stream);
+void moe_unpermute(const MoeUnpermuteParams& params, std::uintptr_t stream);
 
 }  // namespace dsv3::cuda

@@ -25,6 +25,13 @@ _LAZY = {
     "append_kv_cache": ("dsv3.ops", "append_kv_cache"),
     "LLM": ("dsv3.runtime", "LLM"),
     "SamplingParams": ("dsv3.runtime", "SamplingParams"),
+    "grouped_topk": ("dsv3.ops", "grouped_topk"),
+    "moe_contiguous_layout": ("dsv3.ops", "moe_contiguous_layout"),
+    "moe_masked_layout": ("dsv3.ops", "moe_masked_layout"),
+    "permute_tokens": ("dsv3.ops", "permute_tokens"),
+    "permute_tokens_masked": ("dsv3.ops", "permute_tokens_masked"),
+    "unpermute_tokens": ("dsv3.ops", "unpermute_tokens"),
+    "unpermute_tokens_masked": ("dsv3.ops", "unpermute_tokens_masked"),
 }
 
 

@@ -9,8 +9,9 @@ import torch
 
 import dsv3.ops as ops
 from dsv3.reference import gemm as ref_gemm
+from dsv3.reference import moe as ref_moe
 from dsv3.reference import quant as ref
-from dsv3.testing import assert_bitwise_equal, assert_same_nonfinite, calc_diff
+from dsv3.testing import assert_bitwise_equal, assert_close, assert_same_nonfinite, calc_diff
 
 
 @dataclass
@@ -63,11 +64,48 @@ def _checks() -> list[tuple[str, Callable[[torch.device], None]]]:
         diff = calc_diff(out, expected)
         assert diff <= 1e-5, f"out: calc_diff {diff:.3e} > 1e-5"
 
+    def moe_routing(device: torch.device) -> None:
+        logits = (torch.randn(300, 256) * 2).to(torch.bfloat16)
+        logits[:3] = 0.0  # ties everywhere
+        bias = torch.randn(256) * 0.1
+        weights, idx = ops.grouped_topk(logits.to(device), bias.to(device), 8, 8, 4, 2.5)
+        expected_weights, expected_idx = ref_moe.grouped_topk(logits, bias, 8, 8, 4, 2.5)
+        assert torch.equal(idx.cpu(), expected_idx), "topk_idx: experts differ"
+        assert_close(weights.cpu(), expected_weights, atol=1e-6, name="topk_weights")
+
+    def moe_layouts(device: torch.device) -> None:
+        topk_idx = torch.randint(-1, 256, (300, 8), dtype=torch.int32)
+        topk_idx[:, 0] = 7  # one busy expert
+        x = torch.randn(300, 512).to(torch.bfloat16)
+        weights = torch.rand(300, 8)
+        layout = ops.moe_contiguous_layout(topk_idx.to(device), 256)
+        layout.check()
+        expected = ref_moe.moe_contiguous_layout(topk_idx, 256)
+        rows = expected.num_rows
+        assert_bitwise_equal(layout.m_indices.cpu()[:rows], expected.m_indices, "m_indices")
+        assert_bitwise_equal(layout.row_of.cpu(), expected.row_of, "row_of")
+        permuted = ops.permute_tokens(x.to(device), layout).cpu()[:rows]
+        assert_bitwise_equal(permuted, ref_moe.permute_tokens(x, expected), "permuted")
+        q, scales = ops.permute_tokens(x.to(device), layout, quantize=True)
+        rq, rs = ref.per_token_group_quant_fp8(permuted)
+        assert_bitwise_equal(q.cpu()[:rows], rq, "permuted q")
+        assert_bitwise_equal(scales.cpu()[:rows], rs, "permuted scales")
+        y = torch.randn(layout.m_indices.shape[0], 512).to(torch.bfloat16)
+        out = ops.unpermute_tokens(y.to(device), layout, weights.to(device))
+        assert_bitwise_equal(out.cpu(), ref_moe.unpermute_tokens(y[:rows], expected, weights), "unpermuted")
+        masked = ops.moe_masked_layout(topk_idx.to(device), 256, 320)
+        masked.check()
+        expected_masked = ref_moe.moe_masked_layout(topk_idx, 256, 320)
+        assert_bitwise_equal(masked.src_token.cpu(), expected_masked.src_token, "masked src_token")
+        assert_bitwise_equal(masked.row_of.cpu(), expected_masked.row_of, "masked row_of")
+
     return [
         ("per_token_group_quant_fp8", token_quant),
         ("per_block_quant_fp8", block_quant),
         ("dequant_fp8_block", dequant),
         ("fp8_gemm_nt", gemm),
+        ("grouped_topk", moe_routing),
+        ("moe layouts + (un)permute", moe_layouts),
     ]
 
 

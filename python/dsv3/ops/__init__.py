@@ -6,6 +6,15 @@ Each op is also registered as a torch custom op (torch.ops.dsv3.*), so torch.com
 from dsv3.ops.gemm import fp8_gemm_nt, fp8_linear
 from dsv3.ops.grouped_gemm import m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked
 from dsv3.ops.mla import append_kv_cache, get_mla_metadata, mla_decode_with_kvcache
+from dsv3.ops.moe import (
+    grouped_topk,
+    moe_contiguous_layout,
+    moe_masked_layout,
+    permute_tokens,
+    permute_tokens_masked,
+    unpermute_tokens,
+    unpermute_tokens_masked,
+)
 from dsv3.ops.quant import dequant_fp8_block, per_block_quant_fp8, per_token_group_quant_fp8
 
 __all__ = [
@@ -14,9 +23,16 @@ __all__ = [
     "fp8_gemm_nt",
     "fp8_linear",
     "get_mla_metadata",
+    "grouped_topk",
     "m_grouped_fp8_gemm_nt_contiguous",
     "m_grouped_fp8_gemm_nt_masked",
     "mla_decode_with_kvcache",
+    "moe_contiguous_layout",
+    "moe_masked_layout",
     "per_block_quant_fp8",
     "per_token_group_quant_fp8",
+    "permute_tokens",
+    "permute_tokens_masked",
+    "unpermute_tokens",
+    "unpermute_tokens_masked",
 ]

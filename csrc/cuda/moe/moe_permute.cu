@@ -1,0 +1,174 @@
+// Token permutation into an MoE layout and the weighted unpermutation, on the GPU. Bit-exact with the CPU kernels
+// and dsv3.reference.moe: rows are copied as raw bytes, the fused quantization uses the rules of dsv3/fp8.h, and the
+// weighted sum rounds every product and sum to fp32 in slot order (explicit __fmul_rn / __fadd_rn: no FMA).
+// Indices outside their range (src_token outside [0, tokens), row_of outside [0, rows)) are treated as absent.
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "cuda/cuda_check.h"
+#include "cuda/cuda_ops.h"
+#include "cuda/element_types.cuh"
+#include "dsv3/fp8.h"
+#include "dsv3/moe_params.h"
+
+namespace dsv3::cuda {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+constexpr int kThreads = 128;
+
+// One CTA per output row; Vector is the widest unit (16, 8, 4 or 2 bytes) that divides a row.
+template <typename Vector>
+__global__ void __launch_bounds__(kThreads)
+    permute_copy_kernel(const Vector* __restrict__ x, const int64_t* __restrict__ src_token, Vector* __restrict__ out,
+                        int64_t tokens, int64_t vectors_per_row) {
+  const int64_t row = blockIdx.x;
+  const int64_t token = src_token[row];
+  const bool valid = token >= 0 && token < tokens;
+  const Vector* src = x + (valid ? token : 0) * vectors_per_row;
+  Vector* dst = out + row * vectors_per_row;
+  for (int64_t v = threadIdx.x; v < vectors_per_row; v += kThreads) dst[v] = valid ? src[v] : Vector{};
+}
+
+__device__ __forceinline__ float group_nan_max(float value, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2)
+    value = nan_max(value, __shfl_xor_sync(kFullMask, value, offset));
+  return value;
+}
+
+// One warp per output row. A 128-channel group is kLanes lanes x kVec elements (one 16-byte load per lane), so a
+// warp quantizes 32 / kLanes groups per step; amax is reduced over the group's lanes only.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    permute_quant_kernel(const T* __restrict__ x, const int64_t* __restrict__ src_token, uint8_t* __restrict__ q,
+                         float* __restrict__ scales, int64_t tokens, int64_t rows, int hidden, bool ue8m0) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kLanes = kMoeQuantGroup / kVec;
+  constexpr int kGroupsPerStep = kWarpSize / kLanes;
+  using InVector = AlignedVector<T, kVec>;
+  using OutVector = AlignedVector<uint8_t, kVec>;
+  const int lane = threadIdx.x % kWarpSize, sub_lane = lane % kLanes;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / kWarpSize) + threadIdx.x / kWarpSize;
+  if (row >= rows) return;  // the whole warp leaves together
+  const int64_t token = src_token[row];
+  const bool valid = token >= 0 && token < tokens;
+  const int groups = hidden / static_cast<int>(kMoeQuantGroup);
+  for (int first = 0; first < groups; first += kGroupsPerStep) {
+    const int group = first + lane / kLanes;
+    const bool active = group < groups;
+    const int64_t offset = static_cast<int64_t>(group) * kMoeQuantGroup + sub_lane * kVec;
+    InVector in;
+    if (active && valid) {
+      in = *reinterpret_cast<const InVector*>(x + token * hidden + offset);
+    } else {  // a padding row quantizes zeros
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) in.values[i] = from_float<T>(0.0f);
+    }
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) amax = nan_max(amax, fabsf(to_float(in.values[i])));
+    amax = group_nan_max(amax, kLanes);  // every lane takes part, active or not
+    if (!active) continue;
+    const float scale = scale_from_amax(amax, ue8m0);
+    OutVector out;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out.values[i] = float_to_e4m3(scale_and_clamp(to_float(in.values[i]), scale));
+    *reinterpret_cast<OutVector*>(q + row * hidden + offset) = out;
+    if (sub_lane == 0) scales[row * groups + group] = scale;
+  }
+}
+
+// One CTA per token; each thread owns kVec consecutive channels and adds the token's slots in order.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    unpermute_kernel(const T* __restrict__ y, const int64_t* __restrict__ row_of, const float* __restrict__ weights,
+                     T* __restrict__ out, int topk, int64_t rows, int64_t hidden) {
+  using Vector = AlignedVector<T, kVec>;
+  const int64_t token = blockIdx.x;
+  const int64_t vectors = hidden / kVec;
+  for (int64_t v = threadIdx.x; v < vectors; v += kThreads) {
+    float acc[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) acc[i] = 0.0f;
+    for (int k = 0; k < topk; ++k) {
+      const int64_t row = row_of[token * topk + k];
+      if (row < 0 || row >= rows) continue;
+      const float w = weights[token * topk + k];
+      const Vector in = reinterpret_cast<const Vector*>(y + row * hidden)[v];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) acc[i] = __fadd_rn(acc[i], __fmul_rn(w, to_float(in.values[i])));
+    }
+    Vector result;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) result.values[i] = from_float<T>(acc[i]);
+    reinterpret_cast<Vector*>(out + token * hidden)[v] = result;
+  }
+}
+
+template <typename Vector>
+void launch_copy(const MoePermuteParams& p, int64_t row_bytes, cudaStream_t stream) {
+  permute_copy_kernel<Vector><<<static_cast<unsigned>(p.rows), kThreads, 0, stream>>>(
+      static_cast<const Vector*>(p.x), p.src_token, static_cast<Vector*>(p.out), p.tokens,
+      row_bytes / static_cast<int64_t>(sizeof(Vector)));
+}
+
+}  // namespace
+
+void moe_permute(const MoePermuteParams& params, std::uintptr_t stream_handle) {
+  validate(params);
+  if (params.rows * params.hidden == 0) return;
+  DSV3_CHECK(params.rows <= 0x7FFFFFFF, "src_token: too many rows (", params.rows, ")");
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  if (params.quantize) {
+    DSV3_CHECK(params.hidden <= 0x7FFFFFFF, "x: hidden size too large");
+    const int64_t blocks = (params.rows + kThreads / kWarpSize - 1) / (kThreads / kWarpSize);
+    dispatch_float_type(params.x_dtype, [&](auto type) {
+      using T = decltype(type);
+      permute_quant_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          static_cast<const T*>(params.x), params.src_token, params.q, params.scales, params.tokens, params.rows,
+          static_cast<int>(params.hidden), params.ue8m0);
+    });
+  } else {
+    // dsv3.ops hands over 16-byte aligned bases, so each row starts aligned to the widest unit dividing its size.
+    const int64_t row_bytes = params.hidden * dtype_size(params.x_dtype);
+    if (row_bytes % 16 == 0) {
+      launch_copy<uint4>(params, row_bytes, stream);
+    } else if (row_bytes % 8 == 0) {
+      launch_copy<uint2>(params, row_bytes, stream);
+    } else if (row_bytes % 4 == 0) {
+      launch_copy<uint32_t>(params, row_bytes, stream);
+    } else {
+      launch_copy<uint16_t>(params, row_bytes, stream);
+    }
+  }
+  DSV3_CUDA_CHECK(cudaGetLastError());
+}
+
+void moe_unpermute(const MoeUnpermuteParams& params, std::uintptr_t stream_handle) {
+  validate(params);
+  if (params.tokens * params.hidden == 0) return;
+  DSV3_CHECK(params.tokens <= 0x7FFFFFFF, "row_of: too many tokens (", params.tokens, ")");
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const unsigned grid = static_cast<unsigned>(params.tokens);
+  dispatch_float_type(params.dtype, [&](auto type) {
+    using T = decltype(type);
+    constexpr int kVec = 16 / sizeof(T);
+    const auto* y = static_cast<const T*>(params.y);
+    auto* out = static_cast<T*>(params.out);
+    const int topk = static_cast<int>(params.topk);
+    // 16-byte vectors need every row to start on a 16-byte boundary: hidden a multiple of kVec.
+    if (params.hidden % kVec == 0) {
+      unpermute_kernel<T, kVec>
+          <<<grid, kThreads, 0, stream>>>(y, params.row_of, params.weights, out, topk, params.rows, params.hidden);
+    } else {
+      unpermute_kernel<T, 1>
+          <<<grid, kThreads, 0, stream>>>(y, params.row_of, params.weights, out, topk, params.rows, params.hidden);
+    }
+  });
+  DSV3_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace dsv3::cuda
