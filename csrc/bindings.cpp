@@ -84,116 +84,117 @@ dsv3::GroupedFp8GemmParams grouped_gemm_params(int32_t layout, std::uintptr_t a,
           m,
           n,
           k};
-  dsv3::GroupedTopkParams grouped_topk_params(std::uintptr_t logits, int32_t logits_dtype, std::uintptr_t bias,
-                                              std::uintptr_t weights, std::uintptr_t indices, int64_t tokens,
-                                              int64_t num_experts, int64_t num_groups, int64_t topk_group, int64_t topk,
-                                              float routed_scaling_factor, bool renormalize) {
-    return {pointer<const void>(logits),
-            static_cast<DType>(logits_dtype),
-            pointer<const float>(bias),
-            pointer<float>(weights),
-            pointer<int32_t>(indices),
+}
+
+dsv3::GroupedTopkParams grouped_topk_params(std::uintptr_t logits, int32_t logits_dtype, std::uintptr_t bias,
+                                            std::uintptr_t weights, std::uintptr_t indices, int64_t tokens,
+                                            int64_t num_experts, int64_t num_groups, int64_t topk_group, int64_t topk,
+                                            float routed_scaling_factor, bool renormalize) {
+  return {pointer<const void>(logits),
+          static_cast<DType>(logits_dtype),
+          pointer<const float>(bias),
+          pointer<float>(weights),
+          pointer<int32_t>(indices),
+          tokens,
+          num_experts,
+          num_groups,
+          topk_group,
+          topk,
+          routed_scaling_factor,
+          renormalize};
+}
+
+// Arguments of moe_layout_count / moe_layout_scatter, in the order of MoeLayoutParams.
+struct MoeLayoutArgs {
+  std::uintptr_t topk_idx;
+  bool idx_int64;
+  int64_t tokens, topk, num_experts;
+  bool masked;
+  int64_t alignment, max_m, rows;
+  std::uintptr_t tokens_per_expert, expert_offsets, masked_m, workspace, errors, m_indices, src_token, src_slot, row_of;
+
+  dsv3::MoeLayoutParams params() const {
+    return {pointer<const void>(topk_idx),
+            idx_int64,
             tokens,
+            topk,
             num_experts,
-            num_groups,
-            topk_group,
-            topk,
-            routed_scaling_factor,
-            renormalize};
-  }
-
-  // Arguments of moe_layout_count / moe_layout_scatter, in the order of MoeLayoutParams.
-  struct MoeLayoutArgs {
-    std::uintptr_t topk_idx;
-    bool idx_int64;
-    int64_t tokens, topk, num_experts;
-    bool masked;
-    int64_t alignment, max_m, rows;
-    std::uintptr_t tokens_per_expert, expert_offsets, masked_m, workspace, errors, m_indices, src_token, src_slot,
-        row_of;
-
-    dsv3::MoeLayoutParams params() const {
-      return {pointer<const void>(topk_idx),
-              idx_int64,
-              tokens,
-              topk,
-              num_experts,
-              masked,
-              alignment,
-              max_m,
-              rows,
-              pointer<int32_t>(tokens_per_expert),
-              pointer<int64_t>(expert_offsets),
-              pointer<int32_t>(masked_m),
-              pointer<int32_t>(workspace),
-              pointer<int32_t>(errors),
-              pointer<int32_t>(m_indices),
-              pointer<int64_t>(src_token),
-              pointer<int64_t>(src_slot),
-              pointer<int64_t>(row_of)};
-    }
-  };
-
-  dsv3::MoePermuteParams moe_permute_params(std::uintptr_t x, int32_t x_dtype, std::uintptr_t src_token,
-                                            std::uintptr_t out, std::uintptr_t q, std::uintptr_t scales, int64_t tokens,
-                                            int64_t hidden, int64_t rows, bool quantize, bool ue8m0) {
-    return {pointer<const void>(x),
-            static_cast<DType>(x_dtype),
-            pointer<const int64_t>(src_token),
-            pointer<void>(out),
-            pointer<uint8_t>(q),
-            pointer<float>(scales),
-            tokens,
-            hidden,
+            masked,
+            alignment,
+            max_m,
             rows,
-            quantize,
-            ue8m0};
+            pointer<int32_t>(tokens_per_expert),
+            pointer<int64_t>(expert_offsets),
+            pointer<int32_t>(masked_m),
+            pointer<int32_t>(workspace),
+            pointer<int32_t>(errors),
+            pointer<int32_t>(m_indices),
+            pointer<int64_t>(src_token),
+            pointer<int64_t>(src_slot),
+            pointer<int64_t>(row_of)};
   }
+};
 
-  dsv3::MoeUnpermuteParams moe_unpermute_params(std::uintptr_t y, int32_t dtype, std::uintptr_t row_of,
-                                                std::uintptr_t weights, std::uintptr_t out, int64_t tokens,
-                                                int64_t topk, int64_t rows, int64_t hidden) {
-    return {pointer<const void>(y),
-            static_cast<DType>(dtype),
-            pointer<const int64_t>(row_of),
-            pointer<const float>(weights),
-            pointer<void>(out),
-            tokens,
-            topk,
-            rows,
-            hidden};
-  }
+dsv3::MoePermuteParams moe_permute_params(std::uintptr_t x, int32_t x_dtype, std::uintptr_t src_token,
+                                          std::uintptr_t out, std::uintptr_t q, std::uintptr_t scales, int64_t tokens,
+                                          int64_t hidden, int64_t rows, bool quantize, bool ue8m0) {
+  return {pointer<const void>(x),
+          static_cast<DType>(x_dtype),
+          pointer<const int64_t>(src_token),
+          pointer<void>(out),
+          pointer<uint8_t>(q),
+          pointer<float>(scales),
+          tokens,
+          hidden,
+          rows,
+          quantize,
+          ue8m0};
+}
 
-  py::dict build_info() {
-    py::dict info;
-    py::list backends;
-    backends.append("cpu");
+dsv3::MoeUnpermuteParams moe_unpermute_params(std::uintptr_t y, int32_t dtype, std::uintptr_t row_of,
+                                              std::uintptr_t weights, std::uintptr_t out, int64_t tokens, int64_t topk,
+                                              int64_t rows, int64_t hidden) {
+  return {pointer<const void>(y),
+          static_cast<DType>(dtype),
+          pointer<const int64_t>(row_of),
+          pointer<const float>(weights),
+          pointer<void>(out),
+          tokens,
+          topk,
+          rows,
+          hidden};
+}
+
+py::dict build_info() {
+  py::dict info;
+  py::list backends;
+  backends.append("cpu");
 #if defined(DSV3_WITH_CUDA)
-    backends.append("cuda");
-    info["cuda_runtime_version"] = dsv3::cuda::runtime_version();
-    info["cutlass_version"] = DSV3_CUTLASS_VERSION;
+  backends.append("cuda");
+  info["cuda_runtime_version"] = dsv3::cuda::runtime_version();
+  info["cutlass_version"] = DSV3_CUTLASS_VERSION;
 #else
-    info["cuda_runtime_version"] = py::none();
-    info["cutlass_version"] = py::none();
+  info["cuda_runtime_version"] = py::none();
+  info["cutlass_version"] = py::none();
 #endif
-    info["backends"] = backends;
-    py::list archs;
-    const std::string arch_list = DSV3_CUDA_ARCH_LIST;
-    for (size_t start = 0; start < arch_list.size();) {
-      const size_t end = std::min(arch_list.find(',', start), arch_list.size());
-      archs.append(arch_list.substr(start, end - start));
-      start = end + 1;
-    }
-    info["cuda_archs"] = archs;
-#if defined(DSV3_WITH_OPENMP)
-    info["openmp"] = true;
-#else
-    info["openmp"] = false;
-#endif
-    info["version"] = DSV3_VERSION;
-    info["compiler"] = __VERSION__;
-    return info;
+  info["backends"] = backends;
+  py::list archs;
+  const std::string arch_list = DSV3_CUDA_ARCH_LIST;
+  for (size_t start = 0; start < arch_list.size();) {
+    const size_t end = std::min(arch_list.find(',', start), arch_list.size());
+    archs.append(arch_list.substr(start, end - start));
+    start = end + 1;
   }
+  info["cuda_archs"] = archs;
+#if defined(DSV3_WITH_OPENMP)
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["version"] = DSV3_VERSION;
+  info["compiler"] = __VERSION__;
+  return info;
+}
 
 }  // namespace
 

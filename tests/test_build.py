@@ -72,7 +72,6 @@ def test_cli_check_and_demo_pass_on_cpu():
     demo = _dsv3("demo", "--device", "cpu")
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "per_token_group_quant_fp8" in demo.stdout and "demo finished" in demo.stdout
-    assert "FP8 block-scaled GEMM on cpu" in demo.stdout
 
 
 def test_cli_bench_writes_json(tmp_path):

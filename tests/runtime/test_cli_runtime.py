@@ -6,16 +6,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
-
 
 def dsv3(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    environment["PYTHONPATH"] = os.pathsep.join([str(PYTHON_DIR), environment.get("PYTHONPATH", "")])
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # the installed dsv3, as a user runs it
     return subprocess.run(
         [sys.executable, "-m", "dsv3", *args], input=stdin, capture_output=True, text=True, env=environment, timeout=120
     )
