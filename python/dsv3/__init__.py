@@ -18,6 +18,7 @@ _LAZY = {
     "dequant_fp8_block": ("dsv3.ops", "dequant_fp8_block"),
     "fp8_gemm_nt": ("dsv3.ops", "fp8_gemm_nt"),
     "fp8_linear": ("dsv3.ops", "fp8_linear"),
+    "fused_experts": ("dsv3.ops", "fused_experts"),
     "get_mla_metadata": ("dsv3.ops", "get_mla_metadata"),
     "m_grouped_fp8_gemm_nt_contiguous": ("dsv3.ops", "m_grouped_fp8_gemm_nt_contiguous"),
     "m_grouped_fp8_gemm_nt_masked": ("dsv3.ops", "m_grouped_fp8_gemm_nt_masked"),

@@ -15,9 +15,11 @@ def test_capabilities_follow_device_and_dtype():
     cpu = torch.device("cpu")
     assert kernel_available("mla_decode_with_kvcache", cpu, torch.bfloat16)
     assert not kernel_available("mla_decode_with_kvcache", cpu, torch.float32)  # the kernel takes bf16/FP8 caches
-    assert not kernel_available("grouped_topk", cpu, torch.bfloat16)  # no routing kernel
-    assert Backend("kernels", cpu, torch.float32).kernel_ops == []
-    assert "mla_decode_with_kvcache" in Backend("kernels", cpu, torch.bfloat16).kernel_ops
+    assert kernel_available("grouped_topk", cpu, torch.float32)  # the router runs in fp32 in either model
+    assert not kernel_available("fused_experts", cpu, torch.float32)  # a float32 model dequantizes its experts
+    assert Backend("kernels", cpu, torch.float32).kernel_ops == ["grouped_topk"]
+    bf16_ops = Backend("kernels", cpu, torch.bfloat16).kernel_ops
+    assert {"mla_decode_with_kvcache", "fp8_linear", "fused_experts", "grouped_topk"} <= set(bf16_ops)
     assert Backend("reference", cpu, torch.bfloat16).kernel_ops == []
 
 

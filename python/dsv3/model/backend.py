@@ -38,10 +38,12 @@ class KernelSupport:
 
 
 # The MLA kernels take bf16 queries and bf16/FP8 caches, so a float32 model (fp32 cache) uses the reference ops;
-# fp8_linear only runs in a bfloat16 model (a float32 model dequantizes its weights). The FP8 GEMM has no CPU kernel
-# yet, MLA no CUDA kernel yet, and routing no kernel at all: extend this table as they land.
+# the FP8 GEMMs only run in a bfloat16 model (a float32 model dequantizes its weights). MLA has no CUDA kernel yet:
+# extend this table as kernels land.
 KERNEL_SUPPORT = {
     "fp8_linear": KernelSupport(("cpu", "cuda"), "fp8_gemm_nt", (torch.bfloat16,)),
+    "fused_experts": KernelSupport(("cpu", "cuda"), "grouped_fp8_gemm", (torch.bfloat16,)),
+    "grouped_topk": KernelSupport(("cpu", "cuda"), "grouped_topk", (torch.bfloat16, torch.float32)),
     "append_kv_cache": KernelSupport(("cpu",), "mla_append_kv", (torch.bfloat16,)),
     "mla_decode_with_kvcache": KernelSupport(("cpu",), "mla_decode", (torch.bfloat16,)),
 }
@@ -75,6 +77,7 @@ REFERENCE_OPS: dict[str, Callable] = {
     "append_kv_cache": reference.append_kv_cache,
     "mla_decode_with_kvcache": reference_mla_decode,
     "grouped_topk": reference.grouped_topk,
+    "fused_experts": reference.fused_experts,
 }
 
 

@@ -26,14 +26,18 @@ class MoE:
     """Routed experts chosen by the noaux_tc router, weighted and summed, plus the shared expert.
 
     The router's logits are computed in fp32 from the fp32-widened input (the checkpoint keeps the router in bf16,
-    its correction bias in fp32); the weighted expert outputs are summed in fp32 and rounded once.
+    its correction bias in fp32); the weighted expert outputs are summed in fp32 and rounded once. With FP8 expert
+    weights (a bfloat16 model) the experts are stacked once at load time and run as one fused_experts call (grouped
+    FP8 GEMMs); otherwise each expert runs as its own MLP.
     """
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], make_linear, device: torch.device):
         self.config = config
         self.gate = weights["gate.weight"].to(device=device, dtype=torch.float32)  # [E, hidden]
         self.correction_bias = weights["gate.e_score_correction_bias"].to(device=device, dtype=torch.float32)
-        self.experts = [MLP(make_linear, f"experts.{e}") for e in range(config.n_routed_experts)]
+        experts = [MLP(make_linear, f"experts.{e}") for e in range(config.n_routed_experts)]
+        self.stacked = _stack_fp8_experts(experts) if config.moe_intermediate_size % 128 == 0 else None
+        self.experts = experts if self.stacked is None else None  # the stacked copy replaces the per-expert weights
         self.shared = MLP(make_linear, "shared_experts") if config.n_shared_experts else None
 
     def __call__(self, x: torch.Tensor, backend: Backend) -> torch.Tensor:
@@ -48,6 +52,9 @@ class MoE:
             c.routed_scaling_factor,
             c.norm_topk_prob,
         )  # f32 [T, k], int32 [T, k]
+        if self.stacked is not None:
+            out = backend.fused_experts(x, weights, experts, *self.stacked)
+            return out if self.shared is None else out + self.shared(x)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for expert in experts.unique().tolist():
             tokens, slots = (experts == expert).nonzero(as_tuple=True)
@@ -55,3 +62,14 @@ class MoE:
             out.index_add_(0, tokens, y.float() * weights[tokens, slots, None])
         out = out.to(x.dtype)
         return out if self.shared is None else out + self.shared(x)
+
+
+def _stack_fp8_experts(experts: list[MLP]):
+    """(w13, w2) for fused_experts: gate and up stacked per expert [E, 2I, H], down [E, H, I], FP8 with block scales;
+    None unless every expert projection is FP8 (a float32 model dequantizes them)."""
+    projections = [p for e in experts for p in (e.gate_proj, e.up_proj, e.down_proj)]
+    if any(p.fp8 is None for p in projections):
+        return None
+    w13 = tuple(torch.stack([torch.cat([e.gate_proj.fp8[i], e.up_proj.fp8[i]]) for e in experts]) for i in (0, 1))
+    w2 = tuple(torch.stack([e.down_proj.fp8[i] for e in experts]) for i in (0, 1))
+    return w13, w2

@@ -3,6 +3,7 @@
 Each op is also registered as a torch custom op (torch.ops.dsv3.*), so torch.compile and CUDA-graph capture see it.
 """
 
+from dsv3.ops.fused_moe import fused_experts
 from dsv3.ops.gemm import fp8_gemm_nt, fp8_linear
 from dsv3.ops.grouped_gemm import m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked
 from dsv3.ops.mla import append_kv_cache, get_mla_metadata, mla_decode_with_kvcache
@@ -22,6 +23,7 @@ __all__ = [
     "dequant_fp8_block",
     "fp8_gemm_nt",
     "fp8_linear",
+    "fused_experts",
     "get_mla_metadata",
     "grouped_topk",
     "m_grouped_fp8_gemm_nt_contiguous",

@@ -7,6 +7,7 @@ mla (paged latent-cache decode attention), moe (routing and token layouts), laye
 
 from __future__ import annotations
 
+from dsv3.reference.fused_moe import fused_experts
 from dsv3.reference.gemm import (
     dequant_activation,
     dequant_weight,
@@ -92,6 +93,7 @@ __all__ = [
     "expand_block_scales",
     "fp8_gemm_nt",
     "fused_add_rms_norm",
+    "fused_experts",
     "gather_kv",
     "grouped_topk",
     "interleave_rope_dims",

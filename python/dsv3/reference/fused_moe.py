@@ -1,0 +1,42 @@
+"""The routed experts of a DeepSeek-V3 MoE layer on FP8 weights: the specification of dsv3.ops.fused_experts."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3.reference.gemm import fp8_gemm_nt
+from dsv3.reference.layers import silu_and_mul
+from dsv3.reference.quant import per_token_group_quant_fp8
+
+FP8Weights = tuple[torch.Tensor, torch.Tensor]  # (e4m3 [E, N, K], f32 [E, ceil(N/128), ceil(K/128)])
+
+
+def fused_experts(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_idx: torch.Tensor, w13: FP8Weights, w2: FP8Weights
+) -> torch.Tensor:
+    """Weighted sum of each token's routed experts, every GEMM on FP8 operands as DeepSeek-V3 runs them.
+
+    x: bf16 [T, H]; topk_weights f32 [T, k] and topk_idx int32 [T, k] from grouped_topk (-1: no expert);
+    w13: expert e's gate and up projections stacked, e4m3 [E, 2I, H] with block scales [E, 2I/128, H/128];
+    w2: the down projections, e4m3 [E, H, I] with block scales [E, H/128, I/128]. H and I are multiples of 128.
+
+    For every slot (t, j) with e = topk_idx[t, j] >= 0, in bf16 between steps:
+        h = fp8_gemm_nt(per_token_group_quant_fp8(x[t]), w13[e])      [2I]: gate then up
+        a = silu_and_mul(h)                                           [I]
+        y = fp8_gemm_nt(per_token_group_quant_fp8(a), w2[e])          [H]
+    out[t] = sum over j of topk_weights[t, j] * y in fp32, added in slot order from +0, rounded once to bf16.
+    Returns bf16 [T, H].
+    """
+    t, k = topk_idx.shape
+    x_q, x_s = per_token_group_quant_fp8(x)
+    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
+    for slot in range(k):
+        for expert in topk_idx[:, slot].unique().tolist():
+            if expert < 0:
+                continue
+            rows = (topk_idx[:, slot] == expert).nonzero().squeeze(1)
+            h = fp8_gemm_nt((x_q[rows], x_s[rows]), (w13[0][expert], w13[1][expert]))
+            a_q, a_s = per_token_group_quant_fp8(silu_and_mul(h))
+            y = fp8_gemm_nt((a_q, a_s), (w2[0][expert], w2[1][expert]))
+            out[rows] += topk_weights[rows, slot, None] * y.float()
+    return out.to(x.dtype)
