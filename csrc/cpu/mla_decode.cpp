@@ -80,9 +80,16 @@ void load_row(const MlaDecodeParams& p, int32_t page, int row, float* values) {
 void attend_split(const MlaDecodeParams& p, int64_t seq, int32_t first_block, int32_t last_block, int32_t split) {
   const int64_t rows = p.s_q * p.heads, dv = p.head_dim_v;
   const int32_t seqlen = seqlen_of(p, seq);
-  std::vector<float> q(rows * kMlaHeadDim), acc(rows * dv, 0.0f), scores(rows * kMlaPageSize);
-  std::vector<float> keys_t(kMlaHeadDim * kMlaPageSize), values(kMlaPageSize * dv), row_buffer(kMlaHeadDim);
-  std::vector<float> running_max(rows, kNegInf), running_sum(rows, 0.0f);
+  // Per-thread scratch, grown as needed and reused across splits and calls: only the accumulators need clearing.
+  thread_local std::vector<float> q, acc, scores, keys_t, values, row_buffer, running_max, running_sum;
+  q.resize(rows * kMlaHeadDim);
+  scores.resize(rows * kMlaPageSize);
+  keys_t.resize(kMlaHeadDim * kMlaPageSize);
+  values.resize(kMlaPageSize * dv);
+  row_buffer.resize(kMlaHeadDim);
+  acc.assign(rows * dv, 0.0f);
+  running_max.assign(rows, kNegInf);
+  running_sum.assign(rows, 0.0f);
   const uint16_t* q_seq = p.q + seq * rows * kMlaHeadDim;  // rows ordered (query token, head)
   for (int64_t i = 0; i < rows * kMlaHeadDim; ++i) q[i] = bf16_to_float(q_seq[i]);
 
