@@ -75,18 +75,47 @@ void load_row(const MlaDecodeParams& p, int32_t page, int row, float* values) {
   for (int d = 0; d < kMlaRopeDim; ++d) values[kMlaLatentDim + d] = bf16_to_float(rope[d]);
 }
 
+constexpr int64_t kRowBlock = 4;  // query rows sharing each key / value row loaded from cache
+constexpr int kLanes = 16;        // independent partial sums: the dot product vectorizes without reassociation
+
+// scores[i * 64] = q_i . key for `count` (<= kRowBlock) consecutive 576-wide query rows.
+void dot_rows(const float* q, int64_t count, const float* key, float* scores) {
+  float lanes[kRowBlock][kLanes] = {};
+  for (int d = 0; d < kMlaHeadDim; d += kLanes) {
+    for (int64_t i = 0; i < count; ++i) {
+      for (int l = 0; l < kLanes; ++l) lanes[i][l] += q[i * kMlaHeadDim + d + l] * key[d + l];
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    float sum = 0.0f;
+    for (int l = 0; l < kLanes; ++l) sum += lanes[i][l];
+    scores[i * kMlaPageSize] = sum;
+  }
+}
+
+// acc_i += sum_j weights[i * 64 + j] * values[j] for `count` (<= kRowBlock) rows, each value row read once.
+void accumulate_rows(const float* weights, int64_t count, const float* values, int tokens, int64_t dv, float* acc) {
+  for (int j = 0; j < tokens; ++j) {
+    const float* v = values + j * dv;
+    for (int64_t i = 0; i < count; ++i) {
+      const float w = weights[i * kMlaPageSize + j];
+      float* a = acc + i * dv;
+      for (int64_t c = 0; c < dv; ++c) a[c] += w * v[c];
+    }
+  }
+}
+
 // Attention of all s_q x heads queries of one sequence over KV blocks [first_block, last_block): writes the split's
 // normalized output and lse, either as the final result (the sequence has one split) or into the workspace.
 void attend_split(const MlaDecodeParams& p, int64_t seq, int32_t first_block, int32_t last_block, int32_t split) {
   const int64_t rows = p.s_q * p.heads, dv = p.head_dim_v;
   const int32_t seqlen = seqlen_of(p, seq);
   // Per-thread scratch, grown as needed and reused across splits and calls: only the accumulators need clearing.
-  thread_local std::vector<float> q, acc, scores, keys_t, values, row_buffer, running_max, running_sum;
+  thread_local std::vector<float> q, acc, scores, keys, values, running_max, running_sum;
   q.resize(rows * kMlaHeadDim);
   scores.resize(rows * kMlaPageSize);
-  keys_t.resize(kMlaHeadDim * kMlaPageSize);
+  keys.resize(kMlaPageSize * kMlaHeadDim);
   values.resize(kMlaPageSize * dv);
-  row_buffer.resize(kMlaHeadDim);
   acc.assign(rows * dv, 0.0f);
   running_max.assign(rows, kNegInf);
   running_sum.assign(rows, 0.0f);
@@ -97,19 +126,18 @@ void attend_split(const MlaDecodeParams& p, int64_t seq, int32_t first_block, in
     const int32_t page = p.block_table[seq * p.max_blocks + block];
     const int tokens = std::min(kMlaPageSize, seqlen - block * kMlaPageSize);  // never past the sequence's end
     for (int j = 0; j < tokens; ++j) {
-      load_row(p, page, j, row_buffer.data());
-      for (int d = 0; d < kMlaHeadDim; ++d) keys_t[d * kMlaPageSize + j] = row_buffer[d];
-      std::copy(row_buffer.begin(), row_buffer.begin() + dv, values.begin() + j * dv);
+      load_row(p, page, j, keys.data() + j * kMlaHeadDim);
+      std::copy(keys.begin() + j * kMlaHeadDim, keys.begin() + j * kMlaHeadDim + dv, values.begin() + j * dv);
+    }
+    for (int64_t r = 0; r < rows; r += kRowBlock) {
+      const int64_t count = std::min<int64_t>(kRowBlock, rows - r);
+      for (int j = 0; j < tokens; ++j) {
+        dot_rows(q.data() + r * kMlaHeadDim, count, keys.data() + j * kMlaHeadDim,
+                 scores.data() + r * kMlaPageSize + j);
+      }
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* s = scores.data() + r * kMlaPageSize;
-      std::fill(s, s + tokens, 0.0f);
-      const float* q_row = q.data() + r * kMlaHeadDim;
-      for (int d = 0; d < kMlaHeadDim; ++d) {
-        const float qd = q_row[d];
-        const float* k_d = keys_t.data() + d * kMlaPageSize;
-        for (int j = 0; j < tokens; ++j) s[j] += qd * k_d[j];
-      }
       // query token r / heads sits at position seqlen - s_q + (r / heads) and sees keys up to there when causal
       const int64_t visible_end =
           p.causal ? std::min<int64_t>(tokens, seqlen - p.s_q + r / p.heads + 1 - int64_t{block} * kMlaPageSize)
@@ -119,20 +147,25 @@ void attend_split(const MlaDecodeParams& p, int64_t seq, int32_t first_block, in
         s[j] = j < visible_end ? s[j] * p.softmax_scale : kNegInf;
         block_max = std::max(block_max, s[j]);
       }
-      if (block_max == kNegInf) continue;  // nothing visible for this query in this block
+      if (block_max == kNegInf) {  // nothing visible for this query in this block: it adds nothing
+        std::fill(s, s + tokens, 0.0f);
+        continue;
+      }
       const float new_max = std::max(running_max[r], block_max);
       const float rescale = std::exp(running_max[r] - new_max);  // 0 on the first visible block
       float* a = acc.data() + r * dv;
       for (int64_t c = 0; c < dv; ++c) a[c] *= rescale;
       float sum = running_sum[r] * rescale;
       for (int j = 0; j < tokens; ++j) {
-        const float weight = std::exp(s[j] - new_max);
-        sum += weight;
-        const float* v = values.data() + j * dv;
-        for (int64_t c = 0; c < dv; ++c) a[c] += weight * v[c];
+        s[j] = std::exp(s[j] - new_max);  // the score becomes the softmax weight
+        sum += s[j];
       }
       running_sum[r] = sum;
       running_max[r] = new_max;
+    }
+    for (int64_t r = 0; r < rows; r += kRowBlock) {
+      accumulate_rows(scores.data() + r * kMlaPageSize, std::min<int64_t>(kRowBlock, rows - r), values.data(), tokens,
+                      dv, acc.data() + r * dv);
     }
   }
 

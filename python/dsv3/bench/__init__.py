@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from dsv3.bench import e2e, gemm, moe, quant
+from dsv3.bench import e2e, gemm, mla, moe, quant
 from dsv3.bench.harness import Report, argument_parser, pick_device, write_json
 
 # suite name -> run(device, quick, reps) -> Report
@@ -14,6 +14,7 @@ SUITES: dict[str, Callable[[torch.device, bool, int | None], Report]] = {
     "quant": quant.run,
     "gemm": gemm.run,
     "moe": moe.run,
+    "mla": mla.run,
     "e2e": e2e.run,
 }
 
