@@ -42,3 +42,26 @@ def test_report_table_lists_every_row():
     assert table[0] == "== title =="
     assert table[2].split()[:3] == ["alpha", "M=1", "10.00"] and table[2].split()[-1] == "2.00"
     assert table[3].split()[-1] == "-"
+
+
+def test_a_failing_suite_is_reported_and_the_others_still_run(monkeypatch, tmp_path, capsys):
+    import json
+
+    import dsv3.bench as bench
+
+    def broken(device, quick, reps):
+        raise RuntimeError("kernel launch failed")
+
+    def working(device, quick, reps):
+        report = Report("working suite")
+        report.add(Row("op", "case", device.type, us=1.0))
+        return report
+
+    monkeypatch.setattr(bench, "SUITES", {"broken": broken, "working": working})
+    path = tmp_path / "out.json"
+    with pytest.raises(SystemExit, match="benchmark suites failed: broken"):
+        bench.main(["all", "--device", "cpu", "--json", str(path)])
+    assert "FAILED: RuntimeError: kernel launch failed" in capsys.readouterr().out
+    reports = json.loads(path.read_text())["reports"]
+    assert [r["error"] for r in reports] == ["RuntimeError: kernel launch failed", None]
+    assert len(reports[1]["rows"]) == 1

@@ -25,10 +25,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     names = list(SUITES) if args.suite == "all" else [args.suite]
-    reports = []
+    reports, failed = [], []
     for name in names:
-        report = SUITES[name](device, args.quick, args.reps)
+        try:
+            report = SUITES[name](device, args.quick, args.reps)
+        except Exception as error:  # one broken suite must not cost the others' measurements
+            report = Report(f"{name} on {device.type}", error=f"{type(error).__name__}: {error}")
+            failed.append(name)
         print(report.table(), flush=True)
         reports.append(report)
     if args.json:
         write_json(args.json, reports)
+    if failed:
+        raise SystemExit(f"benchmark suites failed: {', '.join(failed)}")

@@ -102,8 +102,9 @@ class Timer:
 class Report:
     """Collects rows, prints them as a table, and writes them (with the machine's description) as JSON."""
 
-    def __init__(self, title: str):
+    def __init__(self, title: str, error: str | None = None):
         self.title = title
+        self.error = error  # why the suite stopped, if it did
         self.rows: list[Row] = []
 
     def add(self, row: Row) -> Row:
@@ -111,6 +112,8 @@ class Report:
         return row
 
     def table(self) -> str:
+        if self.error:
+            return f"== {self.title} ==\nFAILED: {self.error}"
         on_gpu = any(r.device != "cpu" for r in self.rows)
         header = f"{'op':<28} {'case':<26} {'us':>10} {'GB/s':>9} {'TFLOP/s' if on_gpu else 'GFLOP/s':>9}"
         header += f" {'%HBM':>6} {'%peak':>6}" if on_gpu else ""
@@ -136,7 +139,7 @@ def write_json(path: str, reports: list[Report]) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()},
         "build": build_info(),
-        "reports": [{"title": r.title, "rows": [row.as_dict() for row in r.rows]} for r in reports],
+        "reports": [{"title": r.title, "error": r.error, "rows": [row.as_dict() for row in r.rows]} for r in reports],
     }
     with open(path, "w") as f:
         json.dump(document, f, indent=1)
