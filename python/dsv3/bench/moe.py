@@ -1,8 +1,10 @@
-"""MoE routing and token (un)permutation vs the plain-torch reference (dsv3.reference.moe) on DeepSeek-V3 sizes."""
+"""MoE routing and token (un)permutation vs the plain-torch reference (dsv3.reference.moe), and the routed experts
+(fused_experts: grouped FP8 GEMMs) vs a torch loop over experts with bf16 weights, on DeepSeek-V3 sizes."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import dsv3
 from dsv3.bench.harness import Report, Row, Timer
@@ -11,6 +13,7 @@ from dsv3.reference import quant as ref_quant
 
 EXPERTS, TOPK, GROUPS, TOPK_GROUP, SCALE = 256, 8, 8, 4, 2.5  # DeepSeek-V3's router
 HIDDEN = 7168
+INTERMEDIATE = 2048  # one routed expert's width (gate/up out, down in)
 
 
 def _reference_permute_quant(x: torch.Tensor, layout: ref.ContiguousLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,4 +72,43 @@ def run(device: torch.device, quick: bool = False, reps: int | None = None) -> R
                 baseline_us=timer(lambda y=y_ref, la=ref_layout, w=weights: ref.unpermute_tokens(y, la, w)),
             )
         )  # fmt: skip
+    _fused_experts_rows(report, timer, device, quick)
     return report
+
+
+def _torch_expert_loop(x, weights, idx, w13, w2):
+    """The plain-torch way: every expert with tokens runs its bf16 SwiGLU on its rows; outputs summed in fp32."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for expert in idx.unique().tolist():
+        tokens, slots = (idx == expert).nonzero(as_tuple=True)
+        h = F.linear(x[tokens], w13[expert])
+        y = F.linear(F.silu(h[:, :INTERMEDIATE]) * h[:, INTERMEDIATE:], w2[expert])
+        out.index_add_(0, tokens, y.float() * weights[tokens, slots, None])
+    return out.to(x.dtype)
+
+
+def _fused_experts_rows(report: Report, timer: Timer, device: torch.device, quick: bool) -> None:
+    """A rank's local experts (8 on the CPU, 32 on a GPU: 256 experts over 32 or 8 ranks) at the real H and I."""
+    experts = 32 if device.type == "cuda" else 8
+    q13, s13 = dsv3.per_block_quant_fp8(torch.randn(experts * 2 * INTERMEDIATE, HIDDEN, device=device) * 0.02)
+    q2, s2 = dsv3.per_block_quant_fp8(torch.randn(experts * HIDDEN, INTERMEDIATE, device=device) * 0.02)
+    w13 = (q13.view(experts, 2 * INTERMEDIATE, HIDDEN), s13.view(experts, 2 * INTERMEDIATE // 128, HIDDEN // 128))
+    w2 = (q2.view(experts, HIDDEN, INTERMEDIATE), s2.view(experts, HIDDEN // 128, INTERMEDIATE // 128))
+    dense13 = dsv3.dequant_fp8_block(q13, s13).view(experts, 2 * INTERMEDIATE, HIDDEN)
+    dense2 = dsv3.dequant_fp8_block(q2, s2).view(experts, HIDDEN, INTERMEDIATE)
+    token_counts = ([16] if quick else [16, 128]) if device.type == "cpu" else ([128] if quick else [128, 4096])
+    for t in token_counts:
+        x = torch.randn(t, HIDDEN, dtype=torch.bfloat16, device=device)
+        logits = torch.randn(t, EXPERTS, device=device)
+        weights, idx = dsv3.grouped_topk(logits, torch.zeros(EXPERTS, device=device), TOPK, GROUPS, TOPK_GROUP, SCALE)
+        idx = (idx % experts).to(torch.int32)  # as if every pick landed on this rank: T x 8 rows over its experts
+        rows = idx.numel()
+        report.add(
+            Row(
+                "fused_experts", f"T={t} E={experts} top-{TOPK}", device.type,
+                us=timer(lambda x=x, w=weights, i=idx: dsv3.fused_experts(x, w, i, w13, w2)),
+                bytes=q13.numel() + q2.numel() + 2 * rows * HIDDEN * 2, flops=2 * rows * 3 * INTERMEDIATE * HIDDEN,
+                peak="fp8_flops", baseline="torch expert loop",
+                baseline_us=timer(lambda x=x, w=weights, i=idx: _torch_expert_loop(x, w, i, dense13, dense2)),
+            )
+        )  # fmt: skip
