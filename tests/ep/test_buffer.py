@@ -31,3 +31,8 @@ def test_stuck_rank_fails_within_the_timeout() -> None:
     with pytest.raises(RanksFailed, match="killed"):
         run_ranks(2, workers.rank1_hangs, timeout=6)
     assert time.monotonic() - start < 12
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_low_latency_agrees_with_the_normal_path(world: int) -> None:
+    run_ranks(world, workers.low_latency)

@@ -217,3 +217,70 @@ def rank1_hangs(rank: int, world: int) -> None:
     if rank == 1:
         time.sleep(600)
     dispatch_combine(rank, world)
+
+
+LL_CASE = Case(seed=7, tokens=[5, 3, 8, 0], topk=3, experts_per_rank=2, hidden=128, dtype=torch.bfloat16, no_expert=0.2)
+LL_MAX_TOKENS = 8
+
+
+def low_latency(rank: int, world: int) -> None:
+    """The low-latency path against the normal one: same rows per expert, same counts, same combined sums."""
+    from dsv3.ops.quant import per_token_group_quant_fp8
+
+    buffer = Buffer()
+    case, t_max = LL_CASE, LL_MAX_TOKENS
+    e, local = case.experts_per_rank * world, case.experts_per_rank
+    x, idx, w = case_inputs(case, rank, world)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, e)
+    recv_x, recv_idx, recv_w, per_local, handle, _ = buffer.dispatch(
+        x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+    )  # fmt: skip
+
+    packed, count, ll_handle, event, hook = buffer.low_latency_dispatch(x, idx, t_max, e, use_fp8=False)
+    assert event is None and hook is None
+    assert packed.shape == (local, t_max * world, case.hidden) and count.dtype == torch.int32
+    assert count.tolist() == per_local
+    (q, scales), fp8_count, _, _, _ = buffer.low_latency_dispatch(x, idx, t_max, e, use_fp8=True)
+    assert torch.equal(fp8_count, count)
+    for expert in range(local):
+        rows = recv_x[(recv_idx == expert).any(1)]
+        c = rows.shape[0]
+        assert_bits(packed[expert, :c], rows, f"expert {expert} rows")
+        assert not packed[expert, c:].any(), f"expert {expert}: rows past its count are not zero"
+        want_q, want_s = per_token_group_quant_fp8(rows)
+        assert_bits(q[expert, :c], want_q, f"expert {expert} FP8 rows")
+        assert_bits(scales[expert, :c], want_s, f"expert {expert} scales")
+
+    # Expert "compute": scale each row by (global expert id + 1), in the activation dtype.
+    scale = (rank * local + torch.arange(local, dtype=torch.float32) + 1)[:, None, None]
+    y = (packed.float() * scale).to(case.dtype)
+    combined, event, hook = buffer.low_latency_combine(y, idx, w, ll_handle)
+    assert event is None and hook is None
+    want = torch.zeros(x.shape[0], case.hidden)
+    for k in range(case.topk):
+        out_k = (x.float() * (idx[:, k, None].float() + 1)).to(case.dtype).float()
+        want = want + torch.where(idx[:, k, None] >= 0, w[:, k, None] * out_k, torch.zeros_like(out_k))
+    assert_bits(combined, want.to(case.dtype), "low_latency_combine")
+
+    # The normal path: each rank weights its local experts' outputs, combine adds the ranks up.
+    partial = torch.zeros(recv_x.shape[0], case.hidden)
+    for k in range(case.topk):
+        mine = recv_idx[:, k, None] >= 0
+        out_k = (recv_x.float() * (rank * local + recv_idx[:, k, None].float() + 1)).to(case.dtype).float()
+        partial = partial + torch.where(mine, recv_w[:, k, None] * out_k, torch.zeros_like(out_k))
+    normal, _, _ = buffer.combine(partial, handle)
+    torch.testing.assert_close(combined.float(), normal, rtol=1e-2, atol=1e-2)
+
+    # Too many tokens on rank 1, then an expert out of range on rank 0: every rank raises, and the group still works.
+    extra = torch.zeros(t_max + 1, case.hidden, dtype=case.dtype), torch.zeros(t_max + 1, case.topk, dtype=torch.int64)
+    args = extra if rank == 1 else (x, idx)
+    with pytest.raises(ValueError, match="more than num_max" if rank == 1 else r"rank\(s\) \[1\]"):
+        buffer.low_latency_dispatch(*args, t_max, e, use_fp8=False)
+    bad = torch.full_like(idx, e) if rank == 0 else idx
+    with pytest.raises(ValueError, match="topk_idx: values" if rank == 0 else r"rank\(s\) \[0\]"):
+        buffer.low_latency_dispatch(x, bad, t_max, e)
+    if idx.numel():  # a local check: ranks without tokens have nothing that could differ
+        with pytest.raises(ValueError, match="differs from the topk_idx"):
+            buffer.low_latency_combine(y, torch.full_like(idx, -1), w, ll_handle)
+    assert torch.equal(buffer.low_latency_dispatch(x, idx, t_max, e, use_fp8=False)[0], packed)

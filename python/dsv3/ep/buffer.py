@@ -1,4 +1,4 @@
-"""A DeepEP-style expert-parallel Buffer (V1 normal-mode call shapes) over torch.distributed.
+"""A DeepEP-style expert-parallel Buffer (V1 call shapes, normal and low-latency modes) over torch.distributed.
 
 Usage, on every rank of ``group``::
 
@@ -21,6 +21,8 @@ Differences from DeepEP:
   payload moves, instead of a deadlock. Layout and cached-dispatch/combine checks are local and raise only on the
   rank that has the bad input.
 * Within one node there is no RDMA rank: ``num_tokens_per_rdma_rank`` is always None.
+* low_latency_dispatch/combine (dsv3.ep.low_latency) return contiguous row-major FP8 scales, zero the unused rows,
+  and check topk_idx on the host, so they are not CUDA-graph capturable yet.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.ep.layout import INDEX_DTYPES, check_num_experts, check_topk_idx, dispatch_layout
+from dsv3.ep.low_latency import LowLatencyHandle, low_latency_combine, low_latency_dispatch
 from dsv3.ep.transport import exchange_rows, pack_rows, row_bytes, unpack_rows
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -297,3 +300,74 @@ class Buffer:
                 total.index_add_(0, token, chunk.float())
         combined_x = sums[0].to(x.dtype)
         return combined_x, (sums[1] if topk_weights is not None else None), None
+
+    # -----------------------------------------------------------------------------------------------------------------
+    # Low latency (decode)
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ):
+        """Dispatch into the masked layout of a grouped GEMM, with fixed-size exchanges (see dsv3.ep.low_latency).
+
+        x: bf16/fp16/fp32 [N, H] with N <= T = num_max_dispatch_tokens_per_rank (the same T on every rank);
+        topk_idx int [N, k], -1 = no expert, distinct experts per token. Returns (recv_x, recv_count, handle, None,
+        None): recv_x is (e4m3 [L, T*R, H], scales f32 [L, T*R, H/128]) with use_fp8 (H a multiple of 128; power-of-two
+        scales with round_scale; contiguous, not DeepEP's column-major scales) and x's dtype [L, T*R, H] without;
+        local expert e's recv_count[e] (int32 [L]) rows come first in its slab, by source rank then token, the rest
+        are zeros. Too many tokens or an expert id out of range on any rank raises ValueError on every rank.
+        The value checks read topk_idx on the host, so this is not yet CUDA-graph capturable.
+        """
+        if async_finish or return_recv_hook:
+            raise NotImplementedError(
+                "dsv3.ep.Buffer runs synchronously: pass async_finish=False, return_recv_hook=False"
+            )
+        _expect(x, "x", FLOAT_DTYPES, (None, None))
+        _expect(topk_idx, "topk_idx", INDEX_DTYPES, (x.shape[0], None))
+        if isinstance(num_max_dispatch_tokens_per_rank, bool) or not isinstance(num_max_dispatch_tokens_per_rank, int):
+            raise EPInputError(
+                f"num_max_dispatch_tokens_per_rank: expected an int, got {num_max_dispatch_tokens_per_rank!r}"
+            )
+        if num_max_dispatch_tokens_per_rank < 1:
+            raise EPInputError(
+                f"num_max_dispatch_tokens_per_rank: expected >= 1, got {num_max_dispatch_tokens_per_rank}"
+            )
+        if use_fp8 and x.shape[1] % 128:
+            raise EPInputError(f"x: hidden size {x.shape[1]} is not a multiple of 128 (use_fp8=True)")
+        recv_x, recv_count, handle = low_latency_dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, self.group
+        )
+        return recv_x, recv_count, handle, None, None
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ):
+        """x [L, T*R, H] (expert outputs in low_latency_dispatch's layout) -> (combined_x [N, H] in x's dtype, None,
+        None): combined_x[t] = sum over slots k with an expert of topk_weights[t, k] * that expert's output row,
+        added in fp32 in slot order from +0 and rounded once. topk_idx must be the one given to the dispatch."""
+        if async_finish or return_recv_hook:
+            raise NotImplementedError(
+                "dsv3.ep.Buffer runs synchronously: pass async_finish=False, return_recv_hook=False"
+            )
+        if not isinstance(handle, LowLatencyHandle):
+            raise EPInputError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
+        local = handle.num_experts // self.group_size
+        rows = handle.num_max_dispatch_tokens_per_rank * self.group_size
+        _expect(x, "x", FLOAT_DTYPES, (local, rows, handle.hidden))
+        _expect(topk_idx, "topk_idx", INDEX_DTYPES, tuple(handle.topk_idx.shape))
+        _expect(topk_weights, "topk_weights", (torch.float32,), tuple(handle.topk_idx.shape))
+        return low_latency_combine(x, topk_idx, topk_weights, handle, self.group), None, None
