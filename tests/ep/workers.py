@@ -194,8 +194,11 @@ def bad_input(rank: int, world: int) -> None:
         layout["is_token_in_rank"] = torch.zeros(1, world, dtype=torch.bool)
     with pytest.raises(ValueError, match="topk_idx: values" if rank == 1 else r"rank\(s\) \[1\]"):
         buffer.dispatch(x, topk_idx=bad_idx, topk_weights=w, **layout)
-    check_case(buffer, CASES[0], rank, world)
     x, idx, w = case_inputs(CASES[0], rank, world)
+    narrow = x[:, :8] if rank == 1 else x  # ranks disagree on the hidden size: the payload rows differ in width
+    with pytest.raises(ValueError, match="ranks disagree on row bytes"):
+        buffer.dispatch(narrow, topk_idx=idx, topk_weights=w, **dict(layout, is_token_in_rank=in_rank))
+    check_case(buffer, CASES[0], rank, world)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, e)
     recv_x, _, _, _, handle, _ = buffer.dispatch(
         x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
