@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 import dsv3.ops as ops
+from dsv3.reference import fused_experts as ref_fused_experts
 from dsv3.reference import gemm as ref_gemm
 from dsv3.reference import moe as ref_moe
 from dsv3.reference import quant as ref
@@ -99,6 +100,18 @@ def _checks() -> list[tuple[str, Callable[[torch.device], None]]]:
         assert_bitwise_equal(masked.src_token.cpu(), expected_masked.src_token, "masked src_token")
         assert_bitwise_equal(masked.row_of.cpu(), expected_masked.row_of, "masked row_of")
 
+    def experts(device: torch.device) -> None:
+        # 8 experts, H=256, I=128: both grouped GEMMs, the fused permute+quant and the weighted combine
+        quantized = [ref.per_block_quant_fp8(torch.randn(n, k) * 0.05) for n, k in [(256, 256), (256, 128)] * 8]
+        w13 = tuple(torch.stack([pair[i] for pair in quantized[0::2]]) for i in (0, 1))
+        w2 = tuple(torch.stack([pair[i] for pair in quantized[1::2]]) for i in (0, 1))
+        weights, idx = ref_moe.grouped_topk(torch.randn(40, 8), torch.zeros(8), 2, 4, 2, 2.5)
+        x = torch.randn(40, 256).to(torch.bfloat16)
+        on_device = [tuple(t.to(device) for t in w) for w in (w13, w2)]
+        out = ops.fused_experts(x.to(device), weights.to(device), idx.to(device), *on_device).cpu()
+        diff = calc_diff(out, ref_fused_experts(x, weights, idx, w13, w2))
+        assert diff <= 1e-5, f"out: calc_diff {diff:.3e} > 1e-5"
+
     return [
         ("per_token_group_quant_fp8", token_quant),
         ("per_block_quant_fp8", block_quant),
@@ -106,6 +119,7 @@ def _checks() -> list[tuple[str, Callable[[torch.device], None]]]:
         ("fp8_gemm_nt", gemm),
         ("grouped_topk", moe_routing),
         ("moe layouts + (un)permute", moe_layouts),
+        ("fused_experts", experts),
     ]
 
 
