@@ -135,6 +135,29 @@ struct MoeLayoutArgs {
   }
 };
 
+// Binds one step of the MoE token layout (count or scatter): the fields of MoeLayoutParams in order, then the
+// `Extra` trailing arguments (the CUDA stream), all handed to `run`.
+template <typename... Extra, typename Run, typename... ExtraArgs>
+void def_moe_layout_step(py::module_& module, const char* name, Run run, ExtraArgs... extra_args) {
+  module.def(
+      name,
+      [run](std::uintptr_t topk_idx, bool idx_int64, int64_t tokens, int64_t topk, int64_t num_experts, bool masked,
+            int64_t alignment, int64_t max_m, int64_t rows, std::uintptr_t tokens_per_expert,
+            std::uintptr_t expert_offsets, std::uintptr_t masked_m, std::uintptr_t workspace, std::uintptr_t errors,
+            std::uintptr_t m_indices, std::uintptr_t src_token, std::uintptr_t src_slot, std::uintptr_t row_of,
+            Extra... extra) {
+        const MoeLayoutArgs args{topk_idx,       idx_int64, tokens,    topk,   num_experts,
+                                 masked,         alignment, max_m,     rows,   tokens_per_expert,
+                                 expert_offsets, masked_m,  workspace, errors, m_indices,
+                                 src_token,      src_slot,  row_of};
+        run(args.params(), extra...);
+      },
+      py::arg("topk_idx"), py::arg("idx_int64"), py::arg("tokens"), py::arg("topk"), py::arg("num_experts"),
+      py::arg("masked"), py::arg("alignment"), py::arg("max_m"), py::arg("rows"), py::arg("tokens_per_expert"),
+      py::arg("expert_offsets"), py::arg("masked_m"), py::arg("workspace"), py::arg("errors"), py::arg("m_indices"),
+      py::arg("src_token"), py::arg("src_slot"), py::arg("row_of"), extra_args...);
+}
+
 dsv3::MoePermuteParams moe_permute_params(std::uintptr_t x, int32_t x_dtype, std::uintptr_t src_token,
                                           std::uintptr_t out, std::uintptr_t q, std::uintptr_t scales, int64_t tokens,
                                           int64_t hidden, int64_t rows, bool quantize, bool ue8m0) {
@@ -345,40 +368,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("logits"), py::arg("logits_dtype"), py::arg("bias"), py::arg("weights"), py::arg("indices"),
       py::arg("tokens"), py::arg("num_experts"), py::arg("num_groups"), py::arg("topk_group"), py::arg("topk"),
       py::arg("routed_scaling_factor"), py::arg("renormalize"));
-  cpu.def(
-      "moe_layout_count",
-      [](std::uintptr_t topk_idx, bool idx_int64, int64_t tokens, int64_t topk, int64_t num_experts, bool masked,
-         int64_t alignment, int64_t max_m, int64_t rows, std::uintptr_t tokens_per_expert,
-         std::uintptr_t expert_offsets, std::uintptr_t masked_m, std::uintptr_t workspace, std::uintptr_t errors,
-         std::uintptr_t m_indices, std::uintptr_t src_token, std::uintptr_t src_slot, std::uintptr_t row_of) {
-        const MoeLayoutArgs args{topk_idx,       idx_int64, tokens,    topk,   num_experts,
-                                 masked,         alignment, max_m,     rows,   tokens_per_expert,
-                                 expert_offsets, masked_m,  workspace, errors, m_indices,
-                                 src_token,      src_slot,  row_of};
-        py::gil_scoped_release release;
-        dsv3::cpu::moe_layout_count(args.params());
-      },
-      py::arg("topk_idx"), py::arg("idx_int64"), py::arg("tokens"), py::arg("topk"), py::arg("num_experts"),
-      py::arg("masked"), py::arg("alignment"), py::arg("max_m"), py::arg("rows"), py::arg("tokens_per_expert"),
-      py::arg("expert_offsets"), py::arg("masked_m"), py::arg("workspace"), py::arg("errors"), py::arg("m_indices"),
-      py::arg("src_token"), py::arg("src_slot"), py::arg("row_of"));
-  cpu.def(
-      "moe_layout_scatter",
-      [](std::uintptr_t topk_idx, bool idx_int64, int64_t tokens, int64_t topk, int64_t num_experts, bool masked,
-         int64_t alignment, int64_t max_m, int64_t rows, std::uintptr_t tokens_per_expert,
-         std::uintptr_t expert_offsets, std::uintptr_t masked_m, std::uintptr_t workspace, std::uintptr_t errors,
-         std::uintptr_t m_indices, std::uintptr_t src_token, std::uintptr_t src_slot, std::uintptr_t row_of) {
-        const MoeLayoutArgs args{topk_idx,       idx_int64, tokens,    topk,   num_experts,
-                                 masked,         alignment, max_m,     rows,   tokens_per_expert,
-                                 expert_offsets, masked_m,  workspace, errors, m_indices,
-                                 src_token,      src_slot,  row_of};
-        py::gil_scoped_release release;
-        dsv3::cpu::moe_layout_scatter(args.params());
-      },
-      py::arg("topk_idx"), py::arg("idx_int64"), py::arg("tokens"), py::arg("topk"), py::arg("num_experts"),
-      py::arg("masked"), py::arg("alignment"), py::arg("max_m"), py::arg("rows"), py::arg("tokens_per_expert"),
-      py::arg("expert_offsets"), py::arg("masked_m"), py::arg("workspace"), py::arg("errors"), py::arg("m_indices"),
-      py::arg("src_token"), py::arg("src_slot"), py::arg("row_of"));
+  def_moe_layout_step(cpu, "moe_layout_count", [](const dsv3::MoeLayoutParams& params) {
+    py::gil_scoped_release release;
+    dsv3::cpu::moe_layout_count(params);
+  });
+  def_moe_layout_step(cpu, "moe_layout_scatter", [](const dsv3::MoeLayoutParams& params) {
+    py::gil_scoped_release release;
+    dsv3::cpu::moe_layout_scatter(params);
+  });
   cpu.def(
       "moe_permute",
       [](std::uintptr_t x, int32_t x_dtype, std::uintptr_t src_token, std::uintptr_t out, std::uintptr_t q,
@@ -466,40 +463,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("logits"), py::arg("logits_dtype"), py::arg("bias"), py::arg("weights"), py::arg("indices"),
       py::arg("tokens"), py::arg("num_experts"), py::arg("num_groups"), py::arg("topk_group"), py::arg("topk"),
       py::arg("routed_scaling_factor"), py::arg("renormalize"), py::arg("stream"));
-  cuda.def(
-      "moe_layout_count",
-      [](std::uintptr_t topk_idx, bool idx_int64, int64_t tokens, int64_t topk, int64_t num_experts, bool masked,
-         int64_t alignment, int64_t max_m, int64_t rows, std::uintptr_t tokens_per_expert,
-         std::uintptr_t expert_offsets, std::uintptr_t masked_m, std::uintptr_t workspace, std::uintptr_t errors,
-         std::uintptr_t m_indices, std::uintptr_t src_token, std::uintptr_t src_slot, std::uintptr_t row_of,
-         std::uintptr_t stream) {
-        const MoeLayoutArgs args{topk_idx,       idx_int64, tokens,    topk,   num_experts,
-                                 masked,         alignment, max_m,     rows,   tokens_per_expert,
-                                 expert_offsets, masked_m,  workspace, errors, m_indices,
-                                 src_token,      src_slot,  row_of};
-        dsv3::cuda::moe_layout_count(args.params(), stream);
+  def_moe_layout_step<std::uintptr_t>(
+      cuda, "moe_layout_count",
+      [](const dsv3::MoeLayoutParams& params, std::uintptr_t stream) { dsv3::cuda::moe_layout_count(params, stream); },
+      py::arg("stream"));
+  def_moe_layout_step<std::uintptr_t>(
+      cuda, "moe_layout_scatter",
+      [](const dsv3::MoeLayoutParams& params, std::uintptr_t stream) {
+        dsv3::cuda::moe_layout_scatter(params, stream);
       },
-      py::arg("topk_idx"), py::arg("idx_int64"), py::arg("tokens"), py::arg("topk"), py::arg("num_experts"),
-      py::arg("masked"), py::arg("alignment"), py::arg("max_m"), py::arg("rows"), py::arg("tokens_per_expert"),
-      py::arg("expert_offsets"), py::arg("masked_m"), py::arg("workspace"), py::arg("errors"), py::arg("m_indices"),
-      py::arg("src_token"), py::arg("src_slot"), py::arg("row_of"), py::arg("stream"));
-  cuda.def(
-      "moe_layout_scatter",
-      [](std::uintptr_t topk_idx, bool idx_int64, int64_t tokens, int64_t topk, int64_t num_experts, bool masked,
-         int64_t alignment, int64_t max_m, int64_t rows, std::uintptr_t tokens_per_expert,
-         std::uintptr_t expert_offsets, std::uintptr_t masked_m, std::uintptr_t workspace, std::uintptr_t errors,
-         std::uintptr_t m_indices, std::uintptr_t src_token, std::uintptr_t src_slot, std::uintptr_t row_of,
-         std::uintptr_t stream) {
-        const MoeLayoutArgs args{topk_idx,       idx_int64, tokens,    topk,   num_experts,
-                                 masked,         alignment, max_m,     rows,   tokens_per_expert,
-                                 expert_offsets, masked_m,  workspace, errors, m_indices,
-                                 src_token,      src_slot,  row_of};
-        dsv3::cuda::moe_layout_scatter(args.params(), stream);
-      },
-      py::arg("topk_idx"), py::arg("idx_int64"), py::arg("tokens"), py::arg("topk"), py::arg("num_experts"),
-      py::arg("masked"), py::arg("alignment"), py::arg("max_m"), py::arg("rows"), py::arg("tokens_per_expert"),
-      py::arg("expert_offsets"), py::arg("masked_m"), py::arg("workspace"), py::arg("errors"), py::arg("m_indices"),
-      py::arg("src_token"), py::arg("src_slot"), py::arg("row_of"), py::arg("stream"));
+      py::arg("stream"));
   cuda.def(
       "moe_permute",
       [](std::uintptr_t x, int32_t x_dtype, std::uintptr_t src_token, std::uintptr_t out, std::uintptr_t q,

@@ -64,15 +64,6 @@ void place_slots(const MoeLayoutParams& p) {
   }
 }
 
-template <typename Fn>
-void dispatch_index_type(bool int64_index, Fn&& fn) {
-  if (int64_index) {
-    fn(int64_t{});
-  } else {
-    fn(int32_t{});
-  }
-}
-
 void check_indices(const int64_t* indices, int64_t n, int64_t bound, const char* name) {
   for (int64_t i = 0; i < n; ++i) {
     DSV3_CHECK(indices[i] >= -1 && indices[i] < bound, name, ": values must lie in [-1, ", bound, "), got ", indices[i],

@@ -146,15 +146,6 @@ __global__ void layout_scatter_kernel(const Index* __restrict__ topk_idx, int64_
   }
 }
 
-template <typename Fn>
-void dispatch_index_type(bool int64_index, Fn&& fn) {
-  if (int64_index) {
-    fn(int64_t{});
-  } else {
-    fn(int32_t{});
-  }
-}
-
 }  // namespace
 
 void moe_layout_count(const MoeLayoutParams& p, std::uintptr_t stream_handle) {

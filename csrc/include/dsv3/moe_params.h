@@ -145,4 +145,14 @@ inline void validate(const MoeUnpermuteParams& p) {
   DSV3_CHECK(p.rows == 0 || p.hidden == 0 || p.y, "y: null pointer");
 }
 
+// Calls fn(int32_t{}) or fn(int64_t{}): the element type of topk_idx (int32 or int64).
+template <typename Fn>
+void dispatch_index_type(bool int64_index, Fn&& fn) {
+  if (int64_index) {
+    fn(int64_t{});
+  } else {
+    fn(int32_t{});
+  }
+}
+
 }  // namespace dsv3
