@@ -28,7 +28,6 @@ class MLAttention:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], make_linear, dtype: torch.dtype):
         c = config
         self.config = config
-        self.heads = c.num_attention_heads
         self.q_proj: Linear | None = None
         if c.q_lora_rank is None:
             self.q_proj = make_linear("q_proj")
@@ -36,6 +35,8 @@ class MLAttention:
             self.q_a_proj = make_linear("q_a_proj")
             self.q_a_norm = weights["q_a_layernorm.weight"].to(dtype)
             self.q_b_proj = make_linear("q_b_proj")
+        # The heads this rank computes: all of them, or its tensor-parallel share (q/kv_b rows, o_proj columns).
+        self.heads = (self.q_proj or self.q_b_proj).out_features // c.qk_head_dim
         self.kv_a_proj = make_linear("kv_a_proj_with_mqa")
         self.kv_a_norm = weights["kv_a_layernorm.weight"].to(dtype)
         self.kv_b_proj = make_linear("kv_b_proj")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from dsv3.model.backend import Backend
 from dsv3.model.config import ModelConfig
+from dsv3.model.parallel import Parallel, expert_parallel_moe
 from dsv3.reference.layers import silu_and_mul
 
 
@@ -31,11 +32,21 @@ class MoE:
     FP8 GEMMs); otherwise each expert runs as its own MLP.
     """
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], make_linear, device: torch.device):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        make_linear,
+        device: torch.device,
+        parallel: Parallel | None = None,
+    ):
         self.config = config
+        self.parallel = parallel or Parallel.single()
         self.gate = weights["gate.weight"].to(device=device, dtype=torch.float32)  # [E, hidden]
         self.correction_bias = weights["gate.e_score_correction_bias"].to(device=device, dtype=torch.float32)
-        experts = [MLP(make_linear, f"experts.{e}") for e in range(config.n_routed_experts)]
+        # This rank's experts: all of them without expert parallelism (split by width when tensor-parallel).
+        local = self.parallel.local_experts(config.n_routed_experts)
+        experts = [MLP(make_linear, f"experts.{e}") for e in local]
         self.stacked = _stack_fp8_experts(experts) if config.moe_intermediate_size % 128 == 0 else None
         self.experts = experts if self.stacked is None else None  # the stacked copy replaces the per-expert weights
         self.shared = MLP(make_linear, "shared_experts") if config.n_shared_experts else None
@@ -52,16 +63,28 @@ class MoE:
             c.routed_scaling_factor,
             c.norm_topk_prob,
         )  # f32 [T, k], int32 [T, k]
+        if self.parallel.ep > 1:
+            out = expert_parallel_moe(self, x, weights, experts, backend)
+        else:
+            # Tensor-parallel experts return partial sums over their slice of the intermediate size.
+            out = self.parallel.all_reduce(self.routed_experts(x, weights, experts, backend))
+        return out if self.shared is None else out + self.shared(x)
+
+    def routed_experts(
+        self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, backend: Backend
+    ) -> torch.Tensor:
+        """x [T, H], weights f32 [T, k], experts int [T, k] as ids of this rank's experts (-1: none) -> the weighted
+        sum of each token's experts [T, H] in x's dtype (added in fp32, rounded once)."""
         if self.stacked is not None:
-            out = backend.fused_experts(x, weights, experts, *self.stacked)
-            return out if self.shared is None else out + self.shared(x)
+            return backend.fused_experts(x, weights, experts.int(), *self.stacked)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for expert in experts.unique().tolist():
+            if expert < 0:
+                continue
             tokens, slots = (experts == expert).nonzero(as_tuple=True)
             y = self.experts[expert](x[tokens])
             out.index_add_(0, tokens, y.float() * weights[tokens, slots, None])
-        out = out.to(x.dtype)
-        return out if self.shared is None else out + self.shared(x)
+        return out.to(x.dtype)
 
 
 def _stack_fp8_experts(experts: list[MLP]):

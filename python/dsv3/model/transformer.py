@@ -13,6 +13,7 @@ from dsv3.model.batch import AttentionBatch
 from dsv3.model.config import ModelConfig
 from dsv3.model.linear import Linear
 from dsv3.model.mlp import MLP, MoE
+from dsv3.model.parallel import Parallel, RowParallelLinear
 from dsv3.model.weights import Checkpoint, load_checkpoint
 from dsv3.reference.layers import rms_norm, yarn_cos_sin_cache
 from dsv3.reference.mla import FP8_ROW_BYTES, HEAD_DIM, PAGE_SIZE
@@ -31,7 +32,10 @@ class DecoderLayer:
             config, build.scope(f"{prefix}.self_attn."), build.linear_factory(f"{prefix}.self_attn."), build.dtype
         )
         if config.is_moe_layer(layer):
-            self.mlp = MoE(config, build.scope(f"{prefix}.mlp."), build.linear_factory(f"{prefix}.mlp."), build.device)
+            self.mlp = MoE(
+                config, build.scope(f"{prefix}.mlp."), build.linear_factory(f"{prefix}.mlp."), build.device,
+                build.parallel,
+            )  # fmt: skip
         else:
             self.mlp = MLP(build.linear_factory(f"{prefix}."), "mlp")
         self.eps = config.rms_norm_eps
@@ -43,10 +47,19 @@ class DecoderLayer:
 
 
 class _Builder:
-    """Turns checkpoint tensors into the model's weights: dtype, device and Linear wrapping in one place."""
+    """Turns checkpoint tensors into the model's weights: dtype, device, tensor-parallel slicing and Linear wrapping
+    in one place."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device, backend: Backend):
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        backend: Backend,
+        parallel: Parallel,
+    ):
         self.tensors, self.dtype, self.device, self.backend = tensors, dtype, device, backend
+        self.parallel = parallel
 
     def vector(self, name: str) -> torch.Tensor:
         return self.tensors[name].to(device=self.device, dtype=self.dtype)
@@ -54,9 +67,12 @@ class _Builder:
     def scope(self, prefix: str) -> dict[str, torch.Tensor]:
         return {name[len(prefix) :]: t for name, t in self.tensors.items() if name.startswith(prefix)}
 
-    def linear(self, name: str) -> Linear:
-        weight = self.tensors[f"{name}.weight"]
-        return Linear(weight, self.tensors.get(f"{name}.weight_scale_inv"), self.dtype, self.backend, self.device)
+    def linear(self, name: str) -> Linear | RowParallelLinear:
+        weight, scale_inv = self.parallel.shard(
+            name, self.tensors[f"{name}.weight"], self.tensors.get(f"{name}.weight_scale_inv")
+        )
+        linear = Linear(weight, scale_inv, self.dtype, self.backend, self.device)
+        return RowParallelLinear(linear, self.parallel) if self.parallel.reduces(name) else linear
 
     def linear_factory(self, prefix: str):
         return lambda name: self.linear(prefix + name)
@@ -106,15 +122,24 @@ def _rope_table(config: ModelConfig) -> torch.Tensor:
 class DeepseekV3:
     """The model, as plain tensors: `forward` runs the decoder over a batch of new tokens and fills the caches."""
 
-    def __init__(self, checkpoint: Checkpoint, dtype: str = "float32", device: str = "cpu", backend: str = "reference"):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        dtype: str = "float32",
+        device: str = "cpu",
+        backend: str = "reference",
+        parallel: Parallel | None = None,
+    ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
         config = checkpoint.config
         self.config = config
+        self.parallel = parallel or Parallel.single()
+        self.parallel.check(config)
         self.dtype = DTYPES[dtype]
         self.device = torch.device(device)
         self.backend = Backend(backend, self.device, self.dtype)
-        build = _Builder(checkpoint.tensors, self.dtype, self.device, self.backend)
+        build = _Builder(checkpoint.tensors, self.dtype, self.device, self.backend, self.parallel)
         self.embed = build.vector("model.embed_tokens.weight")
         self.layers = [DecoderLayer(config, checkpoint.tensors, i, build) for i in range(config.num_hidden_layers)]
         self.norm = build.vector("model.norm.weight")
@@ -132,8 +157,19 @@ class DeepseekV3:
         device: str = "cpu",
         backend: str = "reference",
         progress: bool = False,
+        parallel: Parallel | None = None,
     ) -> DeepseekV3:
-        return cls(load_checkpoint(path, progress=progress), dtype, device, backend)
+        """Load the checkpoint at `path`; with a `parallel` layout, only this rank's share of it is read."""
+        parallel = parallel or Parallel.single()
+        config = ModelConfig.from_file(Path(path) / "config.json")
+        parallel.check(config)
+        checkpoint = load_checkpoint(path, config, progress=progress, keep=parallel.tensor_filter(config))
+        return cls(checkpoint, dtype, device, backend, parallel)
+
+    @property
+    def num_local_heads(self) -> int:
+        """Attention heads this process computes (all of them unless tensor-parallel)."""
+        return self.layers[0].attention.heads
 
     def allocate_kv_cache(
         self, num_pages: int, fp8: bool = False, dtype: torch.dtype | None = None
@@ -147,7 +183,7 @@ class DeepseekV3:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, kv_caches: list[torch.Tensor]) -> torch.Tensor:
         """input_ids int [T] (the batch's new tokens) -> final-normed hidden states [T, hidden]."""
-        batch = self.backend.plan(batch, self.config.num_attention_heads)
+        batch = self.backend.plan(batch, self.num_local_heads)
         x = F.embedding(input_ids.to(self.device), self.embed)
         for layer, cache in zip(self.layers, kv_caches[: len(self.layers)], strict=True):
             x = layer(x, batch, cache, self.cos_sin, self.backend)
@@ -165,7 +201,7 @@ class DeepseekV3:
         """Logits of the first MTP module (token t + 2) for each new token t of `batch`; needs a checkpoint with MTP."""
         if not self.mtp:
             raise ValueError("this checkpoint has no MTP module")
-        batch = self.backend.plan(batch, self.config.num_attention_heads)
+        batch = self.backend.plan(batch, self.num_local_heads)
         return self.mtp[0](
             next_ids.to(self.device), hidden, batch, kv_caches[len(self.layers)], self.cos_sin, self.backend
         )

@@ -8,6 +8,7 @@ stay e4m3 next to their float32 `weight_scale_inv`. The MTP module is loaded whe
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,15 @@ class Checkpoint:
         )
 
 
-def load_checkpoint(path: str | Path, config: ModelConfig | None = None, progress: bool = False) -> Checkpoint:
-    """Read config.json (unless given) and every tensor of the checkpoint in directory `path`.
+def load_checkpoint(
+    path: str | Path,
+    config: ModelConfig | None = None,
+    progress: bool = False,
+    keep: Callable[[str], bool] | None = None,
+) -> Checkpoint:
+    """Read config.json (unless given) and every tensor of the checkpoint in directory `path` (with `keep`, only the
+    tensors it accepts: every name and shape is still checked, the others are never mapped, e.g. the routed experts
+    of other expert-parallel ranks).
 
     Raises CheckpointError naming the tensor and file for a missing, unexpected, mis-shaped or mis-typed tensor, or a
     truncated shard (and ConfigError for a bad config.json).
@@ -100,5 +108,6 @@ def load_checkpoint(path: str | Path, config: ModelConfig | None = None, progres
                 f"{shard.path}: tensor {name!r} is {entry.dtype} {list(entry.shape)}, "
                 f"expected {spec.dtype} {list(spec.shape)}"
             )
-        tensors[name] = shard.tensor(name)
+        if keep is None or keep(name):
+            tensors[name] = shard.tensor(name)
     return Checkpoint(config, tensors, weight_map)

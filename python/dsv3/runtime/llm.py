@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from dsv3.model.config import ModelConfig
+from dsv3.model.parallel import Parallel
 from dsv3.model.transformer import DeepseekV3
 from dsv3.model.weights import load_checkpoint
 from dsv3.runtime.engine import Engine, EngineStats
@@ -54,6 +60,11 @@ class LLM:
     run at once and a step computes at most max_num_batched_tokens tokens (longer prompts are prefilled in chunks);
     the cache has num_kv_pages pages of 64 tokens (default: what kv_cache_bytes holds, at most what max_num_seqs
     sequences of max_model_len tokens need).
+
+    Under torchrun, tensor_parallel_size splits attention heads and dense MLPs over that many ranks and
+    expert_parallel_size the routed experts (see dsv3.model.parallel); each divides the world size and one equals it.
+    Every rank runs the same schedule and sampling on identical logits and returns the same outputs. The process
+    group is initialized from torchrun's environment when it is not yet (gloo on the CPU, NCCL on CUDA).
     """
 
     def __init__(
@@ -69,6 +80,8 @@ class LLM:
         max_model_len: int | None = None,
         num_kv_pages: int | None = None,
         kv_cache_bytes: int = 1 << 28,
+        tensor_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
     ):
         started = time.perf_counter()
         if str(device).split(":")[0] not in DEVICES:
@@ -83,10 +96,13 @@ class LLM:
         ):
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}: expected an int >= {least}, got {value!r}")
-        checkpoint = load_checkpoint(model)
+        self.parallel = _parallel_layout(tensor_parallel_size, expert_parallel_size, str(device))
+        config = ModelConfig.from_file(Path(model) / "config.json")
+        self.parallel.check(config)
+        checkpoint = load_checkpoint(model, config, keep=self.parallel.tensor_filter(config))
         if speculative == "mtp" and not checkpoint.has_mtp:
             raise ValueError(f"speculative='mtp': the checkpoint at {model} has no MTP layer")
-        self.model = DeepseekV3(checkpoint, dtype, device, backend)
+        self.model = DeepseekV3(checkpoint, dtype, device, backend, self.parallel)
         config = self.model.config
         self.max_model_len = max_model_len or config.max_position_embeddings
         if not 1 <= self.max_model_len <= config.max_position_embeddings:
@@ -122,6 +138,7 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params: expected one per prompt ({len(prompts)}), got {len(params)}")
         sequences = [self._sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+        self._share_seeds(sequences)
         scheduler = Scheduler(self.cache.allocator, self.max_num_seqs, self.max_num_batched_tokens, self.speculative)
         engine = Engine(self.model, self.cache, scheduler, self.speculative)
         for sequence in sequences:
@@ -131,6 +148,18 @@ class LLM:
         engine.stats.preemptions = scheduler.num_preemptions
         self.stats = engine.stats
         return [_output(s, p) for s, p in zip(sequences, prompts, strict=True)]
+
+    def _share_seeds(self, sequences: list[Sequence]) -> None:
+        """Unseeded requests draw from generators seeded by rank 0, so that every rank samples the same tokens."""
+        if not self.parallel.distributed or all(s.params.seed is not None for s in sequences):
+            return
+        seeds = torch.randint(0, 2**62, (len(sequences),), dtype=torch.int64)
+        if dist.get_backend() == "nccl":
+            seeds = seeds.cuda()
+        dist.broadcast(seeds, src=0)
+        for sequence, seed in zip(sequences, seeds.tolist(), strict=True):
+            if sequence.params.seed is None:
+                sequence.generator.manual_seed(seed)
 
     def _sequence(self, index: int, prompt: str | list[int], params: SamplingParams) -> Sequence:
         if not isinstance(params, SamplingParams):
@@ -164,6 +193,22 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("chat: this checkpoint has no tokenizer.json")
         return self.generate([self.tokenizer.encode_chat(messages)], sampling_params)[0]
+
+
+def _parallel_layout(tensor_parallel_size: int, expert_parallel_size: int, device: str) -> Parallel:
+    """The process layout; joins torchrun's process group first when more than one rank is asked for."""
+    for name, value in (("tensor_parallel_size", tensor_parallel_size), ("expert_parallel_size", expert_parallel_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if max(tensor_parallel_size, expert_parallel_size) > 1 and not dist.is_initialized() and "WORLD_SIZE" in os.environ:
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return Parallel(tensor_parallel_size, expert_parallel_size)
+    if max(tensor_parallel_size, expert_parallel_size) > 1:
+        return Parallel(tensor_parallel_size, expert_parallel_size)  # raises: one process cannot hold the ranks
+    return Parallel.single()
 
 
 def _output(sequence: Sequence, prompt: str | list[int]) -> RequestOutput:
