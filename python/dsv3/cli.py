@@ -93,7 +93,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _add_generation_commands(commands) -> None:
-    from dsv3.cli_generate import add_model_options, add_sampling_options
+    from dsv3.cli_generate import add_model_options, add_parallel_options, add_sampling_options
 
     demo = commands.add_parser("demo", help="self-check, then generate with a tiny checkpoint (made on first use)")
     demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -110,6 +110,7 @@ def _add_generation_commands(commands) -> None:
     generate.add_argument("path", help="checkpoint directory")
     generate.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
     add_model_options(generate)
+    add_parallel_options(generate)
     add_sampling_options(generate, max_tokens=64)
     generate.set_defaults(run=_generate)
     chat = commands.add_parser("chat", help="chat through the checkpoint's template; one user turn per stdin line")

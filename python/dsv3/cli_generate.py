@@ -16,6 +16,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative", default=None, choices=["mtp"], help="draft with the MTP module")
 
 
+def add_parallel_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel ranks for attention and dense layers (under torchrun)"
+    )
+    parser.add_argument(
+        "--ep", type=int, default=1, help="expert-parallel ranks for the routed experts (under torchrun)"
+    )
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     parser.add_argument("--max-tokens", type=int, default=max_tokens)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
@@ -36,7 +45,16 @@ def load(args: argparse.Namespace, path: str | Path):
         kv_cache_dtype=args.kv_cache_dtype,
         speculative=args.speculative,
         backend=args.backend,
+        tensor_parallel_size=getattr(args, "tp", 1),
+        expert_parallel_size=getattr(args, "ep", 1),
     )
+
+
+def _prints() -> bool:
+    """Under torchrun every rank generates the same text; only rank 0 prints it."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def sampling_params(args: argparse.Namespace):
@@ -70,7 +88,10 @@ def format_stats(llm) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     llm = load(args, args.path)
-    for output in llm.generate(args.prompt, params):
+    outputs = llm.generate(args.prompt, params)
+    if not _prints():
+        return 0
+    for output in outputs:
         print(f"--- prompt {output.index}: {output.prompt!r}")
         print(output.text)
         print(f"({output.num_generated_tokens} tokens, {output.finish_reason})")

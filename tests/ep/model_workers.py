@@ -108,3 +108,8 @@ def bad_layouts(rank: int, world: int, checkpoint: str, scratch: str) -> None:
         with pytest.raises(ValueError, match=match):  # checked before any weight is read
             LLM(odd, dtype="float32", tensor_parallel_size=tp, expert_parallel_size=ep)
     dist.barrier()
+
+
+def world_2(rank: int, world: int, combos: list, references: dict, checkpoint: str, scratch: str) -> None:
+    run_combos(rank, world, combos, references)
+    bad_layouts(rank, world, checkpoint, scratch)

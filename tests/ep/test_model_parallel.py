@@ -3,6 +3,11 @@ within 1e-4), the same greedy tokens, bit-identical results on every rank, and b
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -33,7 +38,8 @@ def references(checkpoints):
     return refs
 
 
-def test_world_2(checkpoints, references, tmp_path) -> None:
+def test_world_2_and_bad_layouts(checkpoints, references, tmp_path) -> None:
+    """The three layouts of two ranks, both checkpoint formats, then bad layouts raising on every rank (one spawn)."""
     fp8, bf16 = (str(p) for p in checkpoints)
     combos = [
         (fp8, 2, 1, "float32"),
@@ -43,7 +49,7 @@ def test_world_2(checkpoints, references, tmp_path) -> None:
         (fp8, 1, 2, "bfloat16"),
         (fp8, 2, 2, "bfloat16"),
     ]
-    run_ranks(2, model_workers.run_combos, combos, references, timeout=90)
+    run_ranks(2, model_workers.world_2, combos, references, fp8, str(tmp_path), timeout=90)
 
 
 def test_world_4(checkpoints, references) -> None:
@@ -52,8 +58,32 @@ def test_world_4(checkpoints, references) -> None:
     run_ranks(4, model_workers.run_combos, combos, references, timeout=120)
 
 
-def test_bad_layouts_raise_on_every_rank(checkpoints, tmp_path) -> None:
-    run_ranks(2, model_workers.bad_layouts, str(checkpoints[0]), str(tmp_path), timeout=60)
+def test_generate_command_under_torchrun(checkpoints) -> None:
+    """`torchrun --nproc-per-node 2 -m dsv3 generate --tp 2 --ep 2` prints once what one process prints."""
+    args = [str(checkpoints[0]), "--prompt", "Hello", "--prompt", "The days", "--max-tokens", "4", "--dtype", "float32"]
+    args += ["--temperature", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "-m", "dsv3", "generate", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert single.returncode == 0, single.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    # Its own session, so that a hang kills the workers too, not only torchrun.
+    proc = subprocess.Popen(
+        [*torchrun, "-m", "dsv3", "generate", *args, "--tp", "2", "--ep", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish within 60 s\n{stderr}")
+    run = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert run.returncode == 0, run.stderr
+    texts = [line for line in run.stdout.splitlines() if not line.startswith("load ")]
+    assert texts == [line for line in single.stdout.splitlines() if not line.startswith("load ")]
+    assert run.stdout.count("--- prompt 0") == 1
 
 
 def test_layout_rules() -> None:
