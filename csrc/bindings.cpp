@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "cpu/cpu_ops.h"
+#include "dsv3/ep_params.h"
 #include "dsv3/gemm_schedule.h"
 #include "dsv3/moe_params.h"
 #include "dsv3/quant_params.h"
@@ -186,6 +187,56 @@ dsv3::MoeUnpermuteParams moe_unpermute_params(std::uintptr_t y, int32_t dtype, s
           topk,
           rows,
           hidden};
+}
+
+// Binds the expert-parallel packing kernels on `module`; `Extra` is the trailing stream argument of the CUDA ones.
+template <typename... Extra, typename Copy, typename Combine, typename... ExtraArgs>
+void def_ep_ops(py::module_& module, Copy copy, Combine combine, ExtraArgs... extra_args) {
+  module.def(
+      "ep_copy_rows",
+      [copy](std::uintptr_t src, std::uintptr_t dst, std::uintptr_t src_index, std::uintptr_t dst_index, int64_t rows,
+             int64_t src_rows, int64_t dst_rows, int64_t src_stride, int64_t dst_stride, int64_t src_offset,
+             int64_t dst_offset, int64_t row_bytes, Extra... extra) {
+        const dsv3::EpCopyRowsParams params{pointer<const uint8_t>(src),
+                                            pointer<uint8_t>(dst),
+                                            pointer<const int64_t>(src_index),
+                                            pointer<const int64_t>(dst_index),
+                                            rows,
+                                            src_rows,
+                                            dst_rows,
+                                            src_stride,
+                                            dst_stride,
+                                            src_offset,
+                                            dst_offset,
+                                            row_bytes};
+        py::gil_scoped_release release;
+        copy(params, extra...);
+      },
+      py::arg("src"), py::arg("dst"), py::arg("src_index"), py::arg("dst_index"), py::arg("rows"), py::arg("src_rows"),
+      py::arg("dst_rows"), py::arg("src_stride"), py::arg("dst_stride"), py::arg("src_offset"), py::arg("dst_offset"),
+      py::arg("row_bytes"), extra_args...);
+  module.def(
+      "ep_combine_reduce",
+      [combine](std::uintptr_t src, int32_t src_dtype, std::uintptr_t token, std::uintptr_t rank_offsets,
+                std::uintptr_t out, int64_t rows, int64_t tokens, int64_t cols, int64_t num_ranks, int64_t src_stride,
+                int64_t src_offset, Extra... extra) {
+        const dsv3::EpCombineParams params{pointer<const uint8_t>(src),
+                                           static_cast<DType>(src_dtype),
+                                           pointer<const int64_t>(token),
+                                           pointer<const int64_t>(rank_offsets),
+                                           pointer<float>(out),
+                                           rows,
+                                           tokens,
+                                           cols,
+                                           num_ranks,
+                                           src_stride,
+                                           src_offset};
+        py::gil_scoped_release release;
+        combine(params, extra...);
+      },
+      py::arg("src"), py::arg("src_dtype"), py::arg("token"), py::arg("rank_offsets"), py::arg("out"), py::arg("rows"),
+      py::arg("tokens"), py::arg("cols"), py::arg("num_ranks"), py::arg("src_stride"), py::arg("src_offset"),
+      extra_args...);
 }
 
 py::dict build_info() {
@@ -397,6 +448,9 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("y"), py::arg("dtype"), py::arg("row_of"), py::arg("weights"), py::arg("out"), py::arg("tokens"),
       py::arg("topk"), py::arg("rows"), py::arg("hidden"));
+  def_ep_ops(
+      cpu, [](const dsv3::EpCopyRowsParams& params) { dsv3::cpu::ep_copy_rows(params); },
+      [](const dsv3::EpCombineParams& params) { dsv3::cpu::ep_combine_reduce(params); });
 
 #if defined(DSV3_WITH_CUDA)
   py::module_ cuda = m.def_submodule("cuda", "CUDA kernels (sm_90a)");
@@ -492,5 +546,10 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("y"), py::arg("dtype"), py::arg("row_of"), py::arg("weights"), py::arg("out"), py::arg("tokens"),
       py::arg("topk"), py::arg("rows"), py::arg("hidden"), py::arg("stream"));
+  def_ep_ops<std::uintptr_t>(
+      cuda,
+      [](const dsv3::EpCopyRowsParams& params, std::uintptr_t stream) { dsv3::cuda::ep_copy_rows(params, stream); },
+      [](const dsv3::EpCombineParams& params, std::uintptr_t stream) { dsv3::cuda::ep_combine_reduce(params, stream); },
+      py::arg("stream"));
 #endif
 }

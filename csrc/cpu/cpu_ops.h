@@ -2,6 +2,7 @@
 // Entry points of the CPU kernels (csrc/cpu/*.cpp). Each validates its parameters and runs on the calling thread's
 // OpenMP team.
 
+#include "dsv3/ep_params.h"
 #include "dsv3/gemm_params.h"
 #include "dsv3/grouped_gemm_params.h"
 #include "dsv3/mla_params.h"
@@ -29,5 +30,10 @@ void moe_layout_count(const MoeLayoutParams& params);
 void moe_layout_scatter(const MoeLayoutParams& params);
 void moe_permute(const MoePermuteParams& params);
 void moe_unpermute(const MoeUnpermuteParams& params);
+
+// Expert-parallel packing: byte-row copies (index values checked, destinations distinct) and the rank-ordered fp32
+// reduction of returned rows (tokens of one rank distinct).
+void ep_copy_rows(const EpCopyRowsParams& params);
+void ep_combine_reduce(const EpCombineParams& params);
 
 }  // namespace dsv3::cpu

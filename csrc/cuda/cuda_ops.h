@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "dsv3/ep_params.h"
 #include "dsv3/gemm_params.h"
 #include "dsv3/grouped_gemm_params.h"
 #include "dsv3/moe_params.h"
@@ -41,5 +42,9 @@ void moe_layout_scatter(const MoeLayoutParams& params, std::uintptr_t stream);
 // Rows whose src_token lies outside [0, tokens) are zero rows; slots whose row_of lies outside [0, rows) add nothing.
 void moe_permute(const MoePermuteParams& params, std::uintptr_t stream);
 void moe_unpermute(const MoeUnpermuteParams& params, std::uintptr_t stream);
+// Expert-parallel packing. Index values outside their range skip the row (as -1 does); destinations (copy) and the
+// tokens of one rank (combine) must be distinct. params.rank_offsets is read on the host: one launch per rank.
+void ep_copy_rows(const EpCopyRowsParams& params, std::uintptr_t stream);
+void ep_combine_reduce(const EpCombineParams& params, std::uintptr_t stream);
 
 }  // namespace dsv3::cuda

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from dsv3.ep.layout import INDEX_DTYPES, check_num_experts, check_topk_idx, dispatch_layout
 from dsv3.ep.low_latency import LowLatencyHandle, low_latency_combine, low_latency_dispatch
 from dsv3.ep.transport import exchange_rows, pack_rows, row_bytes, unpack_rows
+from dsv3.ops.ep import combine_reduce
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None),) if d is not None)
@@ -290,14 +291,13 @@ class Buffer:
         if topk_weights is not None:
             parts.append(_expect(topk_weights, "topk_weights", (torch.float32,), (m, None)))
         buf = exchange_rows(pack_rows(parts), handle.recv_counts, handle.send_counts, self.group)
-        back = unpack_rows(buf, [(t.dtype, t.shape[1]) for t in parts])
-        sums = [torch.zeros(handle.num_tokens, t.shape[1], dtype=torch.float32, device=t.device) for t in back]
-        # One index_add_ per source rank: a rank returns each token at most once, so every add is a single,
-        # ordered fp32 addition, also where index_add_ uses atomics.
-        tokens = handle.send_token.split(handle.send_counts)
-        for total, rows in zip(sums, back, strict=True):
-            for token, chunk in zip(tokens, rows.split(handle.send_counts), strict=True):
-                total.index_add_(0, token, chunk.float())
+        # Rows come back grouped by the rank that held them, and a rank returns each token at most once: the kernel
+        # adds every token's copies in fp32 in rank order from +0, straight from the received bytes.
+        sums, offset = [], 0
+        for t in parts:
+            token, counts, n = handle.send_token, handle.send_counts, handle.num_tokens
+            sums.append(combine_reduce(buf, t.dtype, t.shape[1], token, counts, n, offset))
+            offset += t.shape[1] * t.element_size()
         combined_x = sums[0].to(x.dtype)
         return combined_x, (sums[1] if topk_weights is not None else None), None
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from dsv3.ep.layout import check_num_experts, check_topk_idx
 from dsv3.ep.transport import pack_rows, unpack_rows
+from dsv3.ops.ep import copy_rows, weighted_rows_sum
 
 QUANT_GROUP = 128
 
@@ -91,8 +92,9 @@ def low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8, round_sc
         hot.scatter_(1, torch.where(valid, g, num_experts), 1)
         before = hot.cumsum(0) - hot
         position = torch.where(valid, before.gather(1, torch.where(valid, g, num_experts)), -1)
-        dest = (g // local) * block + (g % local) * max_tokens + position
-        send.index_copy_(0, dest[valid], rows[valid.nonzero()[:, 0]])
+        dest = torch.where(valid, (g // local) * block + (g % local) * max_tokens + position, -1)
+        source = torch.arange(n, device=x.device).repeat_interleave(g.shape[1])  # the token of each (token, slot)
+        copy_rows(rows, send, src_index=source, dst_index=dest.reshape(-1))
     else:
         position = torch.full_like(g, -1)
 
@@ -112,12 +114,13 @@ def low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8, round_sc
     i = torch.arange(max_tokens, device=x.device)
     e = torch.arange(local, device=x.device)
     packed_at = e[None, :, None] * capacity + offset[:, :, None] + i[None, None, :]  # [src, e, i]
-    payload = body[..., 8:].reshape(r * local * max_tokens, -1)
+    slots = body.reshape(r * local * max_tokens, -1)
     flat_used = used.reshape(-1)
-    packed = torch.zeros(local * capacity, payload.shape[1], dtype=torch.uint8, device=x.device)
-    packed.index_copy_(0, packed_at.reshape(-1)[flat_used], payload[flat_used])
+    target = torch.where(flat_used, packed_at.reshape(-1), -1)  # packed row of each received slot, -1 if unused
+    packed = torch.zeros(local * capacity, slots.shape[1] - 8, dtype=torch.uint8, device=x.device)
+    copy_rows(slots, packed, dst_index=target, src_offset=8)  # the payload, without the token index
     packed_slot = torch.full((local * capacity,), -1, dtype=torch.int64, device=x.device)
-    packed_slot[packed_at.reshape(-1)[flat_used]] = flat_used.nonzero()[:, 0]
+    packed_slot[target[flat_used]] = flat_used.nonzero()[:, 0]
 
     out = [t.view(local, capacity, -1) for t in unpack_rows(packed, [(t.dtype, t.shape[1]) for t in parts])]
     recv_x = (out[0], out[1]) if use_fp8 else out[0]
@@ -134,16 +137,11 @@ def low_latency_combine(x, topk_idx, topk_weights, handle: LowLatencyHandle, gro
     hidden, t = handle.hidden, handle.num_max_dispatch_tokens_per_rank
     local = handle.num_experts // r
     rows = x.reshape(-1, hidden)
-    used = handle.packed_slot >= 0
     ret = torch.zeros(r * local * t, hidden, dtype=x.dtype, device=x.device)
-    ret.index_copy_(0, handle.packed_slot[used], rows[used])
-    back = unpack_rows(_exchange_equal(pack_rows([ret]), group), [(x.dtype, hidden)])[0]  # [R * L * T, H]
-    # Block (rank j, expert e) of the return holds expert j*L + e's outputs for this rank's tokens.
+    copy_rows(rows.contiguous(), ret, dst_index=handle.packed_slot)  # each packed row back to its exchange slot
+    back = _exchange_equal(ret.view(torch.uint8), group).view(x.dtype)  # [R * L * T, H]
+    # Block (rank j, expert e) of the return holds expert j*L + e's outputs for this rank's tokens; the source adds
+    # its k weighted outputs in fp32 in slot order, as a single process adds its experts' outputs.
     g = handle.topk_idx
-    valid = g >= 0
-    at = torch.where(valid, g * t + handle.position, 0)
-    combined = torch.zeros(g.shape[0], hidden, dtype=torch.float32, device=x.device)
-    for k in range(g.shape[1]):  # slot order, one ordered fp32 add per slot
-        term = topk_weights[:, k, None] * back.index_select(0, at[:, k]).float()
-        combined = combined + torch.where(valid[:, k, None], term, torch.zeros_like(term))
-    return combined.to(x.dtype)
+    row_of = torch.where(g >= 0, g * t + handle.position, -1)
+    return weighted_rows_sum(back, row_of, topk_weights.contiguous())

@@ -1,13 +1,16 @@
 """Rows of several tensors travel as one uint8 tensor through one all_to_all_single.
 
 Byte rows let any dtype cross any backend (gloo and NCCL refuse float8; gloo is picky about bfloat16) and let the
-payload, its scales and its routing share a single collective.
+payload, its scales and its routing share a single collective. Packing and unpacking are dsv3 kernels
+(dsv3.ops.ep.copy_rows: one pass per tensor, straight between the tensor and its columns of the buffer).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from dsv3.ops.ep import copy_rows
 
 
 def row_bytes(tensors: list[torch.Tensor]) -> int:
@@ -16,20 +19,23 @@ def row_bytes(tensors: list[torch.Tensor]) -> int:
 
 def pack_rows(tensors: list[torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
     """[N, c_i] tensors -> uint8 [N, Σ c_i * itemsize_i]; with rows (int64 [S]), only those rows, in that order."""
-    parts = []
+    count = tensors[0].shape[0] if rows is None else rows.shape[0]
+    out = torch.empty(count, row_bytes(tensors), dtype=torch.uint8, device=tensors[0].device)
+    offset = 0
     for t in tensors:
-        t = t if rows is None else t.index_select(0, rows)
-        parts.append(t.contiguous().view(torch.uint8))  # [N, c] -> [N, c * itemsize]
-    return torch.cat(parts, dim=1)
+        copy_rows(t.contiguous(), out, src_index=rows, dst_offset=offset)
+        offset += t.shape[1] * t.element_size()
+    return out
 
 
 def unpack_rows(buf: torch.Tensor, like: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
     """Inverse of pack_rows: uint8 [M, bytes] -> one [M, cols] tensor per (dtype, cols) of like."""
     out, offset = [], 0
     for dtype, cols in like:
-        width = cols * torch.empty(0, dtype=dtype).element_size()
-        out.append(buf[:, offset : offset + width].contiguous().view(dtype))
-        offset += width
+        t = torch.empty(buf.shape[0], cols, dtype=dtype, device=buf.device)
+        copy_rows(buf, t, src_offset=offset)
+        out.append(t)
+        offset += cols * t.element_size()
     return out
 
 
