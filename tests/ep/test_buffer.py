@@ -36,3 +36,7 @@ def test_stuck_rank_fails_within_the_timeout() -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_latency_agrees_with_the_normal_path(world: int) -> None:
     run_ranks(world, workers.low_latency)
+
+
+def test_asynchronous_calls_overlap_and_match_the_synchronous_ones() -> None:
+    run_ranks(2, workers.asynchronous, timeout=40)

@@ -287,3 +287,90 @@ def low_latency(rank: int, world: int) -> None:
         with pytest.raises(ValueError, match="differs from the topk_idx"):
             buffer.low_latency_combine(y, torch.full_like(idx, -1), w, ll_handle)
     assert torch.equal(buffer.low_latency_dispatch(x, idx, t_max, e, use_fp8=False)[0], packed)
+
+
+def asynchronous(rank: int, world: int) -> None:
+    """async_finish: outputs bit-identical to the synchronous calls, filled at event.wait(); the calls return while
+    a peer has not even entered the collective (so computation overlaps it); errors surface at wait on every rank."""
+    from dsv3.ep import EventOverlap
+
+    buffer = Buffer()
+    for case in CASES[:2]:
+        e = case.experts_per_rank * world
+        x, idx, w = case_inputs(case, rank, world)
+        per_rank, _, per_expert, in_rank, event = buffer.get_dispatch_layout(idx, e, async_finish=True)
+        assert isinstance(event, EventOverlap)
+        layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        args = dict(topk_idx=idx, topk_weights=w, expert_alignment=case.alignment, **layout)
+        want = buffer.dispatch(x, **args)
+        got = buffer.dispatch(x, previous_event=event, async_finish=True, **args)
+        got[5].current_stream_wait()
+        for a, b, what in zip(got[:3], want[:3], ("recv_x", "recv_topk_idx", "recv_topk_weights"), strict=True):
+            assert_bits(a, b, f"async {what}")
+        assert got[3] == want[3], "async num_recv_tokens_per_expert_list"
+        handle = want[4]
+        want_c = buffer.combine(want[0], handle, topk_weights=want[2])
+        got_c = buffer.combine(got[0], got[4], topk_weights=got[2], async_finish=True)
+        got_c[2].wait()
+        assert_bits(got_c[0], want_c[0], "async combined_x")
+        assert_bits(got_c[1], want_c[1], "async combined_topk_weights")
+
+    # Overlap: rank 1 enters the exchange a second late; rank 0's calls return at once and it computes meanwhile.
+    case = CASES[0]
+    e = case.experts_per_rank * world
+    x, idx, w = case_inputs(case, rank, world)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, e)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+    )  # fmt: skip
+    if rank == 1:
+        time.sleep(1.0)
+    start = time.monotonic()
+    again, _, _, _, _, event = buffer.dispatch(x, handle=handle, async_finish=True)
+    if rank == 0:
+        assert time.monotonic() - start < 0.5, "an asynchronous dispatch waited for its peers"
+        assert not event.is_done()
+        a = torch.randn(128, 128)
+        for _ in range(20):  # computation while the rows are in flight
+            a = torch.tanh(a @ a)
+    event.wait()
+    assert event.is_done()
+    assert_bits(again, recv_x, "overlapped cached dispatch")
+    if rank == 1:
+        time.sleep(1.0)
+    start = time.monotonic()
+    back, _, event = buffer.combine(recv_x, handle, async_finish=True)
+    if rank == 0:
+        assert time.monotonic() - start < 0.5, "an asynchronous combine waited for its peers"
+    event.wait()
+    reached = in_rank.sum(1, keepdim=True).float()
+    assert_bits(back, (x.float() * reached).to(case.dtype), "overlapped combine")
+
+    # Low latency: the event and the receive hook are the same completion; results equal the synchronous path.
+    case, t_max = LL_CASE, LL_MAX_TOKENS
+    e = case.experts_per_rank * world
+    x, idx, w = case_inputs(case, rank, world)
+    (q, s), count, ll_handle, _, _ = buffer.low_latency_dispatch(x, idx, t_max, e)
+    (aq, a_s), a_count, a_handle, event, hook = buffer.low_latency_dispatch(
+        x, idx, t_max, e, async_finish=True, return_recv_hook=True
+    )
+    assert event is hook
+    hook()
+    assert_bits(aq.view(torch.uint8), q.view(torch.uint8), "async low-latency FP8 rows")
+    assert_bits(a_s, s, "async low-latency scales")
+    assert torch.equal(a_count, count) and torch.equal(a_handle.packed_slot, ll_handle.packed_slot)
+    y = (q.float() * 0.5).to(torch.bfloat16)
+    want_y = buffer.low_latency_combine(y, idx, w, ll_handle)[0]
+    got_y, event, hook = buffer.low_latency_combine(y, idx, w, a_handle, async_finish=True)
+    assert hook is None
+    event.wait()
+    assert_bits(got_y, want_y, "async low_latency_combine")
+    # Bad input on rank 1 surfaces when the exchange is waited for, on every rank.
+    too_many = torch.zeros(t_max + 1, case.hidden, dtype=case.dtype), torch.zeros(t_max + 1, case.topk).long()
+    args = too_many if rank == 1 else (x, idx)
+    *_, event, _ = buffer.low_latency_dispatch(*args, t_max, e, use_fp8=False, async_finish=True)
+    with pytest.raises(ValueError, match="more than num_max" if rank == 1 else r"rank\(s\) \[1\]"):
+        event.wait()
+    with pytest.raises(TypeError, match="previous_event: expected an EventOverlap"):
+        buffer.get_dispatch_layout(idx, e, previous_event=object())

@@ -13,8 +13,14 @@ Usage, on every rank of ``group``::
 Transport is ``all_to_all_single`` (gloo on CPU, NCCL on GPU); rows cross as bytes, so FP8 payloads work everywhere.
 Differences from DeepEP:
 
-* Calls are synchronous on the current stream: ``event`` is always None, ``async_finish=True`` and a
-  ``previous_event`` are refused, and ``config`` / ``allocate_on_comm_stream`` / the buffer sizes are accepted for
+* ``async_finish=True`` starts the payload exchange and returns at once with the outputs allocated and an
+  ``EventOverlap`` (dsv3.ep.event): its ``wait()`` / ``current_stream_wait()`` waits for the exchange and fills the
+  outputs (the unpacking runs then), so computation can overlap the communication. The small count/status exchange
+  of a non-cached dispatch stays synchronous (the receive sizes come from it); an asynchronous non-cached dispatch
+  adds one more small exchange, of the per-expert counts, so that ``num_recv_tokens_per_expert_list`` is known
+  before the rows arrive. ``previous_event`` is waited for before the call starts. The low-latency calls take
+  ``async_finish`` and ``return_recv_hook``: the event and the hook are the same completion, and bad input there
+  raises at that wait, on every rank. ``config`` / ``allocate_on_comm_stream`` / the buffer sizes are accepted for
   call compatibility only (every call allocates what it needs).
 * A non-cached dispatch moves a small status message first (token counts, an input-error flag, the row width and
   num_experts of every rank): bad input on any rank makes every rank raise ``EPInputError`` (a ValueError) before any
@@ -32,9 +38,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dsv3.ep.event import EventOverlap, wait_previous
 from dsv3.ep.layout import INDEX_DTYPES, check_num_experts, check_topk_idx, dispatch_layout
 from dsv3.ep.low_latency import LowLatencyHandle, low_latency_combine, low_latency_dispatch
-from dsv3.ep.transport import exchange_rows, pack_rows, row_bytes, unpack_rows
+from dsv3.ep.transport import exchange_rows, pack_rows, row_bytes, unpack_into
 from dsv3.ops.ep import combine_reduce
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -94,9 +101,9 @@ def _payload(x: object) -> list[torch.Tensor]:
     return [_expect(x, "x", FLOAT_DTYPES, (None, None))]
 
 
-def _refuse_async(previous_event: object, async_finish: bool) -> None:
-    if previous_event is not None or async_finish:
-        raise NotImplementedError("dsv3.ep.Buffer runs synchronously: pass previous_event=None, async_finish=False")
+def _event_and_hook(event: EventOverlap | None, async_finish: bool, return_recv_hook: bool) -> tuple:
+    """(event, hook) of a low-latency call: the same completion, as DeepEP's event and as its receive hook."""
+    return (event if async_finish else None), (event if return_recv_hook else None)
 
 
 class Buffer:
@@ -131,14 +138,16 @@ class Buffer:
         previous_event: object = None,
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
-    ) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor, None]:
+    ):
         """topk_idx int32/int64 [N, k] (-1 = no expert) -> (num_tokens_per_rank int32 [R], None,
-        num_tokens_per_expert int32 [E], is_token_in_rank bool [N, R], None). Local: no communication."""
-        _refuse_async(previous_event, async_finish)
+        num_tokens_per_expert int32 [E], is_token_in_rank bool [N, R], event). Local: no communication, so the
+        event of async_finish=True is complete already (it exists for DeepEP's call shape)."""
+        wait_previous(previous_event)
         check_num_experts(num_experts, self.group_size)
         check_topk_idx(topk_idx, num_experts)
         per_rank, per_expert, in_rank = dispatch_layout(topk_idx, num_experts, self.group_size)
-        return per_rank, None, per_expert, in_rank, None
+        event = EventOverlap() if async_finish else None
+        return per_rank, None, per_expert, in_rank, event
 
     # -----------------------------------------------------------------------------------------------------------------
     # Dispatch
@@ -164,7 +173,7 @@ class Buffer:
 
         x: float [N, H], or (x_fp8 e4m3 [N, H], scales f32 [N, S]). Without a handle: topk_idx int [N, k],
         topk_weights f32 [N, k] and the layout from get_dispatch_layout. Returns (recv_x, recv_topk_idx,
-        recv_topk_weights, num_recv_tokens_per_expert_list, handle, None):
+        recv_topk_weights, num_recv_tokens_per_expert_list, handle, event) (event: None unless async_finish):
 
         * recv_x: rows grouped by source rank, each source's tokens in ascending order (a pair for an FP8 x);
         * recv_topk_idx [M, k] (topk_idx's dtype): local expert ids, -1 where the expert lives on another rank;
@@ -172,11 +181,11 @@ class Buffer:
         * num_recv_tokens_per_expert_list: rows per local expert, each rounded up to expert_alignment.
 
         With a handle from an earlier dispatch the same rows move again without exchanging the layout, and only
-        recv_x is returned: (recv_x, None, None, None, handle, None).
+        recv_x is returned: (recv_x, None, None, None, handle, event).
         """
-        _refuse_async(previous_event, async_finish)
+        wait_previous(previous_event)
         if handle is not None:
-            return self._cached_dispatch(x, handle)
+            return self._cached_dispatch(x, handle, async_finish)
         problem, send_token, send_counts, parts, num_experts = None, None, [0] * self.group_size, [], 0
         try:
             parts, send_token, send_counts, num_experts = self._check_dispatch(
@@ -187,20 +196,32 @@ class Buffer:
             problem = error
         device = parts[0].device if parts else torch.device("cpu")
         recv_counts = self._exchange_status(send_counts, problem, row_bytes(parts), num_experts, device)
-        buf = exchange_rows(pack_rows(parts, send_token), send_counts, recv_counts, self.group)
-        recv = unpack_rows(buf, [(t.dtype, t.shape[1]) for t in parts])
-        recv_x = (recv[0], recv[1]) if isinstance(x, tuple) else recv[0]
-        recv_idx_global, recv_weights = recv[-2], recv[-1]
-
         local_experts = num_experts // self.group_size
-        local = recv_idx_global - self.rank * local_experts
-        mine = (recv_idx_global >= 0) & (local >= 0) & (local < local_experts)
-        recv_topk_idx = torch.where(mine, local, torch.full_like(local, -1))
-        recv_topk_weights = torch.where(mine, recv_weights, torch.zeros_like(recv_weights))
-        per_expert = torch.bincount(recv_topk_idx[mine].long(), minlength=local_experts)
+        if async_finish:
+            # The counts per local expert must be known before the rows arrive: every source sends its counts for
+            # this rank's experts (a small exchange, after the status one has proven that every rank agrees on E).
+            per_expert = self._exchange_equal(num_tokens_per_expert.to(torch.int64).view(self.group_size, -1)).sum(0)
+        buf, work = exchange_rows(pack_rows(parts, send_token), send_counts, recv_counts, self.group, async_finish)
+        m = sum(recv_counts)
+        recv = [torch.empty(m, t.shape[1], dtype=t.dtype, device=device) for t in parts]
+        recv_x = (recv[0], recv[1]) if isinstance(x, tuple) else recv[0]
+        recv_topk_idx, recv_topk_weights = recv[-2], recv[-1]
+
+        def finish() -> None:
+            unpack_into(buf, recv)
+            # Global expert ids -> this rank's local ids in place; the weights of other ranks' experts -> 0.
+            local = recv_topk_idx - self.rank * local_experts
+            mine = (recv_topk_idx >= 0) & (local >= 0) & (local < local_experts)
+            recv_topk_idx.copy_(torch.where(mine, local, torch.full_like(local, -1)))
+            recv_topk_weights.copy_(torch.where(mine, recv_topk_weights, torch.zeros_like(recv_topk_weights)))
+
+        if not async_finish:
+            finish()
+            per_expert = torch.bincount(recv_topk_idx[recv_topk_idx >= 0].long(), minlength=local_experts)
         per_expert = (per_expert + expert_alignment - 1) // expert_alignment * expert_alignment
         handle = DispatchHandle(send_token, send_counts, recv_counts, parts[0].shape[0])
-        return recv_x, recv_topk_idx, recv_topk_weights, per_expert.tolist(), handle, None
+        event = EventOverlap(work, finish) if async_finish else None
+        return recv_x, recv_topk_idx, recv_topk_weights, per_expert.tolist(), handle, event
 
     def _check_dispatch(
         self, x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, alignment
@@ -251,16 +272,30 @@ class Buffer:
             raise EPInputError(f"dispatch aborted: ranks disagree on row bytes {widths} or num_experts {experts}")
         return received[:, 0].tolist()
 
-    def _cached_dispatch(self, x, handle: DispatchHandle):
+    def _exchange_equal(self, send: torch.Tensor) -> torch.Tensor:
+        """A small all_to_all of equal int64 blocks (on the GPU when the group is NCCL's), returned on the host."""
+        if dist.get_backend(self.group) == "nccl":
+            send = send.to(torch.device("cuda", torch.cuda.current_device()))
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send.contiguous(), group=self.group)
+        return received.cpu()
+
+    def _cached_dispatch(self, x, handle: DispatchHandle, async_finish: bool):
         if not isinstance(handle, DispatchHandle):
             raise EPInputError(f"handle: expected a DispatchHandle from dispatch, got {type(handle).__name__}")
         parts = _payload(x)
         if parts[0].shape[0] != handle.num_tokens:
             raise EPInputError(f"x: the handle is for {handle.num_tokens} tokens, got {parts[0].shape[0]}")
-        buf = exchange_rows(pack_rows(parts, handle.send_token), handle.send_counts, handle.recv_counts, self.group)
-        recv = unpack_rows(buf, [(t.dtype, t.shape[1]) for t in parts])
+        buf, work = exchange_rows(
+            pack_rows(parts, handle.send_token), handle.send_counts, handle.recv_counts, self.group, async_finish
+        )
+        m = handle.num_recv_tokens
+        recv = [torch.empty(m, t.shape[1], dtype=t.dtype, device=t.device) for t in parts]
         recv_x = (recv[0], recv[1]) if isinstance(x, tuple) else recv[0]
-        return recv_x, None, None, None, handle, None
+        if not async_finish:
+            unpack_into(buf, recv)
+            return recv_x, None, None, None, handle, None
+        return recv_x, None, None, None, handle, EventOverlap(work, lambda: unpack_into(buf, recv))
 
     # -----------------------------------------------------------------------------------------------------------------
     # Combine
@@ -279,27 +314,34 @@ class Buffer:
         """Send each received row back to its source token and add the copies up.
 
         x: float [M, H], rows in dispatch's receive order; topk_weights: optional f32 [M, k]. Returns
-        (combined_x [N, H] in x's dtype, combined_topk_weights f32 [N, k] or None, None): per token, the sum of the
+        (combined_x [N, H] in x's dtype, combined_topk_weights f32 [N, k] or None, event): per token, the sum of the
         rows (and weights) sent back by every rank it reached, added in fp32 in rank order from +0 and rounded once;
         a token that reached no rank gets zeros.
         """
-        _refuse_async(previous_event, async_finish)
+        wait_previous(previous_event)
         if not isinstance(handle, DispatchHandle):
             raise EPInputError(f"handle: expected the DispatchHandle of a dispatch, got {type(handle).__name__}")
         m = handle.num_recv_tokens
         parts = [_expect(x, "x", FLOAT_DTYPES, (m, None))]
         if topk_weights is not None:
             parts.append(_expect(topk_weights, "topk_weights", (torch.float32,), (m, None)))
-        buf = exchange_rows(pack_rows(parts), handle.recv_counts, handle.send_counts, self.group)
-        # Rows come back grouped by the rank that held them, and a rank returns each token at most once: the kernel
-        # adds every token's copies in fp32 in rank order from +0, straight from the received bytes.
-        sums, offset = [], 0
-        for t in parts:
-            token, counts, n = handle.send_token, handle.send_counts, handle.num_tokens
-            sums.append(combine_reduce(buf, t.dtype, t.shape[1], token, counts, n, offset))
-            offset += t.shape[1] * t.element_size()
-        combined_x = sums[0].to(x.dtype)
-        return combined_x, (sums[1] if topk_weights is not None else None), None
+        buf, work = exchange_rows(pack_rows(parts), handle.recv_counts, handle.send_counts, self.group, async_finish)
+        n = handle.num_tokens
+        combined_x = torch.empty(n, x.shape[1], dtype=x.dtype, device=x.device)
+        combined_w = torch.empty(n, parts[-1].shape[1], device=x.device) if topk_weights is not None else None
+
+        def finish() -> None:
+            # Rows come back grouped by the rank that held them, and a rank returns each token at most once: the
+            # kernel adds every token's copies in fp32 in rank order from +0, straight from the received bytes.
+            offset = 0
+            for t, out in zip(parts, (combined_x, combined_w), strict=False):
+                out.copy_(combine_reduce(buf, t.dtype, t.shape[1], handle.send_token, handle.send_counts, n, offset))
+                offset += t.shape[1] * t.element_size()
+
+        if async_finish:
+            return combined_x, combined_w, EventOverlap(work, finish)
+        finish()
+        return combined_x, combined_w, None
 
     # -----------------------------------------------------------------------------------------------------------------
     # Low latency (decode)
@@ -319,17 +361,15 @@ class Buffer:
         """Dispatch into the masked layout of a grouped GEMM, with fixed-size exchanges (see dsv3.ep.low_latency).
 
         x: bf16/fp16/fp32 [N, H] with N <= T = num_max_dispatch_tokens_per_rank (the same T on every rank);
-        topk_idx int [N, k], -1 = no expert, distinct experts per token. Returns (recv_x, recv_count, handle, None,
-        None): recv_x is (e4m3 [L, T*R, H], scales f32 [L, T*R, H/128]) with use_fp8 (H a multiple of 128; power-of-two
-        scales with round_scale; contiguous, not DeepEP's column-major scales) and x's dtype [L, T*R, H] without;
-        local expert e's recv_count[e] (int32 [L]) rows come first in its slab, by source rank then token, the rest
-        are zeros. Too many tokens or an expert id out of range on any rank raises ValueError on every rank.
+        topk_idx int [N, k], -1 = no expert, distinct experts per token. Returns (recv_x, recv_count, handle, event,
+        hook), event with async_finish and hook with return_recv_hook (else None). recv_x is (e4m3 [L, T*R, H],
+        scales f32 [L, T*R, H/128]) with use_fp8 (H a multiple of 128; power-of-two scales with round_scale;
+        contiguous, not DeepEP's column-major scales) and x's dtype [L, T*R, H] without; local expert e's
+        recv_count[e] (int32 [L]) rows come first in its slab, by source rank then token, the rest are zeros. Too
+        many tokens or an expert id out of range on any rank raises ValueError on every rank (at the wait when
+        asynchronous).
         The value checks read topk_idx on the host, so this is not yet CUDA-graph capturable.
         """
-        if async_finish or return_recv_hook:
-            raise NotImplementedError(
-                "dsv3.ep.Buffer runs synchronously: pass async_finish=False, return_recv_hook=False"
-            )
         _expect(x, "x", FLOAT_DTYPES, (None, None))
         _expect(topk_idx, "topk_idx", INDEX_DTYPES, (x.shape[0], None))
         if isinstance(num_max_dispatch_tokens_per_rank, bool) or not isinstance(num_max_dispatch_tokens_per_rank, int):
@@ -342,10 +382,11 @@ class Buffer:
             )
         if use_fp8 and x.shape[1] % 128:
             raise EPInputError(f"x: hidden size {x.shape[1]} is not a multiple of 128 (use_fp8=True)")
-        recv_x, recv_count, handle = low_latency_dispatch(
-            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, self.group
-        )
-        return recv_x, recv_count, handle, None, None
+        recv_x, recv_count, handle, event = low_latency_dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, self.group,
+            async_finish or return_recv_hook,
+        )  # fmt: skip
+        return recv_x, recv_count, handle, *_event_and_hook(event, async_finish, return_recv_hook)
 
     def low_latency_combine(
         self,
@@ -356,13 +397,9 @@ class Buffer:
         async_finish: bool = False,
         return_recv_hook: bool = False,
     ):
-        """x [L, T*R, H] (expert outputs in low_latency_dispatch's layout) -> (combined_x [N, H] in x's dtype, None,
-        None): combined_x[t] = sum over slots k with an expert of topk_weights[t, k] * that expert's output row,
+        """x [L, T*R, H] (expert outputs in low_latency_dispatch's layout) -> (combined_x [N, H] in x's dtype, event,
+        hook): combined_x[t] = sum over slots k with an expert of topk_weights[t, k] * that expert's output row,
         added in fp32 in slot order from +0 and rounded once. topk_idx must be the one given to the dispatch."""
-        if async_finish or return_recv_hook:
-            raise NotImplementedError(
-                "dsv3.ep.Buffer runs synchronously: pass async_finish=False, return_recv_hook=False"
-            )
         if not isinstance(handle, LowLatencyHandle):
             raise EPInputError(f"handle: expected a LowLatencyHandle, got {type(handle).__name__}")
         local = handle.num_experts // self.group_size
@@ -370,4 +407,7 @@ class Buffer:
         _expect(x, "x", FLOAT_DTYPES, (local, rows, handle.hidden))
         _expect(topk_idx, "topk_idx", INDEX_DTYPES, tuple(handle.topk_idx.shape))
         _expect(topk_weights, "topk_weights", (torch.float32,), tuple(handle.topk_idx.shape))
-        return low_latency_combine(x, topk_idx, topk_weights, handle, self.group), None, None
+        combined, event = low_latency_combine(
+            x, topk_idx, topk_weights, handle, self.group, async_finish or return_recv_hook
+        )
+        return combined, *_event_and_hook(event, async_finish, return_recv_hook)

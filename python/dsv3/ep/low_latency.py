@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dsv3.ep.event import EventOverlap
 from dsv3.ep.layout import check_num_experts, check_topk_idx
-from dsv3.ep.transport import pack_rows, unpack_rows
+from dsv3.ep.transport import pack_rows
 from dsv3.ops.ep import copy_rows, weighted_rows_sum
 
 QUANT_GROUP = 128
@@ -45,12 +46,6 @@ class LowLatencyHandle:
     num_experts: int
 
 
-def _exchange_equal(send: torch.Tensor, group) -> torch.Tensor:
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv
-
-
 def _check_values(x: torch.Tensor, topk_idx: torch.Tensor, max_tokens: int, num_experts: int) -> None:
     if x.shape[0] > max_tokens:
         raise ValueProblem(f"x: {x.shape[0]} tokens, more than num_max_dispatch_tokens_per_rank={max_tokens}")
@@ -60,8 +55,9 @@ def _check_values(x: torch.Tensor, topk_idx: torch.Tensor, max_tokens: int, num_
         raise ValueProblem(str(error)) from None
 
 
-def low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8, round_scale, group):
-    """See Buffer.low_latency_dispatch. Shapes and types are checked by the caller."""
+def low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8, round_scale, group, async_op=False):
+    """See Buffer.low_latency_dispatch. Shapes and types are checked by the caller. Returns (recv_x, recv_count,
+    handle, event): with async_op the outputs are filled, and bad input anywhere raised, by event.wait()."""
     r = dist.get_world_size(group)
     check_num_experts(num_experts, r)
     local, n, hidden = num_experts // r, x.shape[0], x.shape[1]
@@ -98,39 +94,50 @@ def low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8, round_sc
     else:
         position = torch.full_like(g, -1)
 
-    recv = _exchange_equal(send, group).view(r, block, -1)
-    bad = recv[:, -1, :8].contiguous().view(torch.int64)[:, 0].nonzero()[:, 0].tolist()
-    if problem is not None:
-        raise problem
-    if bad:
-        raise ValueError(f"low_latency_dispatch aborted: rank(s) {bad} of the group passed invalid input")
-
-    body = recv[:, :-1].reshape(r, local, max_tokens, -1)  # [src, e, i, row bytes]
-    src_token = body[..., :8].contiguous().view(torch.int64)[..., 0]  # [src, e, i]
-    used = src_token >= 0
-    count = used.sum(-1)  # [src, e]; a block's used rows come first
-    offset = count.cumsum(0) - count
+    recv = torch.empty_like(send)
+    work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
     capacity = max_tokens * r
-    i = torch.arange(max_tokens, device=x.device)
-    e = torch.arange(local, device=x.device)
-    packed_at = e[None, :, None] * capacity + offset[:, :, None] + i[None, None, :]  # [src, e, i]
-    slots = body.reshape(r * local * max_tokens, -1)
-    flat_used = used.reshape(-1)
-    target = torch.where(flat_used, packed_at.reshape(-1), -1)  # packed row of each received slot, -1 if unused
-    packed = torch.zeros(local * capacity, slots.shape[1] - 8, dtype=torch.uint8, device=x.device)
-    copy_rows(slots, packed, dst_index=target, src_offset=8)  # the payload, without the token index
+    out = [torch.zeros(local * capacity, t.shape[1], dtype=t.dtype, device=x.device) for t in parts]
+    recv_count = torch.zeros(local, dtype=torch.int32, device=x.device)
     packed_slot = torch.full((local * capacity,), -1, dtype=torch.int64, device=x.device)
-    packed_slot[target[flat_used]] = flat_used.nonzero()[:, 0]
 
-    out = [t.view(local, capacity, -1) for t in unpack_rows(packed, [(t.dtype, t.shape[1]) for t in parts])]
-    recv_x = (out[0], out[1]) if use_fp8 else out[0]
-    recv_count = count.sum(0).to(torch.int32)
+    def finish() -> None:
+        blocks = recv.view(r, block, -1)
+        bad = blocks[:, -1, :8].contiguous().view(torch.int64)[:, 0].nonzero()[:, 0].tolist()
+        if problem is not None:
+            raise problem
+        if bad:
+            raise ValueError(f"low_latency_dispatch aborted: rank(s) {bad} of the group passed invalid input")
+        body = blocks[:, :-1].reshape(r, local, max_tokens, -1)  # [src, e, i, row bytes]
+        src_token = body[..., :8].contiguous().view(torch.int64)[..., 0]  # [src, e, i]
+        used = src_token >= 0
+        count = used.sum(-1)  # [src, e]; a block's used rows come first
+        offset = count.cumsum(0) - count
+        i = torch.arange(max_tokens, device=x.device)
+        e = torch.arange(local, device=x.device)
+        packed_at = e[None, :, None] * capacity + offset[:, :, None] + i[None, None, :]  # [src, e, i]
+        slots = body.reshape(r * local * max_tokens, -1)
+        flat_used = used.reshape(-1)
+        target = torch.where(flat_used, packed_at.reshape(-1), -1)  # packed row of each received slot, -1 if unused
+        column = 8  # after the token index
+        for t in out:
+            copy_rows(slots, t, dst_index=target, src_offset=column)
+            column += t.shape[1] * t.element_size()
+        packed_slot[target[flat_used]] = flat_used.nonzero()[:, 0]
+        recv_count.copy_(count.sum(0))
+
+    views = [t.view(local, capacity, -1) for t in out]
+    recv_x = (views[0], views[1]) if use_fp8 else views[0]
     handle = LowLatencyHandle(packed_slot, position, g, max_tokens, hidden, num_experts)
-    return recv_x, recv_count, handle
+    if async_op:
+        return recv_x, recv_count, handle, EventOverlap(work, finish)
+    finish()
+    return recv_x, recv_count, handle, None
 
 
-def low_latency_combine(x, topk_idx, topk_weights, handle: LowLatencyHandle, group):
-    """See Buffer.low_latency_combine. Shapes are checked by the caller."""
+def low_latency_combine(x, topk_idx, topk_weights, handle: LowLatencyHandle, group, async_op=False):
+    """See Buffer.low_latency_combine. Shapes are checked by the caller. Returns (combined_x, event): with async_op
+    combined_x is filled by event.wait()."""
     r = dist.get_world_size(group)
     if not torch.equal(topk_idx.long(), handle.topk_idx):
         raise ValueError("topk_idx: differs from the topk_idx given to low_latency_dispatch")
@@ -139,9 +146,19 @@ def low_latency_combine(x, topk_idx, topk_weights, handle: LowLatencyHandle, gro
     rows = x.reshape(-1, hidden)
     ret = torch.zeros(r * local * t, hidden, dtype=x.dtype, device=x.device)
     copy_rows(rows.contiguous(), ret, dst_index=handle.packed_slot)  # each packed row back to its exchange slot
-    back = _exchange_equal(ret.view(torch.uint8), group).view(x.dtype)  # [R * L * T, H]
-    # Block (rank j, expert e) of the return holds expert j*L + e's outputs for this rank's tokens; the source adds
-    # its k weighted outputs in fp32 in slot order, as a single process adds its experts' outputs.
-    g = handle.topk_idx
-    row_of = torch.where(g >= 0, g * t + handle.position, -1)
-    return weighted_rows_sum(back, row_of, topk_weights.contiguous())
+    back = torch.empty_like(ret)
+    work = dist.all_to_all_single(back.view(torch.uint8), ret.view(torch.uint8), group=group, async_op=async_op)
+    combined = torch.empty(topk_idx.shape[0], hidden, dtype=x.dtype, device=x.device)
+    weights = topk_weights.contiguous()
+
+    def finish() -> None:
+        # Block (rank j, expert e) of the return holds expert j*L + e's outputs for this rank's tokens; the source
+        # adds its k weighted outputs in fp32 in slot order, as a single process adds its experts' outputs.
+        g = handle.topk_idx
+        row_of = torch.where(g >= 0, g * t + handle.position, -1)
+        combined.copy_(weighted_rows_sum(back, row_of, weights))
+
+    if async_op:
+        return combined, EventOverlap(work, finish)
+    finish()
+    return combined, None

@@ -39,8 +39,19 @@ def unpack_rows(buf: torch.Tensor, like: list[tuple[torch.dtype, int]]) -> list[
     return out
 
 
-def exchange_rows(buf: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
-    """Send rows [Σ send_counts[j]] of buf, grouped by destination rank j; receive rows grouped by source rank."""
+def exchange_rows(
+    buf: torch.Tensor, send_counts: list[int], recv_counts: list[int], group, async_op: bool = False
+) -> tuple[torch.Tensor, object]:
+    """Send rows [Σ send_counts[j]] of buf, grouped by destination rank j; receive rows grouped by source rank.
+    Returns (received rows, the collective's Work when async_op (its rows are valid after wait()), else None)."""
     out = buf.new_empty(sum(recv_counts), buf.shape[1])
-    dist.all_to_all_single(out, buf, recv_counts, send_counts, group=group)
-    return out
+    work = dist.all_to_all_single(out, buf, recv_counts, send_counts, group=group, async_op=async_op)
+    return out, work
+
+
+def unpack_into(buf: torch.Tensor, outputs: list[torch.Tensor]) -> None:
+    """unpack_rows into existing tensors [M, c_i] (for asynchronous calls, whose outputs exist before their rows)."""
+    offset = 0
+    for t in outputs:
+        copy_rows(buf, t, src_offset=offset)
+        offset += t.shape[1] * t.element_size()
