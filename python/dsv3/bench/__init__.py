@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from dsv3.bench import e2e, gemm, mla, moe, quant
+from dsv3.bench import e2e, ep, gemm, mla, moe, quant
 from dsv3.bench.harness import Report, argument_parser, pick_device, write_json
 
 # suite name -> run(device, quick, reps) -> Report
@@ -15,6 +15,7 @@ SUITES: dict[str, Callable[[torch.device, bool, int | None], Report]] = {
     "gemm": gemm.run,
     "moe": moe.run,
     "mla": mla.run,
+    "ep": ep.run,
     "e2e": e2e.run,
 }
 

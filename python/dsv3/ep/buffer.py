@@ -41,7 +41,7 @@ import torch.distributed as dist
 from dsv3.ep.event import EventOverlap, wait_previous
 from dsv3.ep.layout import INDEX_DTYPES, check_num_experts, check_topk_idx, dispatch_layout
 from dsv3.ep.low_latency import LowLatencyHandle, low_latency_combine, low_latency_dispatch
-from dsv3.ep.transport import exchange_rows, pack_rows, row_bytes, unpack_into
+from dsv3.ep.transport import exchange_rows, pack_rows, row_bytes, unpack_into, unpack_rows
 from dsv3.ops.ep import combine_reduce
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -289,12 +289,13 @@ class Buffer:
         buf, work = exchange_rows(
             pack_rows(parts, handle.send_token), handle.send_counts, handle.recv_counts, self.group, async_finish
         )
-        m = handle.num_recv_tokens
-        recv = [torch.empty(m, t.shape[1], dtype=t.dtype, device=t.device) for t in parts]
-        recv_x = (recv[0], recv[1]) if isinstance(x, tuple) else recv[0]
+        like = [(t.dtype, t.shape[1]) for t in parts]
         if not async_finish:
-            unpack_into(buf, recv)
-            return recv_x, None, None, None, handle, None
+            recv = unpack_rows(buf, like)
+            return (tuple(recv) if isinstance(x, tuple) else recv[0]), None, None, None, handle, None
+        m = handle.num_recv_tokens
+        recv = [torch.empty(m, cols, dtype=dtype, device=buf.device) for dtype, cols in like]
+        recv_x = (recv[0], recv[1]) if isinstance(x, tuple) else recv[0]
         return recv_x, None, None, None, handle, EventOverlap(work, lambda: unpack_into(buf, recv))
 
     # -----------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,10 @@ def pack_rows(tensors: list[torch.Tensor], rows: torch.Tensor | None = None) -> 
 
 
 def unpack_rows(buf: torch.Tensor, like: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
-    """Inverse of pack_rows: uint8 [M, bytes] -> one [M, cols] tensor per (dtype, cols) of like."""
+    """Inverse of pack_rows: uint8 [M, bytes] -> one [M, cols] tensor per (dtype, cols) of like (a view of buf when
+    one tensor fills the rows)."""
+    if len(like) == 1 and buf.is_contiguous():
+        return [buf.view(like[0][0])]
     out, offset = [], 0
     for dtype, cols in like:
         t = torch.empty(buf.shape[0], cols, dtype=dtype, device=buf.device)
