@@ -64,10 +64,11 @@ class MoE:
             c.norm_topk_prob,
         )  # f32 [T, k], int32 [T, k]
         if self.parallel.ep > 1:
-            out = expert_parallel_moe(self, x, weights, experts, backend)
-        else:
-            # Tensor-parallel experts return partial sums over their slice of the intermediate size.
-            out = self.parallel.all_reduce(self.routed_experts(x, weights, experts, backend))
+            # The shared expert runs while this rank's tokens travel to their experts.
+            out, shared = expert_parallel_moe(self, x, weights, experts, backend, self.shared)
+            return out if shared is None else out + shared
+        # Tensor-parallel experts return partial sums over their slice of the intermediate size.
+        out = self.parallel.all_reduce(self.routed_experts(x, weights, experts, backend))
         return out if self.shared is None else out + self.shared(x)
 
     def routed_experts(

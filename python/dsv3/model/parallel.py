@@ -254,8 +254,11 @@ class RowParallelLinear:
         return self.parallel.all_reduce(self.linear(x))
 
 
-def expert_parallel_moe(moe, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, backend) -> torch.Tensor:
-    """The routed-expert output [T, H] of a MoE layer whose experts are spread over the EP group.
+def expert_parallel_moe(
+    moe, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, backend, overlap=None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The routed-expert output [T, H] of a MoE layer whose experts are spread over the EP group, and overlap(x) (the
+    shared expert; None when overlap is None), computed while the tokens are in flight.
 
     x [T, H], weights f32 [T, k] and experts int [T, k] (global ids) are the same on every EP rank. This rank's share
     of the tokens goes to the ranks owning their experts; each rank runs its local experts on what it receives
@@ -265,13 +268,15 @@ def expert_parallel_moe(moe, x: torch.Tensor, weights: torch.Tensor, experts: to
     parallel: Parallel = moe.parallel
     buffer = parallel.buffer
     first, count = parallel.token_share(x.shape[0])
-    x_part, w_part, idx_part = (t[first : first + count] for t in (x, weights, experts))
-    num_experts = moe.config.n_routed_experts
-    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx_part, num_experts)
-    recv_x, recv_idx, recv_w, _, handle, _ = buffer.dispatch(
-        x_part.contiguous(), topk_idx=idx_part.contiguous(), topk_weights=w_part.contiguous(),
-        num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+    x_part, w_part, idx_part = (t[first : first + count].contiguous() for t in (x, weights, experts))
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx_part, moe.config.n_routed_experts)
+    recv_x, recv_idx, recv_w, _, handle, event = buffer.dispatch(
+        x_part, topk_idx=idx_part, topk_weights=w_part, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert, async_finish=overlap is not None,
     )  # fmt: skip
+    shared = overlap(x) if overlap is not None else None
+    if event is not None:
+        event.wait()
     out = moe.routed_experts(recv_x, recv_w, recv_idx, backend)
     combined, _, _ = buffer.combine(out, handle)
-    return parallel.gather_tokens(combined, x.shape[0])
+    return parallel.gather_tokens(combined, x.shape[0]), shared
