@@ -85,6 +85,12 @@ def run_combos(rank: int, world: int, combos: list, references: dict) -> None:
             greedy_ids, sampled_ids = generate(llm)
             assert greedy_ids == want["generated"], f"{what}: greedy tokens {greedy_ids} != {want['generated']}"
             same_on_every_rank(torch.tensor(sampled_ids), f"{what} unseeded samples")
+            if tp > 1 and ep > 1:  # MTP drafting through the sharded MTP block: greedy output is plain greedy's
+                llm = LLM(
+                    checkpoint, dtype=dtype, num_kv_pages=16, speculative="mtp", tensor_parallel_size=tp,
+                    expert_parallel_size=ep,
+                )  # fmt: skip
+                assert generate(llm)[0] == want["generated"], f"{what}: MTP greedy tokens differ"
         del model
 
 
