@@ -54,7 +54,8 @@ def test_world_2_and_bad_layouts(checkpoints, references, tmp_path) -> None:
 
 def test_world_4(checkpoints, references) -> None:
     fp8 = str(checkpoints[0])
-    combos = [(fp8, 1, 4, "float32"), (fp8, 4, 1, "float32"), (fp8, 2, 4, "float32")]
+    # tp 2 with ep 4: two TP subgroups; tp 4 with ep 2: two EP subgroups, each dispatching among its own ranks.
+    combos = [(fp8, 1, 4, "float32"), (fp8, 4, 1, "float32"), (fp8, 2, 4, "float32"), (fp8, 4, 2, "float32")]
     run_ranks(4, model_workers.run_combos, combos, references, timeout=120)
 
 
