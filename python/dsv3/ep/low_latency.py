@@ -1,13 +1,17 @@
 """Low-latency (decode) dispatch and combine: fixed-size exchanges into the masked per-expert layout.
 
-Every rank sends every other rank one block of num_local_experts * T rows (T = num_max_dispatch_tokens_per_rank)
-plus one header row, whatever the routing: the sizes never depend on data, so no count exchange and no split
-lists are needed. Row i of block (rank j, local expert e) is the i-th of the sender's tokens routed to expert
-j*L + e (ascending token order); a row's first 8 bytes hold that token's index, -1 for an unused row. The header
-row's first 8 bytes carry the sender's input-error flag, so bad input on one rank raises on every rank.
+Sizes never depend on the routing, so no count exchange and no split lists are needed (T =
+num_max_dispatch_tokens_per_rank, k = top-k, L = experts per rank, R = ranks):
 
-On arrival, expert e's rows are packed to the front of its slab of [L, T*R, H], by source rank, then token.
-Combine sends each packed row back to the place it came from, and the source adds up its k expert outputs.
+* dispatch: every rank sends every rank T + 1 rows. Row i of the block for rank j is the i-th of the sender's
+  tokens (ascending) with an expert on j: the token index (8 bytes, -1 for an unused row), the local ids of its
+  experts there in slot order (k int32, -1 padded), then the payload (FP8 values and scales, or x's dtype). The
+  last row is a header whose first 8 bytes carry the sender's input-error flag, so bad input on one rank raises on
+  every rank. A token crosses to a rank once, however many of its experts live there.
+* On arrival each (row, listed expert) entry is copied to the front of that expert's slab of [L, T*R, H], by source
+  rank, then token.
+* combine: every rank returns to every rank T * k rows: row (i, j) holds the output of the j-th listed expert for
+  the i-th token that rank received from it; the source adds its k weighted outputs in slot order.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import torch.distributed as dist
 
 from dsv3.ep.event import EventOverlap
 from dsv3.ep.layout import check_num_experts, check_topk_idx
-from dsv3.ep.transport import pack_rows
 from dsv3.ops.ep import copy_rows, weighted_rows_sum
 
 QUANT_GROUP = 128
@@ -33,13 +36,13 @@ class ValueProblem(ValueError):
 class LowLatencyHandle:
     """What low_latency_combine needs from low_latency_dispatch.
 
-    packed_slot: int64 [L * T*R], for each packed row its flat index (src, e, i) in the [R, L, T] exchange, -1 if
-    unused. position: int64 [N, k], index of (token, slot) among this rank's tokens routed to that expert, -1 for no
-    expert. topk_idx: int64 [N, k] as dispatched.
+    packed_slot: int64 [L * T*R], for each packed row its row (src * T + i) * k + j in the [R, T*k] return
+    exchange, -1 if unused. return_row: int64 [N, k], for each (token, slot) with an expert the row of the received
+    return that holds its output, -1 for no expert. topk_idx: int64 [N, k] as dispatched.
     """
 
     packed_slot: torch.Tensor
-    position: torch.Tensor
+    return_row: torch.Tensor
     topk_idx: torch.Tensor
     num_max_dispatch_tokens_per_rank: int
     hidden: int
@@ -72,27 +75,38 @@ def low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8, round_sc
         parts = list(per_token_group_quant_fp8(x, QUANT_GROUP, ue8m0=round_scale))
     else:
         parts = [x]
-    token = torch.arange(n, dtype=torch.int64, device=x.device)[:, None]
-    rows = pack_rows([token, *parts])  # [N, row bytes]
-    block = local * max_tokens + 1  # rows per destination, the last one the header
-    send = torch.full((r * block, rows.shape[1]), 255, dtype=torch.uint8, device=x.device)  # token -1 everywhere
+    g = topk_idx.long()
+    k = g.shape[1]
+    lead = 8 + 4 * k  # token index, then the local expert ids
+    width = lead + sum(t.shape[1] * t.element_size() for t in parts)
+    block = max_tokens + 1  # rows per destination, the last one the header
+    send = torch.full((r * block, width), 255, dtype=torch.uint8, device=x.device)  # token and experts -1 everywhere
     header = send.view(r, block, -1)[:, -1]
     header.zero_()
     header[:, :8] = torch.tensor([problem is not None], dtype=torch.int64).view(torch.uint8).to(x.device)
-
-    g = topk_idx.long()
-    valid = g >= 0
+    return_row = torch.full_like(g, -1)
     if problem is None:
-        # Index of each (token, slot) among this rank's tokens routed to the same expert.
-        hot = torch.zeros(n, num_experts + 1, dtype=torch.int64, device=x.device)
-        hot.scatter_(1, torch.where(valid, g, num_experts), 1)
-        before = hot.cumsum(0) - hot
-        position = torch.where(valid, before.gather(1, torch.where(valid, g, num_experts)), -1)
-        dest = torch.where(valid, (g // local) * block + (g % local) * max_tokens + position, -1)
-        source = torch.arange(n, device=x.device).repeat_interleave(g.shape[1])  # the token of each (token, slot)
-        copy_rows(rows, send, src_index=source, dst_index=dest.reshape(-1))
-    else:
-        position = torch.full_like(g, -1)
+        valid = g >= 0
+        dest = torch.where(valid, g // local, r)  # rank of each slot's expert; r (an extra column) for none
+        on_rank = torch.zeros(n, r + 1, dtype=torch.int64, device=x.device).scatter_(1, dest, 1)[:, :r]
+        row = on_rank.cumsum(0) - 1  # [N, R] the token's row in the block for each rank it reaches
+        # Slot k's place among the token's slots bound for the same rank, in slot order.
+        earlier = torch.ones(k, k, dtype=torch.bool, device=x.device).tril(-1)
+        place = ((dest[:, :, None] == dest[:, None, :]) & valid[:, None, :] & earlier).sum(-1)
+        lists = torch.full((n, r, k), -1, dtype=torch.int32, device=x.device)
+        t_of = torch.arange(n, device=x.device)[:, None].expand(n, k)
+        flat = (t_of * r + dest.clamp(max=r - 1)) * k + place
+        lists.view(-1)[flat[valid]] = (g % local)[valid].int()
+        at = torch.where(on_rank.bool(), torch.arange(r, device=x.device) * block + row, -1).reshape(-1)  # (t, r)
+        token_rank = torch.arange(n, device=x.device).repeat_interleave(r)  # the token of each (t, r)
+        lead_rows = torch.cat([token_rank[:, None].view(torch.uint8), lists.view(n * r, k).view(torch.uint8)], 1)
+        copy_rows(lead_rows, send, dst_index=at)
+        offset = lead
+        for t in parts:
+            copy_rows(t, send, src_index=token_rank, dst_index=at, dst_offset=offset)
+            offset += t.shape[1] * t.element_size()
+        return_row = torch.where(valid, (dest.clamp(max=r - 1) * max_tokens + row.gather(1, dest.clamp(max=r - 1))) * k
+                                 + place, -1)  # fmt: skip
 
     recv = torch.empty_like(send)
     work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
@@ -108,27 +122,28 @@ def low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8, round_sc
             raise problem
         if bad:
             raise ValueError(f"low_latency_dispatch aborted: rank(s) {bad} of the group passed invalid input")
-        body = blocks[:, :-1].reshape(r, local, max_tokens, -1)  # [src, e, i, row bytes]
-        src_token = body[..., :8].contiguous().view(torch.int64)[..., 0]  # [src, e, i]
-        used = src_token >= 0
-        count = used.sum(-1)  # [src, e]; a block's used rows come first
-        offset = count.cumsum(0) - count
-        i = torch.arange(max_tokens, device=x.device)
-        e = torch.arange(local, device=x.device)
-        packed_at = e[None, :, None] * capacity + offset[:, :, None] + i[None, None, :]  # [src, e, i]
-        slots = body.reshape(r * local * max_tokens, -1)
-        flat_used = used.reshape(-1)
-        target = torch.where(flat_used, packed_at.reshape(-1), -1)  # packed row of each received slot, -1 if unused
-        column = 8  # after the token index
+        body = blocks[:, :-1].reshape(r * max_tokens, -1)  # row q = src * T + i
+        experts = body[:, 8:lead].contiguous().view(torch.int32).long()  # [R*T, k] local ids, -1 padded
+        used = experts >= 0
+        # Entry (q, j) goes to row `position` of its expert's slab: rows before it (in q order) for that expert.
+        hot = torch.zeros(r * max_tokens, local + 1, dtype=torch.int64, device=x.device)
+        hot.scatter_add_(1, torch.where(used, experts, local), used.long())
+        hot = hot[:, :local]
+        before = hot.cumsum(0) - hot
+        position = before.gather(1, experts.clamp(min=0))
+        target = torch.where(used, experts * capacity + position, -1).reshape(-1)  # [R*T*k]
+        q_of = torch.arange(r * max_tokens, device=x.device).repeat_interleave(k)
+        column = lead
         for t in out:
-            copy_rows(slots, t, dst_index=target, src_offset=column)
+            copy_rows(body, t, src_index=q_of, dst_index=target, src_offset=column)
             column += t.shape[1] * t.element_size()
+        flat_used = used.reshape(-1)
         packed_slot[target[flat_used]] = flat_used.nonzero()[:, 0]
-        recv_count.copy_(count.sum(0))
+        recv_count.copy_(hot.sum(0))
 
     views = [t.view(local, capacity, -1) for t in out]
     recv_x = (views[0], views[1]) if use_fp8 else views[0]
-    handle = LowLatencyHandle(packed_slot, position, g, max_tokens, hidden, num_experts)
+    handle = LowLatencyHandle(packed_slot, return_row, g, max_tokens, hidden, num_experts)
     if async_op:
         return recv_x, recv_count, handle, EventOverlap(work, finish)
     finish()
@@ -141,22 +156,18 @@ def low_latency_combine(x, topk_idx, topk_weights, handle: LowLatencyHandle, gro
     r = dist.get_world_size(group)
     if not torch.equal(topk_idx.long(), handle.topk_idx):
         raise ValueError("topk_idx: differs from the topk_idx given to low_latency_dispatch")
-    hidden, t = handle.hidden, handle.num_max_dispatch_tokens_per_rank
-    local = handle.num_experts // r
+    hidden, t, k = handle.hidden, handle.num_max_dispatch_tokens_per_rank, handle.topk_idx.shape[1]
     rows = x.reshape(-1, hidden)
-    ret = torch.zeros(r * local * t, hidden, dtype=x.dtype, device=x.device)
-    copy_rows(rows.contiguous(), ret, dst_index=handle.packed_slot)  # each packed row back to its exchange slot
+    ret = torch.zeros(r * t * k, hidden, dtype=x.dtype, device=x.device)
+    copy_rows(rows.contiguous(), ret, dst_index=handle.packed_slot)  # each packed row to its return row
     back = torch.empty_like(ret)
     work = dist.all_to_all_single(back.view(torch.uint8), ret.view(torch.uint8), group=group, async_op=async_op)
     combined = torch.empty(topk_idx.shape[0], hidden, dtype=x.dtype, device=x.device)
     weights = topk_weights.contiguous()
 
     def finish() -> None:
-        # Block (rank j, expert e) of the return holds expert j*L + e's outputs for this rank's tokens; the source
-        # adds its k weighted outputs in fp32 in slot order, as a single process adds its experts' outputs.
-        g = handle.topk_idx
-        row_of = torch.where(g >= 0, g * t + handle.position, -1)
-        combined.copy_(weighted_rows_sum(back, row_of, weights))
+        # The source adds its k weighted outputs in fp32 in slot order, as a single process adds its experts'.
+        combined.copy_(weighted_rows_sum(back, handle.return_row, weights))
 
     if async_op:
         return combined, EventOverlap(work, finish)
