@@ -250,7 +250,6 @@ def low_latency(rank: int, world: int) -> None:
         rows = recv_x[(recv_idx == expert).any(1)]
         c = rows.shape[0]
         assert_bits(packed[expert, :c], rows, f"expert {expert} rows")
-        assert not packed[expert, c:].any(), f"expert {expert}: rows past its count are not zero"
         want_q, want_s = per_token_group_quant_fp8(rows)
         assert_bits(q[expert, :c], want_q, f"expert {expert} FP8 rows")
         assert_bits(scales[expert, :c], want_s, f"expert {expert} scales")
@@ -286,7 +285,9 @@ def low_latency(rank: int, world: int) -> None:
     if idx.numel():  # a local check: ranks without tokens have nothing that could differ
         with pytest.raises(ValueError, match="differs from the topk_idx"):
             buffer.low_latency_combine(y, torch.full_like(idx, -1), w, ll_handle)
-    assert torch.equal(buffer.low_latency_dispatch(x, idx, t_max, e, use_fp8=False)[0], packed)
+    again = buffer.low_latency_dispatch(x, idx, t_max, e, use_fp8=False)[0]
+    for expert, c in enumerate(count.tolist()):  # rows past an expert's count are unspecified
+        assert_bits(again[expert, :c], packed[expert, :c], f"expert {expert} rows again")
 
 
 def asynchronous(rank: int, world: int) -> None:
@@ -357,8 +358,9 @@ def asynchronous(rank: int, world: int) -> None:
     )
     assert event is hook
     hook()
-    assert_bits(aq.view(torch.uint8), q.view(torch.uint8), "async low-latency FP8 rows")
-    assert_bits(a_s, s, "async low-latency scales")
+    for expert, c in enumerate(count.tolist()):
+        assert_bits(aq[expert, :c].view(torch.uint8), q[expert, :c].view(torch.uint8), "async low-latency FP8 rows")
+        assert_bits(a_s[expert, :c], s[expert, :c], "async low-latency scales")
     assert torch.equal(a_count, count) and torch.equal(a_handle.packed_slot, ll_handle.packed_slot)
     y = (q.float() * 0.5).to(torch.bfloat16)
     want_y = buffer.low_latency_combine(y, idx, w, ll_handle)[0]

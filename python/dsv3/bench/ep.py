@@ -94,21 +94,20 @@ def _measure(world: int, device: torch.device, tokens: int, ll_tokens: int, reps
         recv_counts, send_counts, None, "bf16",
     )  # fmt: skip
 
-    # Low latency: fixed exchanges of R * (L*T + 1) rows per rank, whatever the routing.
+    # Low latency: fixed exchanges whatever the routing: T + 1 rows to each rank (token index, its expert list, FP8
+    # values and scales), T * k rows of bf16 outputs back.
     t = ll_tokens
     ll_x, ll_idx = x[:t], idx[:t]
     (q, _), _, ll_handle, _, _ = buffer.low_latency_dispatch(ll_x, ll_idx, t, EXPERTS)
-    local = EXPERTS // world
-    block = local * t + 1
-    fp8_row = 8 + HIDDEN + HIDDEN // 128 * 4  # token index, e4m3 values, scales
-    ll_send = torch.zeros(world * block, fp8_row, dtype=torch.uint8, device=device)
+    fp8_row = 8 + 4 * TOPK + HIDDEN + HIDDEN // 128 * 4
+    ll_send = torch.zeros(world * (t + 1), fp8_row, dtype=torch.uint8, device=device)
     us = _time(lambda: buffer.low_latency_dispatch(ll_x, ll_idx, t, EXPERTS), reps, device)
     base = _time(lambda s=ll_send: dist.all_to_all_single(torch.empty_like(s), s), reps, device)
     ll_case = f"R={world} T={t} H={HIDDEN} top-{TOPK}"
     rows.append(dict(op="ep low_latency_dispatch", case=f"{ll_case} fp8", us=us, bytes=ll_send.numel(),
                      baseline_us=base))  # fmt: skip
     y = torch.randn(q.shape, generator=g).to(torch.bfloat16).to(device)
-    ll_back = torch.zeros(world * local * t, HIDDEN * 2, dtype=torch.uint8, device=device)
+    ll_back = torch.zeros(world * t * TOPK, HIDDEN * 2, dtype=torch.uint8, device=device)
     us = _time(lambda: buffer.low_latency_combine(y, ll_idx, weights[:t], ll_handle), reps, device)
     base = _time(lambda s=ll_back: dist.all_to_all_single(torch.empty_like(s), s), reps, device)
     rows.append(dict(op="ep low_latency_combine", case=f"{ll_case} bf16", us=us, bytes=ll_back.numel(),

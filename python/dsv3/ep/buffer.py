@@ -27,8 +27,9 @@ Differences from DeepEP:
   payload moves, instead of a deadlock. Layout and cached-dispatch/combine checks are local and raise only on the
   rank that has the bad input.
 * Within one node there is no RDMA rank: ``num_tokens_per_rdma_rank`` is always None.
-* low_latency_dispatch/combine (dsv3.ep.low_latency) return contiguous row-major FP8 scales, zero the unused rows,
-  and check topk_idx on the host, so they are not CUDA-graph capturable yet.
+* low_latency_dispatch/combine (dsv3.ep.low_latency) return contiguous row-major FP8 scales, leave the rows past
+  each expert's count unspecified (as DeepEP), and check topk_idx on the host, so they are not CUDA-graph capturable
+  yet.
 """
 
 from __future__ import annotations
@@ -366,7 +367,7 @@ class Buffer:
         hook), event with async_finish and hook with return_recv_hook (else None). recv_x is (e4m3 [L, T*R, H],
         scales f32 [L, T*R, H/128]) with use_fp8 (H a multiple of 128; power-of-two scales with round_scale;
         contiguous, not DeepEP's column-major scales) and x's dtype [L, T*R, H] without; local expert e's
-        recv_count[e] (int32 [L]) rows come first in its slab, by source rank then token, the rest are zeros. Too
+        recv_count[e] (int32 [L]) rows come first in its slab, by source rank then token; the rest are unspecified. Too
         many tokens or an expert id out of range on any rank raises ValueError on every rank (at the wait when
         asynchronous).
         The value checks read topk_idx on the host, so this is not yet CUDA-graph capturable.

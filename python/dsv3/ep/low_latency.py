@@ -9,7 +9,7 @@ num_max_dispatch_tokens_per_rank, k = top-k, L = experts per rank, R = ranks):
   last row is a header whose first 8 bytes carry the sender's input-error flag, so bad input on one rank raises on
   every rank. A token crosses to a rank once, however many of its experts live there.
 * On arrival each (row, listed expert) entry is copied to the front of that expert's slab of [L, T*R, H], by source
-  rank, then token.
+  rank, then token; the rows after them are unspecified.
 * combine: every rank returns to every rank T * k rows: row (i, j) holds the output of the j-th listed expert for
   the i-th token that rank received from it; the source adds its k weighted outputs in slot order.
 """
@@ -111,7 +111,9 @@ def low_latency_dispatch(x, topk_idx, max_tokens, num_experts, use_fp8, round_sc
     recv = torch.empty_like(send)
     work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
     capacity = max_tokens * r
-    out = [torch.zeros(local * capacity, t.shape[1], dtype=t.dtype, device=x.device) for t in parts]
+    # Rows past an expert's count are left as they are (never zeroed: the [L, T*R, H] slabs are large and the masked
+    # GEMM reads only the first recv_count[e] rows), as in DeepEP.
+    out = [torch.empty(local * capacity, t.shape[1], dtype=t.dtype, device=x.device) for t in parts]
     recv_count = torch.zeros(local, dtype=torch.int32, device=x.device)
     packed_slot = torch.full((local * capacity,), -1, dtype=torch.int64, device=x.device)
 
@@ -158,7 +160,7 @@ def low_latency_combine(x, topk_idx, topk_weights, handle: LowLatencyHandle, gro
         raise ValueError("topk_idx: differs from the topk_idx given to low_latency_dispatch")
     hidden, t, k = handle.hidden, handle.num_max_dispatch_tokens_per_rank, handle.topk_idx.shape[1]
     rows = x.reshape(-1, hidden)
-    ret = torch.zeros(r * t * k, hidden, dtype=x.dtype, device=x.device)
+    ret = torch.empty(r * t * k, hidden, dtype=x.dtype, device=x.device)  # rows nobody fills are never read
     copy_rows(rows.contiguous(), ret, dst_index=handle.packed_slot)  # each packed row to its return row
     back = torch.empty_like(ret)
     work = dist.all_to_all_single(back.view(torch.uint8), ret.view(torch.uint8), group=group, async_op=async_op)
