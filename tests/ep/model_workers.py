@@ -118,4 +118,31 @@ def bad_layouts(rank: int, world: int, checkpoint: str, scratch: str) -> None:
 
 def world_2(rank: int, world: int, combos: list, references: dict, checkpoint: str, scratch: str) -> None:
     run_combos(rank, world, combos, references)
+    moe_layer_bitwise(rank, world, checkpoint)
     bad_layouts(rank, world, checkpoint, scratch)
+
+
+def moe_layer_bitwise(rank: int, world: int, checkpoint: str) -> None:
+    """A bfloat16 MoE layer with its experts over every rank: decode-sized batches (the low-latency exchanges and the
+    masked grouped GEMMs) give exactly the single-process layer's bits; larger ones (normal dispatch, per-rank sums
+    rounded to bf16 before they are added) agree within bf16 rounding. Both backends."""
+    from dsv3.model.parallel import LOW_LATENCY_TOKENS
+
+    for backend in ("kernels", "reference"):
+        single = DeepseekV3.from_pretrained(checkpoint, dtype="bfloat16", backend=backend, parallel=Parallel.single())
+        spread = DeepseekV3.from_pretrained(checkpoint, dtype="bfloat16", backend=backend, parallel=Parallel(1, world))
+        g = torch.Generator().manual_seed(3)
+        for tokens in (1, world + 1, LOW_LATENCY_TOKENS * world, LOW_LATENCY_TOKENS * world + 1):
+            x = (torch.randn(tokens, single.config.hidden_size, generator=g) * 0.5).to(torch.bfloat16)
+            want = single.layers[-1].mlp(x, single.backend)
+            got = spread.layers[-1].mlp(x, spread.backend)
+            same_on_every_rank(got, f"{backend} MoE T={tokens}")
+            if tokens <= LOW_LATENCY_TOKENS * world:
+                assert torch.equal(got.view(torch.int16), want.view(torch.int16)), f"{backend} MoE T={tokens}: bits"
+            else:
+                torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+
+
+def world_4(rank: int, world: int, combos: list, references: dict, checkpoint: str) -> None:
+    run_combos(rank, world, combos, references)
+    moe_layer_bitwise(rank, world, checkpoint)

@@ -56,7 +56,7 @@ def test_world_4(checkpoints, references) -> None:
     fp8 = str(checkpoints[0])
     # tp 2 with ep 4: two TP subgroups; tp 4 with ep 2: two EP subgroups, each dispatching among its own ranks.
     combos = [(fp8, 1, 4, "float32"), (fp8, 4, 1, "float32"), (fp8, 2, 4, "float32"), (fp8, 4, 2, "float32")]
-    run_ranks(4, model_workers.run_combos, combos, references, timeout=120)
+    run_ranks(4, model_workers.world_4, combos, references, fp8, timeout=120)
 
 
 def test_generate_command_under_torchrun(checkpoints) -> None:

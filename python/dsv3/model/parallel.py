@@ -29,9 +29,12 @@ import torch
 import torch.distributed as dist
 
 from dsv3.model.config import ModelConfig
+from dsv3.reference.layers import silu_and_mul
 from dsv3.reference.quant import ceil_div
 
 BLOCK = 128  # FP8 weight scale tiles are BLOCK x BLOCK
+# Batches of at most this many tokens per EP rank take the low-latency exchanges into the masked expert layout.
+LOW_LATENCY_TOKENS = 64
 
 _EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 
@@ -269,6 +272,9 @@ def expert_parallel_moe(
     buffer = parallel.buffer
     first, count = parallel.token_share(x.shape[0])
     x_part, w_part, idx_part = (t[first : first + count].contiguous() for t in (x, weights, experts))
+    # Every EP rank sees the same x, so every rank takes the same branch (the collectives must match).
+    if moe.stacked is not None and x.dtype == torch.bfloat16 and x.shape[0] <= parallel.ep * LOW_LATENCY_TOKENS:
+        return _low_latency_moe(moe, x_part, w_part, idx_part, x, backend, overlap)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx_part, moe.config.n_routed_experts)
     recv_x, recv_idx, recv_w, _, handle, event = buffer.dispatch(
         x_part, topk_idx=idx_part, topk_weights=w_part, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
@@ -280,3 +286,39 @@ def expert_parallel_moe(
     out = moe.routed_experts(recv_x, recv_w, recv_idx, backend)
     combined, _, _ = buffer.combine(out, handle)
     return parallel.gather_tokens(combined, x.shape[0]), shared
+
+
+def _low_latency_moe(moe, x_part, w_part, idx_part, x, backend, overlap):
+    """Decode-sized batches: FP8 tokens go straight into the masked per-expert layout (fixed-size exchanges), the two
+    masked grouped GEMMs run on it, and the source adds its k weighted expert outputs in slot order.
+
+    Every step quantizes, multiplies and adds as fused_experts does (per-token FP8 activations, the same GEMMs,
+    SiLU-and-mul, the fp32 slot-order sum rounded once), so a token's result does not depend on where its experts
+    live.
+    """
+    parallel: Parallel = moe.parallel
+    ops = _masked_ops(backend, x.device)
+    w13, w2 = moe.stacked
+    local, two_i = w13[0].shape[0], w13[0].shape[1]
+    (q, scales), masked_m, handle, event, _ = parallel.buffer.low_latency_dispatch(
+        x_part, idx_part, LOW_LATENCY_TOKENS, moe.config.n_routed_experts, use_fp8=True,
+        async_finish=overlap is not None,
+    )  # fmt: skip
+    shared = overlap(x) if overlap is not None else None
+    if event is not None:
+        event.wait()
+    rows = q.shape[1]  # T * R slots per expert; rows past masked_m[e] hold nothing and are never read back
+    h = ops.m_grouped_fp8_gemm_nt_masked((q, scales), w13, masked_m, LOW_LATENCY_TOKENS)  # [L, T*R, 2I]
+    a_q, a_s = ops.per_token_group_quant_fp8(silu_and_mul(h.view(local * rows, two_i)))
+    a = (a_q.view(local, rows, -1), a_s.view(local, rows, -1))
+    y = ops.m_grouped_fp8_gemm_nt_masked(a, w2, masked_m, LOW_LATENCY_TOKENS)  # [L, T*R, H]
+    combined, _, _ = parallel.buffer.low_latency_combine(y, idx_part, w_part, handle)
+    return parallel.gather_tokens(combined, x.shape[0]), shared
+
+
+def _masked_ops(backend, device: torch.device):
+    """dsv3.ops where the model runs on kernels and they are compiled for the device, else the reference ops."""
+    import dsv3.ops
+    from dsv3 import reference
+
+    return dsv3.ops if "fused_experts" in backend.kernel_ops else reference
