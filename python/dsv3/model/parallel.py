@@ -10,8 +10,9 @@ Layout, with W processes, tensor-parallel size tp and expert-parallel size ep (e
   (input-sharded) layers return partial sums that are all-reduced in fp32 over the group.
 * EP groups are runs of ep consecutive ranks; rank i holds routed experts [i*E/ep, (i+1)*E/ep), at full width, and
   only those are read from the checkpoint. Hidden states are identical on every rank before a MoE layer, so each rank
-  routes all tokens, takes its share of them, dispatches that share to the experts' owners through dsv3.ep.Buffer,
-  runs its local experts, combines the results back and all-gathers the shares.
+  routes all tokens, takes its share of them, dispatches that share to the experts' owners through dsv3.ep.Buffer
+  (the shared expert runs meanwhile), runs its local experts, combines the results back and all-gathers the shares.
+  Decode-sized bfloat16 batches use the low-latency exchanges and the masked grouped GEMMs instead.
 * With ep == 1 and tp > 1 the routed experts are split like the dense MLP (intermediate rows/columns) instead, and
   their partial sums are all-reduced.
 * Embedding, norms, router, kv_a/q_a projections, lm_head and the MTP module's own projections are replicated.
@@ -39,7 +40,8 @@ LOW_LATENCY_TOKENS = 64
 _EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 
 # How each decoder-block linear layer is split over a TP group, by the end of its name: "out" splits the rows
-# (column-parallel), "in" the columns (row-parallel, partial sums reduced by the caller of make_linear's result).
+# (column-parallel), "in" the columns (row-parallel: the layer all-reduces its partial sums, except routed experts,
+# whose MoE layer reduces their total once).
 _ATTENTION_SPLITS = {"q_proj": "out", "q_b_proj": "out", "kv_b_proj": "out", "o_proj": "in"}
 _MLP_SPLITS = {"gate_proj": "out", "up_proj": "out", "down_proj": "in"}
 
@@ -55,7 +57,8 @@ def _positive_int(value: object, name: str) -> int:
 
 
 def check_sizes(tensor_parallel_size: int, expert_parallel_size: int, world_size: int) -> None:
-    """tp and ep each divide the world size, and one of them spans it (no rank is a pure copy of another)."""
+    """tp and ep each divide the world size, and one of them spans it (so every rank holds a share of the model that
+    no other rank of its groups holds)."""
     tp = _positive_int(tensor_parallel_size, "tensor_parallel_size")
     ep = _positive_int(expert_parallel_size, "expert_parallel_size")
     if world_size % tp or world_size % ep or max(tp, ep) != world_size:
