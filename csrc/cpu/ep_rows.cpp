@@ -30,14 +30,22 @@ void check_rows(const int64_t* index, int64_t n, int64_t bound, bool distinct, c
   }
 }
 
+// Columns per task of the reduction: each task adds every row's slice of its columns, in row order, so the order of
+// additions of an element never depends on the threads, and one parallel region covers the whole call.
+constexpr int64_t kColumnChunk = 256;
+
 template <DType kType>
-void add_rows(const EpCombineParams& p, int64_t first, int64_t last) {
+void add_rows(const EpCombineParams& p) {
   using Storage = typename Element<kType>::Storage;
-#pragma omp parallel for schedule(static) if ((last - first) * p.cols * 4 >= kParallelBytes)
-  for (int64_t i = first; i < last; ++i) {
-    const auto* values = reinterpret_cast<const Storage*>(p.src + i * p.src_stride + p.src_offset);
-    float* sums = p.out + p.token[i] * p.cols;
-    for (int64_t c = 0; c < p.cols; ++c) sums[c] += Element<kType>::load(values[c]);
+  const int64_t chunks = (p.cols + kColumnChunk - 1) / kColumnChunk;
+#pragma omp parallel for schedule(static) if (p.rows * p.cols * 4 >= kParallelBytes)
+  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+    const int64_t first = chunk * kColumnChunk, last = std::min(first + kColumnChunk, p.cols);
+    for (int64_t i = 0; i < p.rows; ++i) {
+      const auto* values = reinterpret_cast<const Storage*>(p.src + i * p.src_stride + p.src_offset);
+      float* sums = p.out + p.token[i] * p.cols;
+      for (int64_t c = first; c < last; ++c) sums[c] += Element<kType>::load(values[c]);
+    }
   }
 }
 
@@ -65,12 +73,8 @@ void ep_combine_reduce(const EpCombineParams& p) {
       DSV3_CHECK(p.token[i] >= 0, "token: -1 at row ", i, " (every returned row has a source token)");
   }
   std::fill(p.out, p.out + p.tokens * p.cols, 0.0f);
-  // One rank's rows after another: within a rank the tokens are distinct, so its rows add in parallel without races
-  // and each output element still sees its additions in rank order.
-  for (int64_t r = 0; r < p.num_ranks; ++r) {
-    dispatch_float_type(
-        p.src_dtype, [&](auto type) { add_rows<decltype(type)::value>(p, p.rank_offsets[r], p.rank_offsets[r + 1]); });
-  }
+  // Rows are in rank order, so every element sees its additions in rank order.
+  dispatch_float_type(p.src_dtype, [&](auto type) { add_rows<decltype(type)::value>(p); });
 }
 
 }  // namespace dsv3::cpu

@@ -12,9 +12,10 @@ def test_ep_suite_reports_each_op_against_the_raw_exchange() -> None:
     assert report.error is None
     ops = [row.op for row in report.rows]
     assert ops == [
+        "ep pack (copy_rows)", "ep unpack (copy_rows)", "ep combine_reduce",
         "ep dispatch", "ep dispatch (cached)", "ep dispatch (cached)", "ep combine", "ep combine (+weights)",
         "ep low_latency_dispatch", "ep low_latency_combine",
     ]  # fmt: skip
     for row in report.rows:
-        assert row.us > 0 and row.baseline_us > 0 and row.baseline == "all_to_all_single", row
-        assert row.bytes > 0 and "R=2" in row.case
+        assert row.us > 0 and row.baseline_us > 0 and row.bytes > 0, row
+        assert (row.baseline == "all_to_all_single") == ("R=2" in row.case), row

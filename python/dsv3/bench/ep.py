@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dsv3.bench.harness import Report, Row
+from dsv3.bench.harness import Report, Row, Timer
 
 HIDDEN, EXPERTS, TOPK = 7168, 256, 8
 SPAWN_TIMEOUT_S = 300
@@ -166,15 +166,62 @@ def _spawn(world: int, device_type: str, tokens: int, ll_tokens: int, reps: int)
     return payload
 
 
+def _packing_rows(report: Report, device: torch.device, quick: bool, reps: int | None) -> None:
+    """The packing kernels alone (no communication) against the torch index ops they replace, on one device: a
+    dispatch's pack (rows by destination into the exchange buffer) and unpack, and a combine's reduction."""
+    timer = Timer(device, warmup=2, reps=reps or (5 if quick else 20))
+    for tokens in [128] if quick else [128, 4096]:
+        _packing_case(report, timer, device, tokens)
+
+
+def _packing_case(report: Report, timer: Timer, device: torch.device, tokens: int, ranks: int = 8) -> None:
+    from dsv3.ops.ep import combine_reduce, copy_rows
+
+    x = torch.randn(tokens, HIDDEN, device=device).to(torch.bfloat16)
+    # Each token to about half of the ranks, grouped by destination: the rows a dispatch sends.
+    reach = torch.rand(tokens, ranks, device=device) < 0.5
+    rows = reach.t().nonzero()[:, 1]
+    counts = reach.sum(0).tolist()
+    m, width = rows.shape[0], HIDDEN * 2
+    buf = torch.empty(m, width, dtype=torch.uint8, device=device)
+    case = f"T={tokens} rows={m} H={HIDDEN} bf16"
+    report.add(Row(
+        "ep pack (copy_rows)", case, device.type, us=timer(lambda: copy_rows(x, buf, src_index=rows)),
+        bytes=2 * m * width, baseline="index_select", baseline_us=timer(lambda: x.index_select(0, rows)),
+    ))  # fmt: skip
+    wide = torch.empty(m, width + 64, dtype=torch.uint8, device=device)  # the payload next to other columns
+    out = torch.empty(m, HIDDEN, dtype=torch.bfloat16, device=device)
+    report.add(Row(
+        "ep unpack (copy_rows)", case, device.type, us=timer(lambda: copy_rows(wide, out, src_offset=64)),
+        bytes=2 * m * width, baseline="slice+contiguous",
+        baseline_us=timer(lambda: wide[:, 64:].contiguous().view(torch.bfloat16)),
+    ))  # fmt: skip
+
+    def torch_combine():
+        total = torch.zeros(tokens, HIDDEN, device=device)
+        for token, chunk in zip(rows.split(counts), buf.view(torch.bfloat16).split(counts), strict=True):
+            total.index_add_(0, token, chunk.float())
+        return total
+
+    report.add(Row(
+        "ep combine_reduce", case, device.type,
+        us=timer(lambda: combine_reduce(buf, torch.bfloat16, HIDDEN, rows, counts, tokens)),
+        bytes=m * width + tokens * HIDDEN * 4, flops=m * HIDDEN, baseline="index_add_ per rank",
+        baseline_us=timer(torch_combine),
+    ))  # fmt: skip
+
+
 def run(device: torch.device, quick: bool = False, reps: int | None = None) -> Report:
     nccl = device.type == "cuda"
     worlds = [2] if quick else [2, 4]
     if nccl:
         worlds = [w for w in worlds if w <= torch.cuda.device_count()]
-        if not worlds:
-            raise RuntimeError(f"NCCL dispatch needs 2 GPUs, {torch.cuda.device_count()} visible (use --device cpu)")
     transport = "NCCL" if nccl else "gloo"
-    report = Report(f"expert-parallel dispatch/combine ({transport}) vs all_to_all_single of the same bytes")
+    title = f"expert-parallel packing, and dispatch/combine ({transport}) vs all_to_all_single of the same bytes"
+    if not worlds:
+        title += f" (no distributed rows: NCCL needs 2 GPUs, {torch.cuda.device_count()} visible)"
+    report = Report(title)
+    _packing_rows(report, device, quick, reps)
     tokens = (64 if quick else 256) if not nccl else (512 if quick else 4096)
     ll_tokens = (16 if quick else 32) if not nccl else 128
     for world in worlds:
