@@ -66,6 +66,18 @@ dsv3::Fp8GemmParams fp8_gemm_params(std::uintptr_t a, std::uintptr_t a_scales, s
           k};
 }
 
+dsv3::Fp8LinearParams fp8_linear_params(std::uintptr_t x, int32_t x_dtype, std::uintptr_t b, std::uintptr_t b_scales,
+                                        std::uintptr_t out, int64_t m, int64_t n, int64_t k) {
+  return {pointer<const void>(x),
+          static_cast<DType>(x_dtype),
+          pointer<const uint8_t>(b),
+          pointer<const float>(b_scales),
+          pointer<uint16_t>(out),
+          m,
+          n,
+          k};
+}
+
 dsv3::GroupedFp8GemmParams grouped_gemm_params(int32_t layout, std::uintptr_t a, std::uintptr_t a_scales,
                                                std::uintptr_t b, std::uintptr_t b_scales, std::uintptr_t out,
                                                std::uintptr_t group_rows, int64_t groups, int64_t m, int64_t n,
@@ -283,6 +295,16 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
       py::arg("k"));
+  cpu.def(
+      "fp8_linear",
+      [](std::uintptr_t x, int32_t x_dtype, std::uintptr_t b, std::uintptr_t b_scales, std::uintptr_t out, int64_t m,
+         int64_t n, int64_t k) {
+        const auto params = fp8_linear_params(x, x_dtype, b, b_scales, out, m, n, k);
+        py::gil_scoped_release release;
+        dsv3::cpu::fp8_linear(params);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
+      py::arg("k"));
 
   cpu.def(
       "grouped_fp8_gemm",
@@ -436,6 +458,16 @@ PYBIND11_MODULE(_C, m) {
         dsv3::cuda::fp8_gemm_nt(fp8_gemm_params(a, a_scales, b, b_scales, out, m, n, k), workspace, num_sms, stream);
       },
       py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
+      py::arg("k"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"));
+  cuda.def("fp8_linear_workspace_bytes", &dsv3::cuda::fp8_linear_workspace_bytes, py::arg("m"), py::arg("n"),
+           py::arg("k"), py::arg("num_sms"));
+  cuda.def(
+      "fp8_linear",
+      [](std::uintptr_t x, int32_t x_dtype, std::uintptr_t b, std::uintptr_t b_scales, std::uintptr_t out, int64_t m,
+         int64_t n, int64_t k, std::uintptr_t workspace, int num_sms, std::uintptr_t stream) {
+        dsv3::cuda::fp8_linear(fp8_linear_params(x, x_dtype, b, b_scales, out, m, n, k), workspace, num_sms, stream);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"));
   cuda.def("grouped_fp8_gemm_workspace_bytes", &dsv3::cuda::grouped_fp8_gemm_workspace_bytes, py::arg("groups"),
            py::arg("num_sms"));

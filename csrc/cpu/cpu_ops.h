@@ -15,6 +15,7 @@ void per_block_quant_fp8(const BlockQuantParams& params);
 void dequant_fp8_block(const BlockDequantParams& params);
 
 void fp8_gemm_nt(const Fp8GemmParams& params);
+void fp8_linear(const Fp8LinearParams& params);
 void grouped_fp8_gemm(const GroupedFp8GemmParams& params);
 
 void mla_schedule(const MlaScheduleParams& params);

@@ -28,6 +28,9 @@ void dequant_fp8_block(const BlockDequantParams& params, std::uintptr_t stream);
 int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms);
 // workspace: fp8_gemm_workspace_bytes(...) bytes of device memory (any content), or 0 when that is 0.
 void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);
+// Quantization + GEMM: workspace holds the quantized activations and the GEMM's own workspace.
+int64_t fp8_linear_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms);
+void fp8_linear(const Fp8LinearParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);
 
 // Grouped (MoE) GEMM: workspace holds the per-group argument arrays the device builds, plus CUTLASS's own.
 int64_t grouped_fp8_gemm_workspace_bytes(int64_t groups, int num_sms);
