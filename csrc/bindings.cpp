@@ -78,6 +78,36 @@ dsv3::Fp8LinearParams fp8_linear_params(std::uintptr_t x, int32_t x_dtype, std::
           k};
 }
 
+dsv3::RmsNormParams rms_norm_params(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
+                                    std::uintptr_t weight, std::uintptr_t out, int32_t dtype, int64_t rows,
+                                    int64_t hidden, float eps) {
+  return {pointer<const void>(x),
+          pointer<const void>(residual),
+          pointer<void>(residual_out),
+          pointer<const void>(weight),
+          pointer<void>(out),
+          static_cast<DType>(dtype),
+          rows,
+          hidden,
+          eps};
+}
+
+dsv3::RopeParams rope_params(std::uintptr_t x, std::uintptr_t out, int32_t dtype, std::uintptr_t positions,
+                             std::uintptr_t cos_sin, int64_t tokens, int64_t heads, int64_t dim, int64_t token_stride,
+                             int64_t head_stride, int64_t max_positions) {
+  return {pointer<const void>(x),
+          pointer<void>(out),
+          static_cast<DType>(dtype),
+          pointer<const int64_t>(positions),
+          pointer<const float>(cos_sin),
+          tokens,
+          heads,
+          dim,
+          token_stride,
+          head_stride,
+          max_positions};
+}
+
 dsv3::GroupedFp8GemmParams grouped_gemm_params(int32_t layout, std::uintptr_t a, std::uintptr_t a_scales,
                                                std::uintptr_t b, std::uintptr_t b_scales, std::uintptr_t out,
                                                std::uintptr_t group_rows, int64_t groups, int64_t m, int64_t n,
@@ -317,6 +347,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("layout"), py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"),
       py::arg("group_rows"), py::arg("groups"), py::arg("m"), py::arg("n"), py::arg("k"));
   cpu.def(
+      "rms_norm",
+      [](std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out, std::uintptr_t weight,
+         std::uintptr_t out, int32_t dtype, int64_t rows, int64_t hidden, float eps) {
+        const auto params = rms_norm_params(x, residual, residual_out, weight, out, dtype, rows, hidden, eps);
+        py::gil_scoped_release release;
+        dsv3::cpu::rms_norm(params);
+      },
+      py::arg("x"), py::arg("residual"), py::arg("residual_out"), py::arg("weight"), py::arg("out"), py::arg("dtype"),
+      py::arg("rows"), py::arg("hidden"), py::arg("eps"));
+  cpu.def(
+      "apply_rope",
+      [](std::uintptr_t x, std::uintptr_t out, int32_t dtype, std::uintptr_t positions, std::uintptr_t cos_sin,
+         int64_t tokens, int64_t heads, int64_t dim, int64_t token_stride, int64_t head_stride, int64_t max_positions) {
+        const auto params = rope_params(x, out, dtype, positions, cos_sin, tokens, heads, dim, token_stride,
+                                        head_stride, max_positions);
+        py::gil_scoped_release release;
+        dsv3::cpu::apply_rope(params);
+      },
+      py::arg("x"), py::arg("out"), py::arg("dtype"), py::arg("positions"), py::arg("cos_sin"), py::arg("tokens"),
+      py::arg("heads"), py::arg("dim"), py::arg("token_stride"), py::arg("head_stride"), py::arg("max_positions"));
+  cpu.def(
       "mla_schedule",
       [](std::uintptr_t cache_seqlens, std::uintptr_t metadata, std::uintptr_t split_offsets, int64_t batch,
          int64_t num_parts) {
@@ -469,6 +520,26 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"));
+  cuda.def(
+      "rms_norm",
+      [](std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out, std::uintptr_t weight,
+         std::uintptr_t out, int32_t dtype, int64_t rows, int64_t hidden, float eps, std::uintptr_t stream) {
+        dsv3::cuda::rms_norm(rms_norm_params(x, residual, residual_out, weight, out, dtype, rows, hidden, eps), stream);
+      },
+      py::arg("x"), py::arg("residual"), py::arg("residual_out"), py::arg("weight"), py::arg("out"), py::arg("dtype"),
+      py::arg("rows"), py::arg("hidden"), py::arg("eps"), py::arg("stream"));
+  cuda.def(
+      "apply_rope",
+      [](std::uintptr_t x, std::uintptr_t out, int32_t dtype, std::uintptr_t positions, std::uintptr_t cos_sin,
+         int64_t tokens, int64_t heads, int64_t dim, int64_t token_stride, int64_t head_stride, int64_t max_positions,
+         std::uintptr_t stream) {
+        dsv3::cuda::apply_rope(rope_params(x, out, dtype, positions, cos_sin, tokens, heads, dim, token_stride,
+                                           head_stride, max_positions),
+                               stream);
+      },
+      py::arg("x"), py::arg("out"), py::arg("dtype"), py::arg("positions"), py::arg("cos_sin"), py::arg("tokens"),
+      py::arg("heads"), py::arg("dim"), py::arg("token_stride"), py::arg("head_stride"), py::arg("max_positions"),
+      py::arg("stream"));
   cuda.def("grouped_fp8_gemm_workspace_bytes", &dsv3::cuda::grouped_fp8_gemm_workspace_bytes, py::arg("groups"),
            py::arg("num_sms"));
   cuda.def(

@@ -8,6 +8,7 @@
 
 #include "dsv3/gemm_params.h"
 #include "dsv3/grouped_gemm_params.h"
+#include "dsv3/layer_params.h"
 #include "dsv3/moe_params.h"
 #include "dsv3/quant_params.h"
 
@@ -35,6 +36,8 @@ void fp8_linear(const Fp8LinearParams& params, std::uintptr_t workspace, int num
 // Grouped (MoE) GEMM: workspace holds the per-group argument arrays the device builds, plus CUTLASS's own.
 int64_t grouped_fp8_gemm_workspace_bytes(int64_t groups, int num_sms);
 void grouped_fp8_gemm(const GroupedFp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);
+void rms_norm(const RmsNormParams& params, std::uintptr_t stream);
+void apply_rope(const RopeParams& params, std::uintptr_t stream);
 void grouped_topk(const GroupedTopkParams& params, std::uintptr_t stream);
 // Layouts without a host synchronization: counting zeroes params.errors and fills the workspace, counts and
 // offsets; placing fills the rows. A slot whose expert lies outside [-1, E) takes no row and counts in errors[0];
