@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdint>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
@@ -26,9 +28,13 @@ EncodeTiled encode_tiled() {
   std::call_once(once, [] {
     void* address = nullptr;
     cudaDriverEntryPointQueryResult status{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &address, 12000, cudaEnableDefault, &status) ==
-            cudaSuccess &&
-        status == cudaDriverEntryPointSuccess) {
+#if CUDART_VERSION >= 12050
+    const cudaError_t error =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &address, 12000, cudaEnableDefault, &status);
+#else
+    const cudaError_t error = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &address, cudaEnableDefault, &status);
+#endif
+    if (error == cudaSuccess && status == cudaDriverEntryPointSuccess) {
       function = reinterpret_cast<EncodeTiled>(address);
     } else {
       cudaGetLastError();
