@@ -19,19 +19,6 @@ CUDA = torch.device("cuda")
 # ---- overrides: where the GPU contract differs from the CPU one ----------------------------------------------------
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_decode_fp8_cache_matches_reference(device, causal):
-    # The kernel rounds dequantized keys (e4m3 * fp32 scale) to bf16 for the tensor cores, where the reference keeps
-    # them in fp32: scores move by ~1e-3 of their scale, which shows in lse beyond the bf16-cache tolerance.
-    cache, block_table, seqlens = _paged_cache(SEQLENS, fp8=True, device=device)
-    q = torch.randn(len(SEQLENS), 2, 16, ref.HEAD_DIM).to(torch.bfloat16).to(device)
-    out, lse = _decode(q, cache, block_table, seqlens, causal, num_parts=4)
-    r_out, r_lse = ref.mla_decode_with_kvcache(q.cpu(), cache.cpu(), block_table.cpu(), seqlens.cpu(), causal=causal)
-    assert_close(out.cpu().float(), r_out.float(), atol=2e-2, rtol=2e-2, max_diff=5e-5, name="out")
-    assert_close(lse.cpu(), r_lse, atol=1e-2, rtol=1e-3, name="lse")
-    assert torch.isfinite(out).all()
-
-
 def test_decode_rejects_bad_input(device):
     # Shape, dtype and device errors raise as on the CPU; errors in tensor contents cannot raise without a host sync,
     # so the kernel turns exactly the affected sequence's results into NaN (and never reads out of bounds).
@@ -186,17 +173,14 @@ def test_decode_long_sequence_many_splits():
 
 @pytest.mark.parametrize("heads", [16, 64, 128])
 @pytest.mark.parametrize("s_q", [1, 2])
-def test_fp8_cache_matches_bf16_cache_of_the_dequantized_rows(heads, s_q):
-    # the FP8 kernel on packed rows == the bf16 kernel on those rows dequantized and rounded to bf16 (what the FP8
-    # kernel feeds its tensor cores), up to the accumulation order
+def test_fp8_cache_matches_reference_and_cpu(heads, s_q):
+    # the group scales never pass through bf16 on the score side, so lse keeps the bf16-cache accuracy
     cache, block_table, seqlens = _paged_cache(LONG_SEQLENS, fp8=True, device=CUDA)
-    rows = ref.unpack_fp8_kv(cache.cpu().view(-1, ref.FP8_ROW_BYTES).view(torch.uint8)).nan_to_num(0.0)
-    bf16_cache = rows.to(torch.bfloat16).reshape(cache.shape[0], 64, 1, ref.HEAD_DIM).to(CUDA)
     q = torch.randn(len(LONG_SEQLENS), s_q, heads, ref.HEAD_DIM).to(torch.bfloat16).to(CUDA)
-    out_fp8, lse_fp8 = _decode(q, cache, block_table, seqlens, True, num_parts=11)
-    out_bf16, lse_bf16 = _decode(q, bf16_cache, block_table, seqlens, True, num_parts=11)
-    assert_close(out_fp8.cpu().float(), out_bf16.cpu().float(), atol=1e-2, rtol=1e-2, max_diff=1e-5, name="out")
-    assert_close(lse_fp8.cpu(), lse_bf16.cpu(), atol=1e-4, rtol=1e-4, name="lse")
+    out, lse = _assert_matches_reference(q, cache, block_table, seqlens, True, num_parts=11)
+    cpu_out, cpu_lse = _decode(q.cpu(), cache.cpu(), block_table.cpu(), seqlens.cpu(), True, num_parts=11)
+    assert_close(out.cpu().float(), cpu_out.float(), atol=8e-3, rtol=8e-3, max_diff=1e-5, name="out vs CPU")
+    assert_close(lse.cpu(), cpu_lse, atol=1e-5, rtol=1e-5, name="lse vs CPU")
 
 
 def test_nan_everywhere_outside_the_sequences_never_reaches_the_output():

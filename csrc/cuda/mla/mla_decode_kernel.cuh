@@ -16,9 +16,16 @@
 //   Q      9 chunks of [N rows][64 dims] bf16, 128-byte rows, 128B-swizzled (TMA)              N * 1152 bytes
 //   tiles  bf16 cache: 2 stages of 9 chunks of [64 tokens][64 dims], 128B-swizzled (TMA)       2 * 73728 bytes
 //          FP8 cache:  kStages raw pages of 64 x 656 bytes (one bulk copy each) + one bf16 tile that the
-//                      consumers fill by dequantizing (same layout as a TMA tile)
+//                      consumers fill by widening the e4m3 codes (exact in bf16; same layout as a TMA tile)
 //   Pᵀ     [N rows][64 tokens] bf16, 128B-swizzled (the K-major B operand of P·V)                N * 128 bytes
+//          FP8 cache: four of them, P * scale_g(token) for latent group g                       4 * N * 128
+//   scales FP8 cache: the page's [64 tokens][4] fp32 group scales                               1024 bytes
 //   small  cross-warp reductions, per-column rescale factors / sums / maxima, mbarriers
+//
+// FP8 cache: scales stay out of the tensor-core inputs, so keys are used at full precision, as the fp32 reference
+// does. Scores: Sᵀ = Σ_g scale_g(token) · (E_g · Q_gᵀ) + R · Q_ropeᵀ, each latent group in its own accumulator that
+// is scaled per row (a row is a token) and added in fp32. Values: V_g = E_g · scale_g(token) with the scale on the
+// K side of P·V, so it moves onto P: Oᵀ rows of group g use Pᵀ_g = Pᵀ * scale_g(token) (rounded to bf16 like P).
 // Thread 0 issues all copies; a page's stage is refilled once both warpgroups are done with it (a named barrier
 // after P·V, or after dequantization for FP8), so loads of the next stages overlap the math of this one.
 //
@@ -51,8 +58,11 @@ template <int N, bool kFp8>
 struct DecodeLayout {
   static_assert(N == 16 || N == 32 || N == 64, "query tile of 16, 32 or 64 rows");
   static constexpr int kQBytes = N * kChunks * 128;
-  static constexpr int kPBytes = N * 128;
-  static constexpr int kFixedBytes = kQBytes + kPBytes + kSmallBytes + 1024 /* alignment slack */;
+  // Pᵀ: one [N][64 tokens] bf16 buffer; FP8: one per latent group g, holding P * scale_g(token) (see below).
+  static constexpr int kPBufferBytes = N * 128;
+  static constexpr int kPBytes = kPBufferBytes * (kFp8 ? 4 : 1);
+  static constexpr int kScaleBytes = kFp8 ? kMlaPageSize * 4 * 4 : 0;  // FP8: the page's [64 tokens][4] scales
+  static constexpr int kFixedBytes = kQBytes + kPBytes + kScaleBytes + kSmallBytes + 1024 /* alignment slack */;
   // FP8: as many raw stages as fit (up to 3) next to the one dequantized tile; bf16: two TMA tile stages.
   static constexpr int kFp8Stages = (kSharedMemoryLimit - kFixedBytes - kTileBytes) / kRawPageBytes > 3
                                         ? 3
@@ -63,7 +73,8 @@ struct DecodeLayout {
   static constexpr int kTileOffset = kQOffset + kQBytes;  // the dequantized tile (FP8 only)
   static constexpr int kRingOffset = kTileOffset + (kFp8 ? kTileBytes : 0);
   static constexpr int kPOffset = kRingOffset + kStages * kStageBytes;
-  static constexpr int kSmallOffset = kPOffset + kPBytes;
+  static constexpr int kScaleOffset = kPOffset + kPBytes;
+  static constexpr int kSmallOffset = kScaleOffset + kScaleBytes;
   static constexpr int kBytes = kSmallOffset + kSmallBytes + 1024;
   static_assert(kStages >= 1 && kBytes <= kSharedMemoryLimit, "shared memory budget");
   static_assert(kQBytes % 1024 == 0 && kPBytes % 1024 == 0, "1024-byte aligned buffers");
@@ -131,17 +142,24 @@ __device__ __forceinline__ void issue_page_load(const MlaDecodeParams& p, const 
   }
 }
 
-// Raw 656-byte rows -> the swizzled bf16 tile: latent e4m3 * its group's scale, rope copied, rows >= valid zeroed
-// (so P = 0 there cannot meet NaN in V). 64 rows x 9 chunks x 8 sixteen-byte units, spread over all 256 threads.
-__device__ __forceinline__ void dequantize_page(const uint8_t* raw, uint8_t* tile, int valid) {
+// Raw 656-byte rows -> the swizzled bf16 tile (latent e4m3 codes widened exactly, rope copied) and the [64][4] group
+// scales; rows >= valid become zeros (codes and scales), so P = 0 there cannot meet NaN in V. 64 rows x 9 chunks x 8
+// sixteen-byte units, spread over all 256 threads.
+__device__ __forceinline__ void unpack_page(const uint8_t* raw, uint8_t* tile, float* scales, int valid) {
   constexpr int kUnits = kMlaPageSize * kChunks * 8;
+  if (threadIdx.x < kMlaPageSize) {
+    const int row = threadIdx.x;
+    const float4 group_scales = row < valid
+                                    ? *reinterpret_cast<const float4*>(raw + row * kMlaFp8RowBytes + kMlaLatentDim)
+                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    reinterpret_cast<float4*>(scales)[row] = group_scales;
+  }
   for (int u = threadIdx.x; u < kUnits; u += kThreads) {
     const int row = u / (kChunks * 8), chunk = (u / 8) % kChunks, unit = u % 8;
     uint4 packed = make_uint4(0, 0, 0, 0);
     if (row < valid) {
       const uint8_t* src = raw + row * kMlaFp8RowBytes;
       if (chunk < kChunks - 1) {
-        const float scale = reinterpret_cast<const float*>(src + kMlaLatentDim)[chunk / 2];
         const uint2 codes = *reinterpret_cast<const uint2*>(src + chunk * 64 + unit * 8);
         const uint32_t words[2] = {codes.x, codes.y};
         uint32_t out[4];
@@ -149,8 +167,8 @@ __device__ __forceinline__ void dequantize_page(const uint8_t* raw, uint8_t* til
         for (int i = 0; i < 4; ++i) {
           const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(words[i / 2] >> (16 * (i % 2)));
           const float2 values = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
-          const __nv_bfloat162 scaled = __floats2bfloat162_rn(values.x * scale, values.y * scale);
-          out[i] = *reinterpret_cast<const uint32_t*>(&scaled);
+          const __nv_bfloat162 widened = __floats2bfloat162_rn(values.x, values.y);  // exact: e4m3 fits bf16
+          out[i] = *reinterpret_cast<const uint32_t*>(&widened);
         }
         packed = make_uint4(out[0], out[1], out[2], out[3]);
       } else {
@@ -186,8 +204,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* q_smem = smem + Layout::kQOffset;
   uint8_t* ring = smem + Layout::kRingOffset;
   uint8_t* p_smem = smem + Layout::kPOffset;
-  float* reduction = reinterpret_cast<float*>(smem + Layout::kSmallOffset);  // [2 warpgroups][4 warps][32 columns]
-  float* column_alpha = reduction + 2 * 4 * 32;                              // [N] per-page rescale factors
+  float* page_scales = reinterpret_cast<float*>(smem + Layout::kScaleOffset);  // FP8: [64 tokens][4 groups]
+  float* reduction = reinterpret_cast<float*>(smem + Layout::kSmallOffset);    // [2 warpgroups][4 warps][32 columns]
+  float* column_alpha = reduction + 2 * 4 * 32;                                // [N] per-page rescale factors
   float* column_max = column_alpha;       // [N] final maxima (log2 domain), in the epilogue when the factors are done
   float* column_sum = column_alpha + 64;  // [N] final softmax denominators
   int* visible_end = reinterpret_cast<int*>(column_sum + 64);      // [N] keys each column sees
@@ -281,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint8_t* tile;
       if constexpr (kFp8) {
         tile = smem + Layout::kTileOffset;
-        dequantize_page(stage, tile, valid);
+        unpack_page(stage, tile, page_scales, valid);
         fence_proxy_async();
         named_barrier(1, kThreads);
         if (thread == 0 && !loader.done()) {  // the raw stage is consumed: refill it now
@@ -304,18 +323,49 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint32_t tile_address = smem_address(tile);
       const uint64_t k_descriptor = sw128_descriptor(tile_address, 16, 1024);
       const uint64_t q_descriptor = sw128_descriptor(smem_address(q_smem) + wg * kHalf * 128, 16, 1024);
-      wgmma_fence();
-      static_for<kChunks * 4>([&](auto step) {
-        // K-major operands: a 16-wide k-step is 32 bytes further along the 128-byte rows of chunk c
-        constexpr int c = decltype(step)::value / 4, kk = decltype(step)::value % 4;
-        const uint64_t a = advance_descriptor<c * kChunkBytes + kk * 32>(k_descriptor);
-        const uint64_t b = advance_descriptor<c * N * 128 + kk * 32>(q_descriptor);
-        Wgmma<kHalf>::template mma<0>(s, a, b, decltype(step)::value != 0);
-      });
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_registers(s);
-
+      if constexpr (!kFp8) {
+        wgmma_fence();
+        static_for<kChunks * 4>([&](auto step) {
+          // K-major operands: a 16-wide k-step is 32 bytes further along the 128-byte rows of chunk c
+          constexpr int c = decltype(step)::value / 4, kk = decltype(step)::value % 4;
+          const uint64_t a = advance_descriptor<c * kChunkBytes + kk * 32>(k_descriptor);
+          const uint64_t b = advance_descriptor<c * N * 128 + kk * 32>(q_descriptor);
+          Wgmma<kHalf>::template mma<0>(s, a, b, decltype(step)::value != 0);
+        });
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(s);
+      } else {
+        // the rope chunk (bf16, unscaled) straight into s, then each latent group through `group` and its scales
+        wgmma_fence();
+        static_for<4>([&](auto kk) {
+          constexpr int kOffset = (kChunks - 1) * kChunkBytes + decltype(kk)::value * 32;
+          const uint64_t a = advance_descriptor<kOffset>(k_descriptor);
+          const uint64_t b = advance_descriptor<(kChunks - 1) * N * 128 + decltype(kk)::value * 32>(q_descriptor);
+          Wgmma<kHalf>::template mma<0>(s, a, b, decltype(kk)::value != 0);
+        });
+        wgmma_commit();
+        static_for<4>([&](auto g) {
+          float group[kHalf / 2];
+#pragma unroll
+          for (int i = 0; i < kHalf / 2; ++i) group[i] = 0.0f;
+          wgmma_fence();
+          static_for<8>([&](auto step) {
+            constexpr int c = 2 * decltype(g)::value + decltype(step)::value / 4, kk = decltype(step)::value % 4;
+            const uint64_t a = advance_descriptor<c * kChunkBytes + kk * 32>(k_descriptor);
+            const uint64_t b = advance_descriptor<c * N * 128 + kk * 32>(q_descriptor);
+            Wgmma<kHalf>::template mma<0>(group, a, b, decltype(step)::value != 0);
+          });
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_registers(group);
+          fence_registers(s);
+          const float scale_low = page_scales[(warp * 16 + lane / 4) * 4 + decltype(g)::value];
+          const float scale_high = page_scales[(warp * 16 + lane / 4 + 8) * 4 + decltype(g)::value];
+#pragma unroll
+          for (int i = 0; i < kHalf / 2; ++i) s[i] += ((i / 2) % 2 ? scale_high : scale_low) * group[i];
+        });
+      }
       // ---- online softmax over the 64 tokens (rows) of each column, log2 domain ----
       float block_max[kColsS];
 #pragma unroll
@@ -361,8 +411,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         const float weight = exp2f(s[i] - reference[j]);
         partial_sum[j] += weight;
         const int n = wg * kHalf + (j / 2) * 8 + 2 * (lane % 4) + j % 2;  // Pᵀ row
-        *reinterpret_cast<__nv_bfloat16*>(p_smem + swizzled_offset(n, token / 8) + (token % 8) * 2) =
-            __float2bfloat16_rn(weight);
+        const uint32_t offset = swizzled_offset(n, token / 8) + (token % 8) * 2;
+        if constexpr (kFp8) {
+#pragma unroll
+          for (int g = 0; g < 4; ++g) {
+            *reinterpret_cast<__nv_bfloat16*>(p_smem + g * Layout::kPBufferBytes + offset) =
+                __float2bfloat16_rn(weight * page_scales[token * 4 + g]);
+          }
+        } else {
+          *reinterpret_cast<__nv_bfloat16*>(p_smem + offset) = __float2bfloat16_rn(weight);
+        }
       }
       if (warp == 0 && lane < 4) {
 #pragma unroll
@@ -382,14 +440,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       // 8-row swizzle atoms 1024 bytes apart (the stride byte offset). The leading byte offset would step to the next
       // 64 columns; an M = 64 operand never uses it.
       const uint64_t v_descriptor = sw128_descriptor(tile_address + wg * 4 * kChunkBytes, kChunkBytes, 1024);
-      const uint64_t p_descriptor = sw128_descriptor(smem_address(p_smem), 16, 1024);
+      // FP8: V columns 256 wg + 64 mt belong to latent group 2 wg + mt / 2, whose scales sit in its own Pᵀ buffer
+      const uint64_t p_descriptor =
+          sw128_descriptor(smem_address(p_smem) + (kFp8 ? 2 * wg * Layout::kPBufferBytes : 0), 16, 1024);
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt) fence_registers(o[mt]);
       wgmma_fence();
       static_for<16>([&](auto step) {
         constexpr int mt = decltype(step)::value / 4, kk = decltype(step)::value % 4;
         const uint64_t a = advance_descriptor<mt * kChunkBytes + kk * 16 * 128>(v_descriptor);
-        const uint64_t b = advance_descriptor<kk * 32>(p_descriptor);
+        const uint64_t b = advance_descriptor<(kFp8 ? (mt / 2) * Layout::kPBufferBytes : 0) + kk * 32>(p_descriptor);
         Wgmma<N>::template mma<1>(o[mt], a, b, 1);
       });
       wgmma_commit();
