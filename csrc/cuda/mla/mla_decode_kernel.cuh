@@ -27,7 +27,7 @@
 // is scaled per row (a row is a token) and added in fp32. Values: V_g = E_g · scale_g(token) with the scale on the
 // K side of P·V, so it moves onto P: Oᵀ rows of group g use Pᵀ_g = Pᵀ * scale_g(token) (rounded to bf16 like P).
 // Thread 0 issues all copies; a page's stage is refilled once both warpgroups are done with it (a named barrier
-// after P·V, or after dequantization for FP8), so loads of the next stages overlap the math of this one.
+// after P·V, or after unpacking for FP8), so loads of the next stages overlap the math of this one.
 //
 // Invalid input never leads to an out-of-bounds access: a page id outside the cache is not loaded, block indices
 // are clamped to the block table, a sequence range outside the batch ends the part, and a split whose id does not
@@ -63,14 +63,14 @@ struct DecodeLayout {
   static constexpr int kPBytes = kPBufferBytes * (kFp8 ? 4 : 1);
   static constexpr int kScaleBytes = kFp8 ? kMlaPageSize * 4 * 4 : 0;  // FP8: the page's [64 tokens][4] scales
   static constexpr int kFixedBytes = kQBytes + kPBytes + kScaleBytes + kSmallBytes + 1024 /* alignment slack */;
-  // FP8: as many raw stages as fit (up to 3) next to the one dequantized tile; bf16: two TMA tile stages.
+  // FP8: as many raw stages as fit (up to 3) next to the one unpacked tile; bf16: two TMA tile stages.
   static constexpr int kFp8Stages = (kSharedMemoryLimit - kFixedBytes - kTileBytes) / kRawPageBytes > 3
                                         ? 3
                                         : (kSharedMemoryLimit - kFixedBytes - kTileBytes) / kRawPageBytes;
   static constexpr int kStages = kFp8 ? kFp8Stages : 2;
   static constexpr int kStageBytes = kFp8 ? kRawPageBytes : kTileBytes;
   static constexpr int kQOffset = 0;
-  static constexpr int kTileOffset = kQOffset + kQBytes;  // the dequantized tile (FP8 only)
+  static constexpr int kTileOffset = kQOffset + kQBytes;  // the unpacked tile (FP8 only)
   static constexpr int kRingOffset = kTileOffset + (kFp8 ? kTileBytes : 0);
   static constexpr int kPOffset = kRingOffset + kStages * kStageBytes;
   static constexpr int kScaleOffset = kPOffset + kPBytes;
