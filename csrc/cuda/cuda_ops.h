@@ -9,6 +9,7 @@
 #include "dsv3/gemm_params.h"
 #include "dsv3/grouped_gemm_params.h"
 #include "dsv3/layer_params.h"
+#include "dsv3/mla_params.h"
 #include "dsv3/moe_params.h"
 #include "dsv3/quant_params.h"
 
@@ -47,5 +48,15 @@ void moe_layout_scatter(const MoeLayoutParams& params, std::uintptr_t stream);
 // Rows whose src_token lies outside [0, tokens) are zero rows; slots whose row_of lies outside [0, rows) add nothing.
 void moe_permute(const MoePermuteParams& params, std::uintptr_t stream);
 void moe_unpermute(const MoeUnpermuteParams& params, std::uintptr_t stream);
+
+// MLA decode over the paged latent cache. mla_schedule runs dsv3/mla_schedule.h on the device (one thread; the
+// partition equals the CPU's). mla_decode needs partial_out / partial_lse workspaces of batch + num_parts rows; it
+// never reads or writes out of bounds whatever block_table, cache_seqlens or the schedule say: a page id outside
+// the cache, a length beyond the block table or a schedule that does not match cache_seqlens turns the affected
+// sequence's out and lse into NaN (the CPU kernel raises instead; checking here would need a host sync).
+void mla_schedule(const MlaScheduleParams& params, std::uintptr_t stream);
+void mla_decode(const MlaDecodeParams& params, std::uintptr_t stream);
+// Tokens whose slot lies outside the cache are skipped (the CPU kernel raises); two tokens sharing a slot race.
+void mla_append_kv(const MlaAppendParams& params, std::uintptr_t stream);
 
 }  // namespace dsv3::cuda
