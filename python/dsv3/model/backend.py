@@ -39,14 +39,14 @@ class KernelSupport:
 
 
 # The MLA kernels take bf16 queries and bf16/FP8 caches, so a float32 model (fp32 cache) uses the reference ops;
-# the FP8 GEMMs only run in a bfloat16 model (a float32 model dequantizes its weights). MLA has no CUDA kernel yet:
-# extend this table as kernels land. The layer kernels take either dtype.
+# the FP8 GEMMs only run in a bfloat16 model (a float32 model dequantizes its weights). The layer kernels take
+# either dtype.
 KERNEL_SUPPORT = {
     "fp8_linear": KernelSupport(("cpu", "cuda"), "fp8_gemm_nt", (torch.bfloat16,)),
     "fused_experts": KernelSupport(("cpu", "cuda"), "grouped_fp8_gemm", (torch.bfloat16,)),
     "grouped_topk": KernelSupport(("cpu", "cuda"), "grouped_topk", (torch.bfloat16, torch.float32)),
-    "append_kv_cache": KernelSupport(("cpu",), "mla_append_kv", (torch.bfloat16,)),
-    "mla_decode_with_kvcache": KernelSupport(("cpu",), "mla_decode", (torch.bfloat16,)),
+    "append_kv_cache": KernelSupport(("cpu", "cuda"), "mla_append_kv", (torch.bfloat16,)),
+    "mla_decode_with_kvcache": KernelSupport(("cpu", "cuda"), "mla_decode", (torch.bfloat16,)),
     "rms_norm": KernelSupport(("cpu", "cuda"), "rms_norm", (torch.bfloat16, torch.float32)),
     "fused_add_rms_norm": KernelSupport(("cpu", "cuda"), "rms_norm", (torch.bfloat16, torch.float32)),
     "apply_rope": KernelSupport(("cpu", "cuda"), "apply_rope", (torch.bfloat16, torch.float32)),
