@@ -55,6 +55,49 @@ dsv3::BlockDequantParams block_dequant_params(std::uintptr_t q, std::uintptr_t s
           block};
 }
 
+dsv3::MlaDecodeParams mla_decode_params(std::uintptr_t q, std::uintptr_t kv_cache, bool fp8_cache,
+                                        std::uintptr_t block_table, std::uintptr_t cache_seqlens,
+                                        std::uintptr_t metadata, std::uintptr_t split_offsets, std::uintptr_t out,
+                                        std::uintptr_t lse, std::uintptr_t partial_out, std::uintptr_t partial_lse,
+                                        int64_t batch, int64_t s_q, int64_t heads, int64_t num_blocks,
+                                        int64_t max_blocks, int64_t num_parts, int64_t head_dim_v, float softmax_scale,
+                                        bool causal) {
+  return {pointer<const uint16_t>(q),
+          pointer<const uint8_t>(kv_cache),
+          fp8_cache,
+          pointer<const int32_t>(block_table),
+          pointer<const int32_t>(cache_seqlens),
+          pointer<const int32_t>(metadata),
+          pointer<const int32_t>(split_offsets),
+          pointer<uint16_t>(out),
+          pointer<float>(lse),
+          pointer<float>(partial_out),
+          pointer<float>(partial_lse),
+          batch,
+          s_q,
+          heads,
+          num_blocks,
+          max_blocks,
+          num_parts,
+          head_dim_v,
+          softmax_scale,
+          causal};
+}
+
+dsv3::MlaAppendParams mla_append_params(std::uintptr_t kv_cache, bool fp8_cache, std::uintptr_t slot_mapping,
+                                        std::uintptr_t latent, std::uintptr_t rope, int32_t input_dtype, int64_t tokens,
+                                        int64_t num_blocks, bool ue8m0) {
+  return {pointer<uint8_t>(kv_cache),
+          fp8_cache,
+          pointer<const int64_t>(slot_mapping),
+          pointer<const void>(latent),
+          pointer<const void>(rope),
+          static_cast<DType>(input_dtype),
+          tokens,
+          num_blocks,
+          ue8m0};
+}
+
 dsv3::Fp8GemmParams fp8_gemm_params(std::uintptr_t a, std::uintptr_t a_scales, std::uintptr_t b,
                                     std::uintptr_t b_scales, std::uintptr_t out, int64_t m, int64_t n, int64_t k) {
   return {pointer<const uint8_t>(a),
@@ -65,6 +108,48 @@ dsv3::Fp8GemmParams fp8_gemm_params(std::uintptr_t a, std::uintptr_t a_scales, s
           m,
           n,
           k};
+}
+
+dsv3::Fp8LinearParams fp8_linear_params(std::uintptr_t x, int32_t x_dtype, std::uintptr_t b, std::uintptr_t b_scales,
+                                        std::uintptr_t out, int64_t m, int64_t n, int64_t k) {
+  return {pointer<const void>(x),
+          static_cast<DType>(x_dtype),
+          pointer<const uint8_t>(b),
+          pointer<const float>(b_scales),
+          pointer<uint16_t>(out),
+          m,
+          n,
+          k};
+}
+
+dsv3::RmsNormParams rms_norm_params(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out,
+                                    std::uintptr_t weight, std::uintptr_t out, int32_t dtype, int64_t rows,
+                                    int64_t hidden, float eps) {
+  return {pointer<const void>(x),
+          pointer<const void>(residual),
+          pointer<void>(residual_out),
+          pointer<const void>(weight),
+          pointer<void>(out),
+          static_cast<DType>(dtype),
+          rows,
+          hidden,
+          eps};
+}
+
+dsv3::RopeParams rope_params(std::uintptr_t x, std::uintptr_t out, int32_t dtype, std::uintptr_t positions,
+                             std::uintptr_t cos_sin, int64_t tokens, int64_t heads, int64_t dim, int64_t token_stride,
+                             int64_t head_stride, int64_t max_positions) {
+  return {pointer<const void>(x),
+          pointer<void>(out),
+          static_cast<DType>(dtype),
+          pointer<const int64_t>(positions),
+          pointer<const float>(cos_sin),
+          tokens,
+          heads,
+          dim,
+          token_stride,
+          head_stride,
+          max_positions};
 }
 
 dsv3::GroupedFp8GemmParams grouped_gemm_params(int32_t layout, std::uintptr_t a, std::uintptr_t a_scales,
@@ -334,6 +419,16 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
       py::arg("k"));
+  cpu.def(
+      "fp8_linear",
+      [](std::uintptr_t x, int32_t x_dtype, std::uintptr_t b, std::uintptr_t b_scales, std::uintptr_t out, int64_t m,
+         int64_t n, int64_t k) {
+        const auto params = fp8_linear_params(x, x_dtype, b, b_scales, out, m, n, k);
+        py::gil_scoped_release release;
+        dsv3::cpu::fp8_linear(params);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
+      py::arg("k"));
 
   cpu.def(
       "grouped_fp8_gemm",
@@ -345,6 +440,27 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("layout"), py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"),
       py::arg("group_rows"), py::arg("groups"), py::arg("m"), py::arg("n"), py::arg("k"));
+  cpu.def(
+      "rms_norm",
+      [](std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out, std::uintptr_t weight,
+         std::uintptr_t out, int32_t dtype, int64_t rows, int64_t hidden, float eps) {
+        const auto params = rms_norm_params(x, residual, residual_out, weight, out, dtype, rows, hidden, eps);
+        py::gil_scoped_release release;
+        dsv3::cpu::rms_norm(params);
+      },
+      py::arg("x"), py::arg("residual"), py::arg("residual_out"), py::arg("weight"), py::arg("out"), py::arg("dtype"),
+      py::arg("rows"), py::arg("hidden"), py::arg("eps"));
+  cpu.def(
+      "apply_rope",
+      [](std::uintptr_t x, std::uintptr_t out, int32_t dtype, std::uintptr_t positions, std::uintptr_t cos_sin,
+         int64_t tokens, int64_t heads, int64_t dim, int64_t token_stride, int64_t head_stride, int64_t max_positions) {
+        const auto params = rope_params(x, out, dtype, positions, cos_sin, tokens, heads, dim, token_stride,
+                                        head_stride, max_positions);
+        py::gil_scoped_release release;
+        dsv3::cpu::apply_rope(params);
+      },
+      py::arg("x"), py::arg("out"), py::arg("dtype"), py::arg("positions"), py::arg("cos_sin"), py::arg("tokens"),
+      py::arg("heads"), py::arg("dim"), py::arg("token_stride"), py::arg("head_stride"), py::arg("max_positions"));
   cpu.def(
       "mla_schedule",
       [](std::uintptr_t cache_seqlens, std::uintptr_t metadata, std::uintptr_t split_offsets, int64_t batch,
@@ -360,26 +476,9 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t lse, std::uintptr_t partial_out, std::uintptr_t partial_lse, int64_t batch, int64_t s_q,
          int64_t heads, int64_t num_blocks, int64_t max_blocks, int64_t num_parts, int64_t head_dim_v,
          float softmax_scale, bool causal) {
-        const dsv3::MlaDecodeParams params{pointer<const uint16_t>(q),
-                                           pointer<const uint8_t>(kv_cache),
-                                           fp8_cache,
-                                           pointer<const int32_t>(block_table),
-                                           pointer<const int32_t>(cache_seqlens),
-                                           pointer<const int32_t>(metadata),
-                                           pointer<const int32_t>(split_offsets),
-                                           pointer<uint16_t>(out),
-                                           pointer<float>(lse),
-                                           pointer<float>(partial_out),
-                                           pointer<float>(partial_lse),
-                                           batch,
-                                           s_q,
-                                           heads,
-                                           num_blocks,
-                                           max_blocks,
-                                           num_parts,
-                                           head_dim_v,
-                                           softmax_scale,
-                                           causal};
+        const auto params = mla_decode_params(q, kv_cache, fp8_cache, block_table, cache_seqlens, metadata,
+                                              split_offsets, out, lse, partial_out, partial_lse, batch, s_q, heads,
+                                              num_blocks, max_blocks, num_parts, head_dim_v, softmax_scale, causal);
         py::gil_scoped_release release;
         dsv3::cpu::mla_decode(params);
       },
@@ -391,15 +490,8 @@ PYBIND11_MODULE(_C, m) {
       "mla_append_kv",
       [](std::uintptr_t kv_cache, bool fp8_cache, std::uintptr_t slot_mapping, std::uintptr_t latent,
          std::uintptr_t rope, int32_t input_dtype, int64_t tokens, int64_t num_blocks, bool ue8m0) {
-        const dsv3::MlaAppendParams params{pointer<uint8_t>(kv_cache),
-                                           fp8_cache,
-                                           pointer<const int64_t>(slot_mapping),
-                                           pointer<const void>(latent),
-                                           pointer<const void>(rope),
-                                           static_cast<DType>(input_dtype),
-                                           tokens,
-                                           num_blocks,
-                                           ue8m0};
+        const auto params =
+            mla_append_params(kv_cache, fp8_cache, slot_mapping, latent, rope, input_dtype, tokens, num_blocks, ue8m0);
         py::gil_scoped_release release;
         dsv3::cpu::mla_append_kv(params);
       },
@@ -491,6 +583,36 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"));
+  cuda.def("fp8_linear_workspace_bytes", &dsv3::cuda::fp8_linear_workspace_bytes, py::arg("m"), py::arg("n"),
+           py::arg("k"), py::arg("num_sms"));
+  cuda.def(
+      "fp8_linear",
+      [](std::uintptr_t x, int32_t x_dtype, std::uintptr_t b, std::uintptr_t b_scales, std::uintptr_t out, int64_t m,
+         int64_t n, int64_t k, std::uintptr_t workspace, int num_sms, std::uintptr_t stream) {
+        dsv3::cuda::fp8_linear(fp8_linear_params(x, x_dtype, b, b_scales, out, m, n, k), workspace, num_sms, stream);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
+      py::arg("k"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"));
+  cuda.def(
+      "rms_norm",
+      [](std::uintptr_t x, std::uintptr_t residual, std::uintptr_t residual_out, std::uintptr_t weight,
+         std::uintptr_t out, int32_t dtype, int64_t rows, int64_t hidden, float eps, std::uintptr_t stream) {
+        dsv3::cuda::rms_norm(rms_norm_params(x, residual, residual_out, weight, out, dtype, rows, hidden, eps), stream);
+      },
+      py::arg("x"), py::arg("residual"), py::arg("residual_out"), py::arg("weight"), py::arg("out"), py::arg("dtype"),
+      py::arg("rows"), py::arg("hidden"), py::arg("eps"), py::arg("stream"));
+  cuda.def(
+      "apply_rope",
+      [](std::uintptr_t x, std::uintptr_t out, int32_t dtype, std::uintptr_t positions, std::uintptr_t cos_sin,
+         int64_t tokens, int64_t heads, int64_t dim, int64_t token_stride, int64_t head_stride, int64_t max_positions,
+         std::uintptr_t stream) {
+        dsv3::cuda::apply_rope(rope_params(x, out, dtype, positions, cos_sin, tokens, heads, dim, token_stride,
+                                           head_stride, max_positions),
+                               stream);
+      },
+      py::arg("x"), py::arg("out"), py::arg("dtype"), py::arg("positions"), py::arg("cos_sin"), py::arg("tokens"),
+      py::arg("heads"), py::arg("dim"), py::arg("token_stride"), py::arg("head_stride"), py::arg("max_positions"),
+      py::arg("stream"));
   cuda.def("grouped_fp8_gemm_workspace_bytes", &dsv3::cuda::grouped_fp8_gemm_workspace_bytes, py::arg("groups"),
            py::arg("num_sms"));
   cuda.def(
@@ -537,6 +659,44 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("src_token"), py::arg("out"), py::arg("q"), py::arg("scales"),
       py::arg("tokens"), py::arg("hidden"), py::arg("rows"), py::arg("quantize"), py::arg("ue8m0"), py::arg("stream"));
+  cuda.def(
+      "mla_schedule",
+      [](std::uintptr_t cache_seqlens, std::uintptr_t metadata, std::uintptr_t split_offsets, int64_t batch,
+         int64_t num_parts, std::uintptr_t stream) {
+        dsv3::cuda::mla_schedule({pointer<const int32_t>(cache_seqlens), pointer<int32_t>(metadata),
+                                  pointer<int32_t>(split_offsets), batch, num_parts},
+                                 stream);
+      },
+      py::arg("cache_seqlens"), py::arg("metadata"), py::arg("split_offsets"), py::arg("batch"), py::arg("num_parts"),
+      py::arg("stream"));
+  cuda.def(
+      "mla_decode",
+      [](std::uintptr_t q, std::uintptr_t kv_cache, bool fp8_cache, std::uintptr_t block_table,
+         std::uintptr_t cache_seqlens, std::uintptr_t metadata, std::uintptr_t split_offsets, std::uintptr_t out,
+         std::uintptr_t lse, std::uintptr_t partial_out, std::uintptr_t partial_lse, int64_t batch, int64_t s_q,
+         int64_t heads, int64_t num_blocks, int64_t max_blocks, int64_t num_parts, int64_t head_dim_v,
+         float softmax_scale, bool causal, std::uintptr_t stream) {
+        dsv3::cuda::mla_decode(mla_decode_params(q, kv_cache, fp8_cache, block_table, cache_seqlens, metadata,
+                                                 split_offsets, out, lse, partial_out, partial_lse, batch, s_q, heads,
+                                                 num_blocks, max_blocks, num_parts, head_dim_v, softmax_scale, causal),
+                               stream);
+      },
+      py::arg("q"), py::arg("kv_cache"), py::arg("fp8_cache"), py::arg("block_table"), py::arg("cache_seqlens"),
+      py::arg("metadata"), py::arg("split_offsets"), py::arg("out"), py::arg("lse"), py::arg("partial_out"),
+      py::arg("partial_lse"), py::arg("batch"), py::arg("s_q"), py::arg("heads"), py::arg("num_blocks"),
+      py::arg("max_blocks"), py::arg("num_parts"), py::arg("head_dim_v"), py::arg("softmax_scale"), py::arg("causal"),
+      py::arg("stream"));
+  cuda.def(
+      "mla_append_kv",
+      [](std::uintptr_t kv_cache, bool fp8_cache, std::uintptr_t slot_mapping, std::uintptr_t latent,
+         std::uintptr_t rope, int32_t input_dtype, int64_t tokens, int64_t num_blocks, bool ue8m0,
+         std::uintptr_t stream) {
+        dsv3::cuda::mla_append_kv(
+            mla_append_params(kv_cache, fp8_cache, slot_mapping, latent, rope, input_dtype, tokens, num_blocks, ue8m0),
+            stream);
+      },
+      py::arg("kv_cache"), py::arg("fp8_cache"), py::arg("slot_mapping"), py::arg("latent"), py::arg("rope"),
+      py::arg("input_dtype"), py::arg("tokens"), py::arg("num_blocks"), py::arg("ue8m0"), py::arg("stream"));
   cuda.def(
       "moe_unpermute",
       [](std::uintptr_t y, int32_t dtype, std::uintptr_t row_of, std::uintptr_t weights, std::uintptr_t out,

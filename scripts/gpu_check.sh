@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 started=$(date +%s)
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+mkdir -p build
 
 if [ -z "${CUTLASS_DIR:-}" ] && ! $python -c "import cutlass_library" 2>/dev/null; then
   wheel=$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | head -n 1)

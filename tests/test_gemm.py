@@ -18,7 +18,7 @@ import torch
 import dsv3
 from dsv3.reference import gemm as ref
 from dsv3.reference import quant as rq
-from dsv3.testing import assert_close, calc_diff
+from dsv3.testing import assert_bitwise_equal, assert_close, calc_diff
 
 # (N, K) of DeepSeek-V3's FP8 projections: kv_a (576), q_a (1536), q_b (128 heads x 192), o_proj (128 heads x 128 in),
 # an expert's down (2048 in), fused gate+up (2 x 2048 out) and gate or up alone.
@@ -199,6 +199,26 @@ def test_fp8_linear_matches_reference(device):
     assert calc_diff(y, torch.nn.functional.linear(x, w.bfloat16())) < 1e-3
 
 
+@pytest.mark.parametrize(
+    ("m", "n", "k"), [(1, 576, 7168), (5, 256, 128), (33, 2112, 512), (130, 384, 1536), (0, 256, 256)]
+)
+def test_fp8_linear_is_quantization_then_gemm(device, m, n, k):
+    """The fused op equals its two halves bit for bit: per_token_group_quant_fp8, then fp8_gemm_nt."""
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=device) * 3
+    if m:
+        x[0, :128] = 0  # an all-zero group takes the minimum scale
+    weight = rq.per_block_quant_fp8(torch.randn(n, k, device=device) * 0.05)
+    y = dsv3.fp8_linear(x, weight)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert_bitwise_equal(y, dsv3.fp8_gemm_nt(dsv3.per_token_group_quant_fp8(x, 128), weight), name="y")
+
+
+def test_fp8_linear_takes_strided_views(device):
+    x = torch.randn(6, 2 * 256, dtype=torch.bfloat16, device=device)[:, :256]  # rows 512 values apart
+    weight = rq.per_block_quant_fp8(torch.randn(128, 256, device=device))
+    assert_bitwise_equal(dsv3.fp8_linear(x, weight), dsv3.fp8_linear(x.contiguous(), weight), name="y")
+
+
 def test_out_is_written_in_place(device):
     a = quantize_activation(torch.randn(9, 512, device=device))
     b = rq.per_block_quant_fp8(torch.randn(256, 512, device=device))
@@ -264,10 +284,14 @@ def test_rejects_misaligned_and_bad_out(device):
         dsv3.fp8_gemm_nt((qa, sa), (qb, sb), out=out)
     with pytest.raises(TypeError, match="x: expected dtype bfloat16, got float32"):
         dsv3.fp8_linear(torch.randn(2, 256, device=device), (qb, sb))
-    with pytest.raises(ValueError, match="x: last dimension 200 is not a multiple of group_size=128"):
+    with pytest.raises(ValueError, match="x: the input width must be a multiple of 128, got 200"):
         dsv3.fp8_linear(torch.randn(2, 200, dtype=torch.bfloat16, device=device), (qb, sb))
-    with pytest.raises(TypeError, match="b: expected a \\(values, scales\\) pair"):
+    with pytest.raises(TypeError, match="weight: expected a \\(values, scales\\) pair"):
         dsv3.fp8_linear(torch.randn(2, 256, dtype=torch.bfloat16, device=device), qb)
+    with pytest.raises(ValueError, match=r"weight: expected shape \[\*, 384\], got \[256, 256\]"):
+        dsv3.fp8_linear(torch.randn(2, 384, dtype=torch.bfloat16, device=device), (qb, sb))
+    with pytest.raises(ValueError, match=r"weight scales: expected shape \[2, 2\], got \[2, 1\]"):
+        dsv3.fp8_linear(torch.randn(2, 256, dtype=torch.bfloat16, device=device), (qb, sb[:, :1].contiguous()))
 
 
 def test_kernel_entry_point_revalidates(device):
@@ -284,11 +308,30 @@ def test_kernel_entry_point_revalidates(device):
         run_kernel("fp8_gemm_nt", device, 0, *pointers[1:], 4, 256, 256, *extra)
 
 
+def test_fused_linear_entry_point_revalidates(device):
+    from dsv3.ops.extension import DTYPE_CODES, run_kernel
+
+    x = torch.randn(4, 256, dtype=torch.bfloat16, device=device)
+    qb, sb = rq.per_block_quant_fp8(torch.randn(256, 256, device=device))
+    out = torch.empty(4, 256, dtype=torch.bfloat16, device=device)
+    workspace = torch.empty(1 << 20, dtype=torch.uint8, device=device)
+    extra = (workspace.data_ptr(), 132) if device.type == "cuda" else ()
+    pointers = (x.data_ptr(), DTYPE_CODES[x.dtype], qb.data_ptr(), sb.data_ptr(), out.data_ptr())
+    with pytest.raises(ValueError, match="the input width must be a multiple of 128, got 200"):
+        run_kernel("fp8_linear", device, *pointers, 4, 256, 200, *extra)
+    with pytest.raises(ValueError, match="x: expected bfloat16, float16 or float32"):
+        run_kernel(
+            "fp8_linear", device, *pointers[:1], DTYPE_CODES[torch.float8_e4m3fn], *pointers[2:], 4, 256, 256, *extra
+        )
+
+
 def test_registered_as_torch_custom_op(device):
     (qa, sa), (qb, sb) = _operands(device)
     out = torch.empty(4, 256, dtype=torch.bfloat16, device=device)
     checks = ("test_faketensor", "test_aot_dispatch_dynamic")
     torch.library.opcheck(torch.ops.dsv3.fp8_gemm_nt.default, (qa, sa, qb, sb, out), test_utils=checks)
+    x = torch.randn(4, 256, dtype=torch.bfloat16, device=device)
+    torch.library.opcheck(torch.ops.dsv3.fp8_linear.default, (x, qb, sb, out), test_utils=checks)
 
 
 def test_fp8_linear_traceable_by_torch_compile(device):

@@ -1,4 +1,5 @@
-"""What the compiled sm_90a code contains: FP8 wgmma and TMA in the GEMM kernels, and no register spills anywhere."""
+"""What the compiled sm_90a code contains: FP8 wgmma and TMA in the GEMM kernels, bf16 wgmma with TMA / bulk copies
+in the MLA decode kernels, and no register spills anywhere."""
 
 from __future__ import annotations
 
@@ -39,3 +40,26 @@ def test_no_kernel_spills_registers():
     assert usage, "no kernels listed"
     spilling = {name: u for name, u in usage.items() if u.get("LOCAL", 0) or u.get("STACK", 0)}
     assert not spilling, f"kernels using local memory (spills or stack): {sorted(spilling)[:3]}"
+
+
+def test_mla_decode_kernels_use_bf16_wgmma_and_bulk_copies(sass):
+    # six instantiations: query tiles of 16, 32 and 64 rows, each for the bf16 and the FP8 cache
+    kernels = {name: code for name, code in sass.items() if "mla_decode_kernel" in name}
+    assert len(kernels) == 6, f"expected six MLA decode kernels, found {sorted(kernels)}"
+    for name, code in kernels.items():
+        fp8_cache = "Lb1E" in name
+        # bf16 warpgroup MMAs with fp32 accumulators: Q·K (M = 64 tokens) and P·V (M = 64 V columns)
+        shapes = set(re.findall(r"\bHGMMA\.64x(\d+)x16\.F32\.BF16\b", code))
+        assert len(shapes) == 2, (name, shapes)
+        # q always arrives by TMA; cache pages by TMA (bf16) or one bulk copy per page (the 656-byte FP8 rows)
+        assert "UTMALDG.2D" in code, name
+        assert ("UBLKCP" in code) == fp8_cache, name
+        assert "SYNCS.PHASECHK.TRANS64" in code, name  # mbarrier waits on the copies' transaction counts
+
+
+def test_mla_kernels_keep_everything_in_registers():
+    usage = cuda_binary.resource_usage()
+    mla = {name: u for name, u in usage.items() if "mla_" in name}
+    assert len(mla) >= 9, sorted(mla)  # decode x6, combine, schedule, append
+    for name, u in mla.items():
+        assert u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0, (name, u)

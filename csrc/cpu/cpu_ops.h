@@ -5,6 +5,7 @@
 #include "dsv3/ep_params.h"
 #include "dsv3/gemm_params.h"
 #include "dsv3/grouped_gemm_params.h"
+#include "dsv3/layer_params.h"
 #include "dsv3/mla_params.h"
 #include "dsv3/moe_params.h"
 #include "dsv3/quant_params.h"
@@ -16,7 +17,11 @@ void per_block_quant_fp8(const BlockQuantParams& params);
 void dequant_fp8_block(const BlockDequantParams& params);
 
 void fp8_gemm_nt(const Fp8GemmParams& params);
+void fp8_linear(const Fp8LinearParams& params);
 void grouped_fp8_gemm(const GroupedFp8GemmParams& params);
+
+void rms_norm(const RmsNormParams& params);
+void apply_rope(const RopeParams& params);
 
 void mla_schedule(const MlaScheduleParams& params);
 void mla_decode(const MlaDecodeParams& params);

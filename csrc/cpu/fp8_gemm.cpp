@@ -36,6 +36,8 @@
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #define DSV3_GEMM_AVX512 1
 #include <immintrin.h>
+
+#include "cpu/simd_avx512.h"
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define DSV3_GEMM_AMX 1
 #include <sys/syscall.h>
@@ -137,17 +139,6 @@ struct Bf16Kernel {
     }
   };
 
-  // Sum of the 16 lanes. Zero-masked shuffles with a full mask: the unmasked intrinsics (and _mm512_reduce_add_ps)
-  // trip -Wuninitialized inside GCC 12's own headers.
-  static float horizontal_sum(__m512 v) {
-    constexpr __mmask16 kAll = 0xFFFF;
-    v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll, v, v, 0x4E));
-    v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll, v, v, 0xB1));
-    v = _mm512_add_ps(v, _mm512_maskz_permute_ps(kAll, v, 0x4E));
-    v = _mm512_add_ps(v, _mm512_maskz_permute_ps(kAll, v, 0xB1));
-    return _mm512_cvtss_f32(v);
-  }
-
   // out[i, j] = sum over K groups g of dot(a row i, b row j over g) * sa[i, g] * sb_rows[j][g]. Each 64 codes of b
   // are decoded into registers and used at once by all kRows rows of a.
   template <int kRows, int kCols>
@@ -187,7 +178,7 @@ struct Bf16Kernel {
       }
     }
     for (int i = 0; i < kRows; ++i)
-      for (int j = 0; j < kCols; ++j) out[i * ldo + j] = float_to_bf16(horizontal_sum(acc[i][j]));
+      for (int j = 0; j < kCols; ++j) out[i * ldo + j] = float_to_bf16(avx512::horizontal_sum(acc[i][j]));
   }
 };
 

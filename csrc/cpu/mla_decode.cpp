@@ -6,9 +6,13 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_ops.h"
+#if defined(__AVX512F__)
+#include "cpu/simd_avx512.h"
+#endif
 #include "dsv3/fp8.h"
 #include "dsv3/half_types.h"
 
@@ -58,12 +62,42 @@ void check_inputs(const MlaDecodeParams& p) {
   }
 }
 
+// n (a multiple of 16) bf16 values as fp32.
+void bf16_row_to_float(const uint16_t* src, int64_t n, float* dst) {
+#if defined(__AVX512F__)
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(dst + i, avx512::load_bf16(src + i));
+#else
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+#endif
+}
+
+// s[j] = exp(s[j] - shift) for j < tokens; returns the sum of the new values.
+float exp_and_sum(float* s, int tokens, float shift) {
+#if defined(__AVX512F__)
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < tokens; j += 16) {
+    const __mmask16 mask = tokens - j >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (tokens - j)) - 1);
+    const __m512 e = avx512::exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + j), _mm512_set1_ps(shift)));
+    _mm512_mask_storeu_ps(s + j, mask, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mask, e));
+  }
+  return avx512::horizontal_sum(sum);
+#else
+  float sum = 0.0f;
+  for (int j = 0; j < tokens; ++j) {
+    s[j] = std::exp(s[j] - shift);
+    sum += s[j];
+  }
+  return sum;
+#endif
+}
+
 // Decodes the cache row of one token into 576 fp32 values.
 void load_row(const MlaDecodeParams& p, int32_t page, int row, float* values) {
   if (!p.fp8_cache) {
     const auto* bf16 =
         reinterpret_cast<const uint16_t*>(p.kv_cache) + (int64_t{page} * kMlaPageSize + row) * kMlaHeadDim;
-    for (int d = 0; d < kMlaHeadDim; ++d) values[d] = bf16_to_float(bf16[d]);
+    bf16_row_to_float(bf16, kMlaHeadDim, values);
     return;
   }
   const uint8_t* bytes = p.kv_cache + (int64_t{page} * kMlaPageSize + row) * kMlaFp8RowBytes;
@@ -76,31 +110,95 @@ void load_row(const MlaDecodeParams& p, int32_t page, int row, float* values) {
 }
 
 constexpr int64_t kRowBlock = 4;  // query rows sharing each key / value row loaded from cache
-constexpr int kLanes = 16;        // independent partial sums: the dot product vectorizes without reassociation
+constexpr int kLanes = 16;        // one vector of fp32: partial sums kept in registers, combined once at the end
 
-// scores[i * 64] = q_i . key for `count` (<= kRowBlock) consecutive 576-wide query rows.
-void dot_rows(const float* q, int64_t count, const float* key, float* scores) {
-  float lanes[kRowBlock][kLanes] = {};
+// The 576 fp32 values a token's cache row decodes to hold its key; the first head_dim_v of them are its value, read
+// in place (row stride kMlaHeadDim). Two kernels on them, for kCount (<= kRowBlock) query rows at a time, so each key
+// or value vector loaded serves every row: AVX-512 with FMA where the build has it, else portable loops in a fixed
+// lane order that the compiler vectorizes without reassociating.
+#if defined(__AVX512F__)
+
+// scores[i * 64] = q_i . key.
+template <int kCount>
+void dot_rows(const float* q, const float* key, float* scores) {
+  __m512 lanes[kCount];
+  for (int i = 0; i < kCount; ++i) lanes[i] = _mm512_setzero_ps();
   for (int d = 0; d < kMlaHeadDim; d += kLanes) {
-    for (int64_t i = 0; i < count; ++i) {
+    const __m512 k = _mm512_loadu_ps(key + d);
+    for (int i = 0; i < kCount; ++i) lanes[i] = _mm512_fmadd_ps(_mm512_loadu_ps(q + i * kMlaHeadDim + d), k, lanes[i]);
+  }
+  for (int i = 0; i < kCount; ++i) scores[i * kMlaPageSize] = avx512::horizontal_sum(lanes[i]);
+}
+
+// acc_i += sum_j weights[i * 64 + j] * value_j: a 16-wide slice of the kCount accumulators stays in registers across
+// all tokens of the block, so acc is read and written once per block.
+template <int kCount>
+void accumulate_rows(const float* weights, const float* values, int tokens, int64_t dv, float* acc) {
+  int64_t c = 0;
+  for (; c + kLanes <= dv; c += kLanes) {
+    __m512 slice[kCount];
+    for (int i = 0; i < kCount; ++i) slice[i] = _mm512_loadu_ps(acc + i * dv + c);
+    for (int j = 0; j < tokens; ++j) {
+      const __m512 v = _mm512_loadu_ps(values + j * kMlaHeadDim + c);
+      for (int i = 0; i < kCount; ++i)
+        slice[i] = _mm512_fmadd_ps(_mm512_set1_ps(weights[i * kMlaPageSize + j]), v, slice[i]);
+    }
+    for (int i = 0; i < kCount; ++i) _mm512_storeu_ps(acc + i * dv + c, slice[i]);
+  }
+  for (; c < dv; ++c) {  // head_dim_v not a multiple of 16
+    for (int i = 0; i < kCount; ++i) {
+      float sum = acc[i * dv + c];
+      for (int j = 0; j < tokens; ++j) sum += weights[i * kMlaPageSize + j] * values[j * kMlaHeadDim + c];
+      acc[i * dv + c] = sum;
+    }
+  }
+}
+
+#else
+
+template <int kCount>
+void dot_rows(const float* q, const float* key, float* scores) {
+  float lanes[kCount][kLanes] = {};
+  for (int d = 0; d < kMlaHeadDim; d += kLanes) {
+    for (int i = 0; i < kCount; ++i) {
       for (int l = 0; l < kLanes; ++l) lanes[i][l] += q[i * kMlaHeadDim + d + l] * key[d + l];
     }
   }
-  for (int64_t i = 0; i < count; ++i) {
+  for (int i = 0; i < kCount; ++i) {
     float sum = 0.0f;
     for (int l = 0; l < kLanes; ++l) sum += lanes[i][l];
     scores[i * kMlaPageSize] = sum;
   }
 }
 
-// acc_i += sum_j weights[i * 64 + j] * values[j] for `count` (<= kRowBlock) rows, each value row read once.
-void accumulate_rows(const float* weights, int64_t count, const float* values, int tokens, int64_t dv, float* acc) {
+template <int kCount>
+void accumulate_rows(const float* weights, const float* values, int tokens, int64_t dv, float* acc) {
   for (int j = 0; j < tokens; ++j) {
-    const float* v = values + j * dv;
-    for (int64_t i = 0; i < count; ++i) {
+    for (int i = 0; i < kCount; ++i) {
       const float w = weights[i * kMlaPageSize + j];
-      float* a = acc + i * dv;
-      for (int64_t c = 0; c < dv; ++c) a[c] += w * v[c];
+      for (int64_t c = 0; c < dv; ++c) acc[i * dv + c] += w * values[j * kMlaHeadDim + c];
+    }
+  }
+}
+
+#endif
+
+// Runs fn.template operator()<count>() for count = min(kRowBlock, rows - r) over r = 0, kRowBlock, ...
+template <typename Fn>
+void for_row_blocks(int64_t rows, Fn&& fn) {
+  for (int64_t r = 0; r < rows; r += kRowBlock) {
+    switch (std::min<int64_t>(kRowBlock, rows - r)) {
+      case 4:
+        fn(r, std::integral_constant<int, 4>{});
+        break;
+      case 3:
+        fn(r, std::integral_constant<int, 3>{});
+        break;
+      case 2:
+        fn(r, std::integral_constant<int, 2>{});
+        break;
+      default:
+        fn(r, std::integral_constant<int, 1>{});
     }
   }
 }
@@ -111,31 +209,26 @@ void attend_split(const MlaDecodeParams& p, int64_t seq, int32_t first_block, in
   const int64_t rows = p.s_q * p.heads, dv = p.head_dim_v;
   const int32_t seqlen = seqlen_of(p, seq);
   // Per-thread scratch, grown as needed and reused across splits and calls: only the accumulators need clearing.
-  thread_local std::vector<float> q, acc, scores, keys, values, running_max, running_sum;
+  thread_local std::vector<float> q, acc, scores, keys, running_max, running_sum;
   q.resize(rows * kMlaHeadDim);
   scores.resize(rows * kMlaPageSize);
   keys.resize(kMlaPageSize * kMlaHeadDim);
-  values.resize(kMlaPageSize * dv);
   acc.assign(rows * dv, 0.0f);
   running_max.assign(rows, kNegInf);
   running_sum.assign(rows, 0.0f);
   const uint16_t* q_seq = p.q + seq * rows * kMlaHeadDim;  // rows ordered (query token, head)
-  for (int64_t i = 0; i < rows * kMlaHeadDim; ++i) q[i] = bf16_to_float(q_seq[i]);
+  bf16_row_to_float(q_seq, rows * kMlaHeadDim, q.data());
 
   for (int32_t block = first_block; block < last_block; ++block) {
     const int32_t page = p.block_table[seq * p.max_blocks + block];
     const int tokens = std::min(kMlaPageSize, seqlen - block * kMlaPageSize);  // never past the sequence's end
-    for (int j = 0; j < tokens; ++j) {
-      load_row(p, page, j, keys.data() + j * kMlaHeadDim);
-      std::copy(keys.begin() + j * kMlaHeadDim, keys.begin() + j * kMlaHeadDim + dv, values.begin() + j * dv);
-    }
-    for (int64_t r = 0; r < rows; r += kRowBlock) {
-      const int64_t count = std::min<int64_t>(kRowBlock, rows - r);
+    for (int j = 0; j < tokens; ++j) load_row(p, page, j, keys.data() + j * kMlaHeadDim);
+    for_row_blocks(rows, [&](int64_t r, auto count) {
       for (int j = 0; j < tokens; ++j) {
-        dot_rows(q.data() + r * kMlaHeadDim, count, keys.data() + j * kMlaHeadDim,
-                 scores.data() + r * kMlaPageSize + j);
+        dot_rows<count()>(q.data() + r * kMlaHeadDim, keys.data() + j * kMlaHeadDim,
+                          scores.data() + r * kMlaPageSize + j);
       }
-    }
+    });
     for (int64_t r = 0; r < rows; ++r) {
       float* s = scores.data() + r * kMlaPageSize;
       // query token r / heads sits at position seqlen - s_q + (r / heads) and sees keys up to there when causal
@@ -155,18 +248,12 @@ void attend_split(const MlaDecodeParams& p, int64_t seq, int32_t first_block, in
       const float rescale = std::exp(running_max[r] - new_max);  // 0 on the first visible block
       float* a = acc.data() + r * dv;
       for (int64_t c = 0; c < dv; ++c) a[c] *= rescale;
-      float sum = running_sum[r] * rescale;
-      for (int j = 0; j < tokens; ++j) {
-        s[j] = std::exp(s[j] - new_max);  // the score becomes the softmax weight
-        sum += s[j];
-      }
-      running_sum[r] = sum;
+      running_sum[r] = running_sum[r] * rescale + exp_and_sum(s, tokens, new_max);  // scores become weights
       running_max[r] = new_max;
     }
-    for (int64_t r = 0; r < rows; r += kRowBlock) {
-      accumulate_rows(scores.data() + r * kMlaPageSize, std::min<int64_t>(kRowBlock, rows - r), values.data(), tokens,
-                      dv, acc.data() + r * dv);
-    }
+    for_row_blocks(rows, [&](int64_t r, auto count) {
+      accumulate_rows<count()>(scores.data() + r * kMlaPageSize, keys.data(), tokens, dv, acc.data() + r * dv);
+    });
   }
 
   const bool final_result = p.split_offsets[seq + 1] - p.split_offsets[seq] == 1;

@@ -9,6 +9,8 @@
 #include "dsv3/ep_params.h"
 #include "dsv3/gemm_params.h"
 #include "dsv3/grouped_gemm_params.h"
+#include "dsv3/layer_params.h"
+#include "dsv3/mla_params.h"
 #include "dsv3/moe_params.h"
 #include "dsv3/quant_params.h"
 
@@ -29,10 +31,15 @@ void dequant_fp8_block(const BlockDequantParams& params, std::uintptr_t stream);
 int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms);
 // workspace: fp8_gemm_workspace_bytes(...) bytes of device memory (any content), or 0 when that is 0.
 void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);
+// Quantization + GEMM: workspace holds the quantized activations and the GEMM's own workspace.
+int64_t fp8_linear_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms);
+void fp8_linear(const Fp8LinearParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);
 
 // Grouped (MoE) GEMM: workspace holds the per-group argument arrays the device builds, plus CUTLASS's own.
 int64_t grouped_fp8_gemm_workspace_bytes(int64_t groups, int num_sms);
 void grouped_fp8_gemm(const GroupedFp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);
+void rms_norm(const RmsNormParams& params, std::uintptr_t stream);
+void apply_rope(const RopeParams& params, std::uintptr_t stream);
 void grouped_topk(const GroupedTopkParams& params, std::uintptr_t stream);
 // Layouts without a host synchronization: counting zeroes params.errors and fills the workspace, counts and
 // offsets; placing fills the rows. A slot whose expert lies outside [-1, E) takes no row and counts in errors[0];
@@ -46,5 +53,15 @@ void moe_unpermute(const MoeUnpermuteParams& params, std::uintptr_t stream);
 // tokens of one rank (combine) must be distinct. params.rank_offsets is read on the host: one launch per rank.
 void ep_copy_rows(const EpCopyRowsParams& params, std::uintptr_t stream);
 void ep_combine_reduce(const EpCombineParams& params, std::uintptr_t stream);
+
+// MLA decode over the paged latent cache. mla_schedule runs dsv3/mla_schedule.h on the device (one thread; the
+// partition equals the CPU's). mla_decode needs partial_out / partial_lse workspaces of batch + num_parts rows; it
+// never reads or writes out of bounds whatever block_table, cache_seqlens or the schedule say: a page id outside
+// the cache, a length beyond the block table or a schedule that does not match cache_seqlens turns the affected
+// sequence's out and lse into NaN (the CPU kernel raises instead; checking here would need a host sync).
+void mla_schedule(const MlaScheduleParams& params, std::uintptr_t stream);
+void mla_decode(const MlaDecodeParams& params, std::uintptr_t stream);
+// Tokens whose slot lies outside the cache are skipped (the CPU kernel raises); two tokens sharing a slot race.
+void mla_append_kv(const MlaAppendParams& params, std::uintptr_t stream);
 
 }  // namespace dsv3::cuda

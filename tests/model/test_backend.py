@@ -17,9 +17,10 @@ def test_capabilities_follow_device_and_dtype():
     assert not kernel_available("mla_decode_with_kvcache", cpu, torch.float32)  # the kernel takes bf16/FP8 caches
     assert kernel_available("grouped_topk", cpu, torch.float32)  # the router runs in fp32 in either model
     assert not kernel_available("fused_experts", cpu, torch.float32)  # a float32 model dequantizes its experts
-    assert Backend("kernels", cpu, torch.float32).kernel_ops == ["grouped_topk"]
+    layer_ops = {"rms_norm", "fused_add_rms_norm", "apply_rope"}  # the elementwise kernels take either dtype
+    assert set(Backend("kernels", cpu, torch.float32).kernel_ops) == {"grouped_topk", *layer_ops}
     bf16_ops = Backend("kernels", cpu, torch.bfloat16).kernel_ops
-    assert {"mla_decode_with_kvcache", "fp8_linear", "fused_experts", "grouped_topk"} <= set(bf16_ops)
+    assert {"mla_decode_with_kvcache", "fp8_linear", "fused_experts", "grouped_topk", *layer_ops} <= set(bf16_ops)
     assert Backend("reference", cpu, torch.bfloat16).kernel_ops == []
 
 

@@ -1,4 +1,4 @@
-"""End to end: prefill and decode tokens/s of LLM.generate on the tiny checkpoint, at batch 1 and 16, against
+"""End to end: prefill and decode tokens/s of LLM.generate on the tiny checkpoint, at batch 1, 8 and 16, against
 transformers' DeepseekV3ForCausalLM.generate on its BF16 conversion, in the same run.
 
 Rows: `us` is the time per token (prefill: per prompt token; decode: per generated token, all sequences together),
@@ -16,7 +16,7 @@ import torch
 
 from dsv3.bench.harness import Report, Row
 
-BATCHES = (1, 16)
+BATCHES = (1, 8, 16)
 
 
 def _prompts(batch: int, length: int) -> list[list[int]]:

@@ -1,6 +1,12 @@
 """MLA decode over a paged latent cache (bf16 and 656-byte FP8 rows) vs the plain-PyTorch reference
 (dsv3.reference.mla.mla_decode_with_kvcache) on the same inputs, at DeepSeek-V3's head counts: 128 heads (one GPU)
-and 16 heads (8-way tensor parallel). On a GPU the suite waits for the sm_90a kernel and reports nothing yet."""
+and 16 heads (8-way tensor parallel).
+
+On a GPU the cases are decode batches of the sizes the targets are set for: 16 heads at batch 128 and 4096 tokens is
+memory bound (the % HBM column is the one that matters, target 90%), 128 heads is compute bound (% of the BF16 peak,
+target 70%). Each case runs with the bf16 and the FP8 cache; `fp8_speedup` is the bf16 time over the FP8 time of
+the same case (target 1.6 when memory bound). Bytes count the cache rows read, q and out; FLOPs 2 * h * s_q * seqlen
+* (576 + 512) a sequence."""
 
 from __future__ import annotations
 
@@ -15,20 +21,56 @@ PAGE = ref.PAGE_SIZE
 
 def _cache(batch: int, seqlen: int, fp8: bool, device: torch.device):
     pages_per_seq = -(-seqlen // PAGE)
-    rows = torch.randn(batch * pages_per_seq, PAGE, ref.HEAD_DIM) * 0.5
+    rows = torch.randn(batch * pages_per_seq, PAGE, ref.HEAD_DIM, device=device) * 0.5  # made where it is used
     if fp8:
         cache = ref.pack_fp8_kv(rows).reshape(batch * pages_per_seq, PAGE, 1, ref.FP8_ROW_BYTES)
     else:
         cache = rows.to(torch.bfloat16).reshape(batch * pages_per_seq, PAGE, 1, ref.HEAD_DIM)
     block_table = torch.randperm(batch * pages_per_seq, dtype=torch.int32).reshape(batch, pages_per_seq)
     seqlens = torch.full((batch,), seqlen, dtype=torch.int32)
-    return cache.to(device), block_table.to(device), seqlens.to(device)
+    return cache, block_table.to(device), seqlens.to(device)
+
+
+def _run_gpu(device: torch.device, quick: bool, reps: int | None) -> Report:
+    report = Report(f"MLA decode on {device.type}")
+    timer = Timer(device, warmup=3, reps=reps or 20)
+    baseline_timer = Timer(device, warmup=1, reps=3)  # the reference is slow; few repetitions say enough
+    # (batch, seqlen, heads, s_q)
+    cases = [(128, 4096, 16, 1)] if quick else [(128, 4096, 16, 1), (64, 4096, 16, 2), (64, 4096, 128, 1),
+                                                (32, 4096, 128, 2), (4, 32768, 16, 1)]  # fmt: skip
+    for batch, seqlen, heads, s_q in cases:
+        times = {}
+        for fp8 in (False, True):
+            cache, block_table, seqlens = _cache(batch, seqlen, fp8, device)
+            q = (torch.randn(batch, s_q, heads, ref.HEAD_DIM, device=device) * 0.1).to(torch.bfloat16)
+            metadata, num_splits = dsv3.get_mla_metadata(seqlens, s_q * heads, 1)
+            row_bytes = ref.FP8_ROW_BYTES if fp8 else 2 * ref.HEAD_DIM
+            moved = batch * seqlen * row_bytes + q.numel() * 2 + batch * s_q * heads * ref.LATENT_DIM * 2
+            us = timer(lambda q=q, c=cache, t=block_table, s=seqlens, m=metadata, n=num_splits:
+                       dsv3.mla_decode_with_kvcache(q, c, t, s, 512, m, n, causal=True))  # fmt: skip
+            baseline_us = None
+            if batch * seqlen * heads * s_q <= (1 << 24):  # the fp32 reference's memory grows with this product
+                baseline_us = baseline_timer(lambda q=q, c=cache, t=block_table, s=seqlens:
+                                             ref.mla_decode_with_kvcache(q, c, t, s, causal=True))  # fmt: skip
+            times[fp8] = us
+            report.add(
+                Row(
+                    "mla_decode_with_kvcache", f"b={batch} seq={seqlen} h={heads} s_q={s_q} {'fp8' if fp8 else 'bf16'}",
+                    device.type, us=us, bytes=moved,
+                    flops=2 * batch * heads * s_q * seqlen * (ref.HEAD_DIM + ref.LATENT_DIM), peak="bf16_flops",
+                    baseline="reference" if baseline_us else None, baseline_us=baseline_us,
+                    extra={"fp8_speedup": times[False] / us} if fp8 else {},
+                )
+            )  # fmt: skip
+            del cache, block_table, q
+        torch.cuda.empty_cache()
+    return report
 
 
 def run(device: torch.device, quick: bool = False, reps: int | None = None) -> Report:
-    report = Report(f"MLA decode on {device.type}")
     if device.type == "cuda":
-        return report  # no sm_90a MLA kernel yet
+        return _run_gpu(device, quick, reps)
+    report = Report(f"MLA decode on {device.type}")
     timer = Timer(device, warmup=1, reps=reps or 3)
     cases = [(4, 1024, 16)] if quick else [(4, 1024, 16), (16, 1024, 16), (4, 1024, 128), (1, 8192, 16)]
     for batch, seqlen, heads in cases:

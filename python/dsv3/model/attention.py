@@ -20,7 +20,6 @@ from dsv3.model.backend import Backend
 from dsv3.model.batch import AttentionBatch
 from dsv3.model.config import ModelConfig
 from dsv3.model.linear import Linear
-from dsv3.reference.layers import apply_rope, rms_norm
 from dsv3.reference.mla import gather_kv
 
 
@@ -44,7 +43,7 @@ class MLAttention:
         # kv_b_proj rows are, per head, qk_nope_head_dim key rows then v_head_dim value rows.
         kv_b = self.kv_b_proj.dense_weight(dtype).view(self.heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         self.w_uk = kv_b[:, : c.qk_nope_head_dim].contiguous()  # [h, nope, 512]
-        self.w_uv = kv_b[:, c.qk_nope_head_dim :].contiguous()  # [h, v, 512]
+        self.w_uv_t = kv_b[:, c.qk_nope_head_dim :].transpose(1, 2).contiguous()  # [h, 512, v]
 
     def __call__(
         self, x: torch.Tensor, batch: AttentionBatch, kv_cache: torch.Tensor, cos_sin: torch.Tensor, backend: Backend
@@ -52,15 +51,15 @@ class MLAttention:
         """x [T, hidden] (normed) -> [T, hidden]; writes the T new tokens into kv_cache first."""
         c, t = self.config, x.shape[0]
         if self.q_proj is None:
-            q = self.q_b_proj(rms_norm(self.q_a_proj(x), self.q_a_norm, c.rms_norm_eps))
+            q = self.q_b_proj(backend.rms_norm(self.q_a_proj(x), self.q_a_norm, c.rms_norm_eps))
         else:
             q = self.q_proj(x)
         q = q.view(t, self.heads, c.qk_head_dim)
         q_nope, q_rope = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
-        q_rope = apply_rope(q_rope, batch.positions, cos_sin)
+        q_rope = backend.apply_rope(q_rope, batch.positions, cos_sin)
         latent, k_rope = self.kv_a_proj(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
-        latent = rms_norm(latent, self.kv_a_norm, c.rms_norm_eps)
-        k_rope = apply_rope(k_rope, batch.positions, cos_sin)
+        latent = backend.rms_norm(latent.contiguous(), self.kv_a_norm, c.rms_norm_eps)
+        k_rope = backend.apply_rope(k_rope, batch.positions, cos_sin)
         backend.append_kv_cache(kv_cache, batch.slot_mapping, latent, k_rope)
         if batch.absorbed:
             out = self._absorbed(q_nope, q_rope, batch, kv_cache, backend)
@@ -70,13 +69,13 @@ class MLAttention:
 
     def _absorbed(self, q_nope, q_rope, batch: AttentionBatch, kv_cache, backend: Backend) -> torch.Tensor:
         b, s_q = len(batch.query_lens), batch.query_lens[0]
-        q_latent = torch.einsum("thd,hdc->thc", q_nope, self.w_uk)  # [T, h, 512]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk).transpose(0, 1)  # [T, h, 512]
         q = torch.cat([q_latent, q_rope], dim=-1).view(b, s_q, self.heads, -1)
         out, _ = backend.mla_decode_with_kvcache(
             q, kv_cache, batch, self.config.kv_lora_rank, self.config.softmax_scale, True
         )
         out = out.reshape(b * s_q, self.heads, self.config.kv_lora_rank)
-        return torch.einsum("thc,hvc->thv", out, self.w_uv)  # [T, h, v]
+        return torch.bmm(out.transpose(0, 1), self.w_uv_t).transpose(0, 1)  # [T, h, v]
 
     def _unabsorbed(self, q_nope, q_rope, batch: AttentionBatch, kv_cache) -> torch.Tensor:
         c, dtype = self.config, q_nope.dtype

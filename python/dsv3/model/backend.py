@@ -8,6 +8,7 @@ always runs and `kernel_ops` says which ops are compiled. Both backends share on
   append_kv_cache(kv_cache, slot_mapping, latent, rope)                       (dsv3.reference.mla)
   mla_decode_with_kvcache(q, kv_cache, batch, head_dim_v, softmax_scale, causal) -> (out, lse)
   grouped_topk(router_logits, correction_bias, topk, num_expert_group, topk_group, routed_scaling_factor, renormalize)
+  rms_norm(x, weight, eps) / fused_add_rms_norm(x, residual, weight, eps) / apply_rope(x, positions, cos_sin)
 
 MLA decode runs once per layer over the same batch, so its split-KV schedule (FlashMLA's get_mla_metadata) is computed
 once per forward step by `plan` and carried on the AttentionBatch to every layer.
@@ -38,14 +39,17 @@ class KernelSupport:
 
 
 # The MLA kernels take bf16 queries and bf16/FP8 caches, so a float32 model (fp32 cache) uses the reference ops;
-# the FP8 GEMMs only run in a bfloat16 model (a float32 model dequantizes its weights). MLA has no CUDA kernel yet:
-# extend this table as kernels land.
+# the FP8 GEMMs only run in a bfloat16 model (a float32 model dequantizes its weights). The layer kernels take
+# either dtype.
 KERNEL_SUPPORT = {
     "fp8_linear": KernelSupport(("cpu", "cuda"), "fp8_gemm_nt", (torch.bfloat16,)),
     "fused_experts": KernelSupport(("cpu", "cuda"), "grouped_fp8_gemm", (torch.bfloat16,)),
     "grouped_topk": KernelSupport(("cpu", "cuda"), "grouped_topk", (torch.bfloat16, torch.float32)),
-    "append_kv_cache": KernelSupport(("cpu",), "mla_append_kv", (torch.bfloat16,)),
-    "mla_decode_with_kvcache": KernelSupport(("cpu",), "mla_decode", (torch.bfloat16,)),
+    "append_kv_cache": KernelSupport(("cpu", "cuda"), "mla_append_kv", (torch.bfloat16,)),
+    "mla_decode_with_kvcache": KernelSupport(("cpu", "cuda"), "mla_decode", (torch.bfloat16,)),
+    "rms_norm": KernelSupport(("cpu", "cuda"), "rms_norm", (torch.bfloat16, torch.float32)),
+    "fused_add_rms_norm": KernelSupport(("cpu", "cuda"), "rms_norm", (torch.bfloat16, torch.float32)),
+    "apply_rope": KernelSupport(("cpu", "cuda"), "apply_rope", (torch.bfloat16, torch.float32)),
 }
 
 
@@ -78,6 +82,9 @@ REFERENCE_OPS: dict[str, Callable] = {
     "mla_decode_with_kvcache": reference_mla_decode,
     "grouped_topk": reference.grouped_topk,
     "fused_experts": reference.fused_experts,
+    "rms_norm": reference.rms_norm,
+    "fused_add_rms_norm": reference.fused_add_rms_norm,
+    "apply_rope": reference.apply_rope,
 }
 
 

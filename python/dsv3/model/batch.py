@@ -43,8 +43,12 @@ class AttentionBatch:
         if any(n < 1 for n in query_lens):
             raise ValueError(f"query_lens: every sequence needs at least one new token, got {query_lens}")
         device = block_table.device
-        seq_ids = torch.cat([torch.full((n,), i, dtype=torch.int64) for i, n in enumerate(query_lens)])
-        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(context_lens, query_lens, strict=True)])
+        # A fixed number of tensor ops whatever the batch size (this runs every step): token t of sequence i sits at
+        # context_lens[i] + (t - first token of i).
+        lens = torch.tensor(query_lens)
+        seq_ids = torch.repeat_interleave(torch.arange(len(query_lens)), lens)
+        first_token = lens.cumsum(0) - lens
+        positions = torch.arange(int(lens.sum())) + (torch.tensor(context_lens) - first_token)[seq_ids]
         capacity = block_table.shape[1] * PAGE_SIZE
         seq_lens = [c + n for c, n in zip(context_lens, query_lens, strict=True)]
         if max(seq_lens) > capacity:

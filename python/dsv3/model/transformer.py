@@ -15,7 +15,7 @@ from dsv3.model.linear import Linear
 from dsv3.model.mlp import MLP, MoE
 from dsv3.model.parallel import Parallel, RowParallelLinear
 from dsv3.model.weights import Checkpoint, load_checkpoint
-from dsv3.reference.layers import rms_norm, yarn_cos_sin_cache
+from dsv3.reference.layers import yarn_cos_sin_cache
 from dsv3.reference.mla import FP8_ROW_BYTES, HEAD_DIM, PAGE_SIZE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -41,8 +41,8 @@ class DecoderLayer:
         self.eps = config.rms_norm_eps
 
     def __call__(self, x, batch, kv_cache, cos_sin, backend) -> torch.Tensor:
-        x = x + self.attention(rms_norm(x, self.input_norm, self.eps), batch, kv_cache, cos_sin, backend)
-        h = rms_norm(x, self.post_attention_norm, self.eps)
+        attention = self.attention(backend.rms_norm(x, self.input_norm, self.eps), batch, kv_cache, cos_sin, backend)
+        h, x = backend.fused_add_rms_norm(attention, x, self.post_attention_norm, self.eps)
         return x + (self.mlp(h, backend) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
@@ -95,10 +95,10 @@ class MTPModule:
 
     def __call__(self, next_ids, hidden, batch, kv_cache, cos_sin, backend) -> torch.Tensor:
         """next_ids int [T] (token t + 1), hidden [T, H] at t; batch positions are those of t. Returns fp32 logits."""
-        e = rms_norm(F.embedding(next_ids, self.embed), self.enorm, self.eps)
-        h = rms_norm(hidden, self.hnorm, self.eps)
+        e = backend.rms_norm(F.embedding(next_ids, self.embed), self.enorm, self.eps)
+        h = backend.rms_norm(hidden, self.hnorm, self.eps)
         x = self.block(self.eh_proj(torch.cat([e, h], dim=-1)), batch, kv_cache, cos_sin, backend)
-        return F.linear(rms_norm(x, self.head_norm, self.eps), self.head).float()
+        return F.linear(backend.rms_norm(x, self.head_norm, self.eps), self.head).float()
 
 
 def _rope_table(config: ModelConfig) -> torch.Tensor:
@@ -187,7 +187,7 @@ class DeepseekV3:
         x = F.embedding(input_ids.to(self.device), self.embed)
         for layer, cache in zip(self.layers, kv_caches[: len(self.layers)], strict=True):
             x = layer(x, batch, cache, self.cos_sin, self.backend)
-        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+        return self.backend.rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ Each op is also registered as a torch custom op (torch.ops.dsv3.*), so torch.com
 from dsv3.ops.fused_moe import fused_experts
 from dsv3.ops.gemm import fp8_gemm_nt, fp8_linear
 from dsv3.ops.grouped_gemm import m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked
+from dsv3.ops.layers import apply_rope, fused_add_rms_norm, rms_norm
 from dsv3.ops.mla import append_kv_cache, get_mla_metadata, mla_decode_with_kvcache
 from dsv3.ops.moe import (
     grouped_topk,
@@ -20,9 +21,11 @@ from dsv3.ops.quant import dequant_fp8_block, per_block_quant_fp8, per_token_gro
 
 __all__ = [
     "append_kv_cache",
+    "apply_rope",
     "dequant_fp8_block",
     "fp8_gemm_nt",
     "fp8_linear",
+    "fused_add_rms_norm",
     "fused_experts",
     "get_mla_metadata",
     "grouped_topk",
@@ -35,6 +38,7 @@ __all__ = [
     "per_token_group_quant_fp8",
     "permute_tokens",
     "permute_tokens_masked",
+    "rms_norm",
     "unpermute_tokens",
     "unpermute_tokens_masked",
 ]

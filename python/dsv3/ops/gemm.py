@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv3.ops.extension import _C, cuda_index, custom_op, num_sms, run_kernel
-from dsv3.ops.quant import per_token_group_quant_fp8
+from dsv3.ops.extension import _C, DTYPE_CODES, cuda_index, custom_op, num_sms, run_kernel
 from dsv3.ops.tensor_checks import check_aligned, check_tensor
 from dsv3.reference.quant import FP8_DTYPE, ceil_div
 
@@ -38,6 +37,17 @@ def unpack_fp8_pair(pair: object, name: str) -> FP8Pair:
     return pair[0], pair[1]
 
 
+def _check_weight(weight: FP8Pair, k: int, device: torch.device, name: str) -> FP8Pair:
+    """The (e4m3 [N, k], f32 [ceil(N/128), ceil(k/128)]) operand of both GEMM entry points."""
+    qb, sb = unpack_fp8_pair(weight, name)
+    check_tensor(qb, name, dtypes=(FP8_DTYPE,), shape=(None, k), device=device)
+    sb_shape = (ceil_div(qb.shape[0], BLOCK), ceil_div(k, BLOCK))
+    check_tensor(sb, f"{name} scales", dtypes=(torch.float32,), shape=sb_shape, device=device)
+    if device.type == "cuda" and qb.shape[0] % 8:
+        raise ValueError(f"{name}: on CUDA, N must be a multiple of 8 (TMA row alignment), got N={qb.shape[0]}")
+    return qb, sb
+
+
 def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: torch.Tensor | None = None) -> torch.Tensor:
     """out [M, N] bf16 = (a_q * a_scales) @ (b_q * b_scales)^T with fp32 accumulation.
 
@@ -47,16 +57,13 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: torch.Tensor | None = None) -> torc
     On CUDA, K must be a multiple of 16 and N of 8 (row strides of 16 bytes, as TMA requires).
     """
     qa, sa = unpack_fp8_pair(a, "a")
-    qb, sb = unpack_fp8_pair(b, "b")
     check_tensor(qa, "a", dtypes=(FP8_DTYPE,), ndim=2)
     m, k = qa.shape
-    check_tensor(qb, "b", dtypes=(FP8_DTYPE,), shape=(None, k), device=qa.device)
-    n = qb.shape[0]
     check_tensor(sa, "a scales", dtypes=(torch.float32,), shape=(m, ceil_div(k, BLOCK)), device=qa.device)
-    sb_shape = (ceil_div(n, BLOCK), ceil_div(k, BLOCK))
-    check_tensor(sb, "b scales", dtypes=(torch.float32,), shape=sb_shape, device=qa.device)
-    if qa.device.type == "cuda" and (k % 16 or n % 8):
-        raise ValueError(f"a/b: on CUDA, K must be a multiple of 16 and N of 8 (TMA row alignment), got K={k}, N={n}")
+    if qa.device.type == "cuda" and k % 16:
+        raise ValueError(f"a: on CUDA, K must be a multiple of 16 (TMA row alignment), got K={k}")
+    qb, sb = _check_weight(b, k, qa.device, "b")
+    n = qb.shape[0]
     if out is None:
         out = torch.empty(m, n, dtype=torch.bfloat16, device=qa.device)
     else:
@@ -65,13 +72,37 @@ def fp8_gemm_nt(a: FP8Pair, b: FP8Pair, out: torch.Tensor | None = None) -> torc
     return out
 
 
+def _no_linear_output(x: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out: torch.Tensor) -> None:
+    return None
+
+
+@custom_op("fp8_linear", fake=_no_linear_output, mutates_args=("out",))
+def _fp8_linear(x: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out: torch.Tensor) -> None:
+    check_aligned(x=x, b=b, sb=sb, out=out)
+    (m, k), n = x.shape, b.shape[0]
+    args = (x.data_ptr(), DTYPE_CODES[x.dtype], b.data_ptr(), sb.data_ptr(), out.data_ptr(), m, n, k)
+    if x.device.type != "cuda":
+        run_kernel("fp8_linear", x.device, *args)
+        return
+    sms = num_sms(cuda_index(x.device))
+    workspace = torch.empty(_C.cuda.fp8_linear_workspace_bytes(m, n, k, sms), dtype=torch.uint8, device=x.device)
+    run_kernel("fp8_linear", x.device, *args, workspace.data_ptr(), sms)
+
+
 def fp8_linear(x: torch.Tensor, weight: FP8Pair) -> torch.Tensor:
     """y [..., N] bf16 = x @ dequant(weight)^T with x quantized per token and 128 channels on the way in.
 
     x: bf16 [..., K]; weight: (e4m3 [N, K], f32 [ceil(N/128), ceil(K/128)]) as stored in the official checkpoint
     (`weight`, `weight_scale_inv`). K must be a multiple of 128. x may be a strided view (like F.linear's input).
+    Equal, bit for bit, to fp8_gemm_nt(per_token_group_quant_fp8(x), weight); the quantized activations live only
+    inside the op (in scratch on the CPU, in one workspace allocation on CUDA).
     """
     check_tensor(x, "x", dtypes=(torch.bfloat16,), min_ndim=1, contiguous=False)
-    q, scales = per_token_group_quant_fp8(x.reshape(-1, x.shape[-1]).contiguous(), BLOCK)
-    y = fp8_gemm_nt((q, scales), weight)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    k = x.shape[-1]
+    if k % BLOCK:
+        raise ValueError(f"x: the input width must be a multiple of {BLOCK}, got {k}")
+    qb, sb = _check_weight(weight, k, x.device, "weight")
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], qb.shape[0], dtype=torch.bfloat16, device=x.device)
+    _fp8_linear(rows, qb, sb, out)
+    return out.reshape(*x.shape[:-1], qb.shape[0])

@@ -1,7 +1,12 @@
 """MLA decode attention over a paged latent KV cache (FlashMLA-compatible calls), and appending to that cache.
 
 Semantics are those of dsv3.reference.mla. The split-KV partition comes from get_mla_metadata, computed by the same
-C++ code (csrc/include/dsv3/mla_schedule.h) for the CPU and the GPU.
+C++ code (csrc/include/dsv3/mla_schedule.h) for the CPU and the GPU (there by a small kernel, without a host sync).
+
+Inputs whose validity depends on tensor contents (page ids, sequence lengths, a schedule computed for other lengths,
+cache slots) raise ValueError on the CPU. CUDA kernels never synchronize with the host to check them: they never
+access memory out of bounds either, and give NaN out/lse for an affected sequence (decode) or skip the token
+(append) instead.
 """
 
 from __future__ import annotations
@@ -14,10 +19,6 @@ from dsv3.reference.mla import FP8_ROW_BYTES, HEAD_DIM, LATENT_DIM, PAGE_SIZE, R
 from dsv3.reference.quant import FP8_DTYPE
 
 METADATA_INTS = 8
-
-
-def _no_cuda(op: str) -> NotImplementedError:
-    return NotImplementedError(f"{op}: dsv3 has no CUDA kernel for MLA decode yet; run it on CPU tensors")
 
 
 def _check_cache(kv_cache: torch.Tensor) -> bool:
@@ -55,8 +56,6 @@ def get_mla_metadata(
     check_tensor(cache_seqlens, "cache_seqlens", dtypes=(torch.int32,), ndim=1)
     check_positive_int(num_q_tokens_per_head_k, "num_q_tokens_per_head_k")
     check_positive_int(num_heads_k, "num_heads_k")
-    if cache_seqlens.device.type == "cuda":
-        raise _no_cuda("get_mla_metadata")
     if num_parts is None:
         num_parts = default_num_parts(cache_seqlens.device, num_q_tokens_per_head_k, num_heads_k)
     check_positive_int(num_parts, "num_parts")
@@ -97,7 +96,10 @@ def _mla_decode(
     softmax_scale: float,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    check_aligned(q=q, kv_cache=kv_cache, block_table=block_table)
+    check_aligned(
+        q=q, kv_cache=kv_cache, block_table=block_table, cache_seqlens=cache_seqlens, metadata=metadata,
+        num_splits=num_splits,
+    )  # fmt: skip
     b, s_q, h, _ = q.shape
     parts = metadata.shape[0]
     out = q.new_empty(b, s_q, h, head_dim_v)
@@ -132,7 +134,8 @@ def mla_decode_with_kvcache(
     tile_scheduler_metadata, num_splits: from get_mla_metadata(cache_seqlens, ...); softmax_scale: default 576**-0.5;
     causal: query i of s_q sits at position seqlen - s_q + i and sees keys up to it.
     Returns out bf16 [b, s_q, h, head_dim_v] and lse f32 [b, h, s_q]; a query that sees no key gets out 0, lse +inf.
-    Only the first cache_seqlens[i] rows of a sequence are read; a used block_table entry outside the cache raises.
+    Only the first cache_seqlens[i] rows of a sequence are read; a used block_table entry outside the cache, a length
+    beyond the block table or a stale schedule raises on the CPU and makes that sequence's out and lse NaN on a GPU.
     """
     check_tensor(q, "q", dtypes=(torch.bfloat16,), ndim=4)
     b, d = q.shape[0], q.shape[3]
@@ -154,8 +157,6 @@ def mla_decode_with_kvcache(
         raise ValueError(f"head_dim_v: expected at most {LATENT_DIM}, got {head_dim_v}")
     if tile_scheduler_metadata.shape[0] == 0:
         raise ValueError("tile_scheduler_metadata: expected at least one part")
-    if device.type == "cuda":
-        raise _no_cuda("mla_decode_with_kvcache")
     scale = HEAD_DIM**-0.5 if softmax_scale is None else float(softmax_scale)
     return _mla_decode(
         q, kv_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v, scale, bool(causal)
@@ -183,7 +184,8 @@ def append_kv_cache(
 ) -> None:
     """Write new tokens' latent [T, 512] and rope [T, 64] (bf16 or fp32) into their cache rows, in place.
 
-    slot_mapping: int64 [T], block_id * 64 + offset, -1 skips a token; two tokens may not share a slot.
+    slot_mapping: int64 [T], block_id * 64 + offset, -1 skips a token; two tokens may not share a slot (on a GPU,
+    slots outside the cache are skipped instead of raising).
     bf16 cache: rows are the values rounded to bf16. FP8 cache: 512 e4m3 latent values with one fp32 scale per 128
     (per_token_group_quant_fp8 rules, power-of-two scales with ue8m0), then the rope part as bf16.
     """
@@ -193,6 +195,4 @@ def append_kv_cache(
     check_tensor(latent, "latent", dtypes=(torch.bfloat16, torch.float32), shape=(t, LATENT_DIM), device=device)
     check_tensor(rope, "rope", dtypes=(latent.dtype,), shape=(t, ROPE_DIM), device=device)
     check_tensor(slot_mapping, "slot_mapping", dtypes=(torch.int64,), shape=(t,), device=device)
-    if kv_cache.device.type == "cuda":
-        raise _no_cuda("append_kv_cache")
     _append_kv_cache(kv_cache, slot_mapping, latent, rope, bool(ue8m0))

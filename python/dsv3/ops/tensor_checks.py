@@ -38,22 +38,31 @@ def check_tensor(
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {str(t.dtype).removeprefix('torch.')}")
+    # Plain comparisons and loops: this runs several times per op call, on the decode path.
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:
         raise ValueError(f"{name}: expected at least {min_ndim} dimensions, got shape {tuple(t.shape)}")
-    if shape is not None and (
-        len(shape) != t.dim() or any(want not in (None, got) for want, got in zip(shape, t.shape, strict=False))
-    ):
+    if shape is not None and not _shape_matches(t.shape, shape):
         expected = ", ".join("*" if s is None else str(s) for s in shape)
         raise ValueError(f"{name}: expected shape [{expected}], got {list(t.shape)}")
     if device is not None and t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
-    if t.device.type not in ("cpu", "cuda"):
+    if not (t.is_cpu or t.is_cuda):
         raise ValueError(f"{name}: expected a CPU or CUDA tensor, got one on {t.device}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor (strides {t.stride()} for shape {tuple(t.shape)})")
     return t
+
+
+def _shape_matches(actual: torch.Size, expected: Sequence[int | None]) -> bool:
+    if len(actual) != len(expected):
+        return False
+    # A loop, not all() over a generator (twice the cost); lengths are compared above.
+    for want, got in zip(expected, actual):  # noqa: B905, SIM110
+        if want is not None and want != got:
+            return False
+    return True
 
 
 def check_aligned(**tensors: torch.Tensor) -> None:
@@ -63,7 +72,7 @@ def check_aligned(**tensors: torch.Tensor) -> None:
     example, are only 8-byte aligned within their safetensors file.
     """
     for name, t in tensors.items():
-        if t.device.type == "cuda" and t.numel() and t.data_ptr() % ALIGNMENT_BYTES:
+        if t.is_cuda and t.numel() and t.data_ptr() % ALIGNMENT_BYTES:
             raise ValueError(f"{name}: expected a {ALIGNMENT_BYTES}-byte aligned data pointer, got {t.data_ptr():#x}")
 
 

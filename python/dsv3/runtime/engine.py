@@ -70,10 +70,12 @@ class Engine:
         batch = self._batch(sequences, [1] * len(sequences))
         ids = torch.tensor([s.token_ids[-1] for s in sequences])
         logits = self.model.logits(self.model.forward(ids, batch, self.cache.layers)).cpu()
+        greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy sequence of the batch
         finished = []
-        for sequence, row in zip(sequences, logits, strict=True):
+        for sequence, row, best in zip(sequences, logits, greedy, strict=True):
             sequence.num_computed += 1
-            if sequence.append(sample(row, sequence.params, sequence.generator)):
+            token = best if sequence.params.greedy else sample(row, sequence.params, sequence.generator)
+            if sequence.append(token):
                 finished.append(sequence)
         return finished
 

@@ -1,0 +1,49 @@
+#pragma once
+// AVX-512 helpers shared by the CPU kernels (include only where __AVX512F__ is defined). They use the zero-masking
+// forms of intrinsics with a full mask where GCC 12's unmasked ones trip -Wmaybe-uninitialized inside its own headers.
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+namespace dsv3::cpu::avx512 {
+
+// Sum of the 16 lanes.
+constexpr __mmask16 kAll = 0xFFFF;
+
+inline float horizontal_sum(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll, v, v, 0x4E));
+  v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll, v, v, 0xB1));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(kAll, v, 0x4E));
+  v = _mm512_add_ps(v, _mm512_maskz_permute_ps(kAll, v, 0xB1));
+  return _mm512_cvtss_f32(v);
+}
+
+// 16 bf16 values (exact) as fp32.
+inline __m512 load_bf16(const uint16_t* src) {
+  const __m512i wide = _mm512_maskz_cvtepu16_epi32(kAll, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, wide, 16));
+}
+
+// exp(x) within 2 ulp for x <= 88: x = n ln2 + r with |r| <= ln2 / 2, e^r from its degree-6 Taylor polynomial
+// (truncation error below 1.2e-7 relative), then scaled by 2^n with vscalefps, which rounds to 0 for n below the
+// subnormal range. x is clamped to >= -104 first so that -inf gives 0 rather than (-inf) - (-inf) = NaN; NaN passes
+// through the clamp (vmaxps returns its second operand when one is NaN).
+inline __m512 exp(__m512 x) {
+  x = _mm512_maskz_max_ps(kAll, _mm512_set1_ps(-104.0f), x);
+  const __m512 n = _mm512_maskz_roundscale_ps(kAll, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln2 = 0.693359375 (9 significant bits, so n * it is exact) - 2.12194440e-4
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(kAll, p, n);
+}
+
+}  // namespace dsv3::cpu::avx512

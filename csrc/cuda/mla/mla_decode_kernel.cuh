@@ -1,0 +1,592 @@
+#pragma once
+// MLA decode on sm_90a: one CTA runs one split-KV part (dsv3/mla_schedule.h) for one tile of N query rows, over the
+// part's 64-token KV pages, with wgmma for Q·Kᵀ and P·V.
+//
+// The tile is "swapped": the 64-token page is the M = 64 side of both products and the N (16, 32 or 64) query rows
+// of the tile (rows are (query token, head) pairs, s_q * h of them per sequence) are the wgmma N side, so 16 heads
+// use N = 16 instead of padding them to 64:
+//   Sᵀ [64 tokens, N] = K [64 tokens, 576] · Qᵀ      A = K  (K-major: a token's 576 values are contiguous)
+//   Oᵀ [512, N]      += Vᵀ [512, 64 tokens] · Pᵀ     A = Vᵀ (M-major: the same K tile, read transposed)
+// Two consumer warpgroups share the work: warpgroup w computes Sᵀ and the online softmax for query columns
+// [w N/2, (w+1) N/2), writes its bf16 Pᵀ columns to shared memory, and accumulates Oᵀ rows [256 w, 256 w + 256)
+// (the V columns 0..255 or 256..511) for all N columns. Each column's softmax statistics live in the warpgroup that
+// owns it; the per-page rescale factors and the final sums reach the other warpgroup through shared memory.
+//
+// Shared memory (every big buffer starts on a 1024-byte boundary, one 128-byte swizzle atom of 8 rows):
+//   Q      9 chunks of [N rows][64 dims] bf16, 128-byte rows, 128B-swizzled (TMA)              N * 1152 bytes
+//   tiles  bf16 cache: 2 stages of 9 chunks of [64 tokens][64 dims], 128B-swizzled (TMA)       2 * 73728 bytes
+//          FP8 cache:  kStages raw pages of 64 x 656 bytes (one bulk copy each) + one bf16 tile that the
+//                      consumers fill by widening the e4m3 codes (exact in bf16; same layout as a TMA tile)
+//   Pᵀ     [N rows][64 tokens] bf16, 128B-swizzled (the K-major B operand of P·V)                N * 128 bytes
+//          FP8 cache: four of them, P * scale_g(token) for latent group g                       4 * N * 128
+//   scales FP8 cache: the page's [64 tokens][4] fp32 group scales                               1024 bytes
+//   small  cross-warp reductions, per-column rescale factors / sums / maxima, mbarriers
+//
+// FP8 cache: scales stay out of the tensor-core inputs, so keys are used at full precision, as the fp32 reference
+// does. Scores: Sᵀ = Σ_g scale_g(token) · (E_g · Q_gᵀ) + R · Q_ropeᵀ, each latent group in its own accumulator that
+// is scaled per row (a row is a token) and added in fp32. Values: V_g = E_g · scale_g(token) with the scale on the
+// K side of P·V, so it moves onto P: Oᵀ rows of group g use Pᵀ_g = Pᵀ * scale_g(token) (rounded to bf16 like P).
+// Thread 0 issues all copies; a page's stage is refilled once both warpgroups are done with it (a named barrier
+// after P·V, or after unpacking for FP8), so loads of the next stages overlap the math of this one.
+//
+// Invalid input never leads to an out-of-bounds access: a page id outside the cache is not loaded, block indices
+// are clamped to the block table, a sequence range outside the batch ends the part, and a split whose id does not
+// belong to its sequence writes nothing. Splits that met any of these (or a schedule that does not match
+// cache_seqlens) write NaN outputs and lse instead of a plausible wrong result.
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/mla/mla_ptx.cuh"
+#include "dsv3/mla_params.h"
+
+namespace dsv3::cuda::mla {
+
+constexpr int kThreads = 256;  // two consumer warpgroups
+constexpr int kSharedMemoryLimit = 232448;
+constexpr int kChunks = kMlaHeadDim / 64;  // 9 column chunks of 64 bf16 (128 bytes: one swizzle row)
+constexpr int kChunkBytes = kMlaPageSize * 128;
+constexpr int kTileBytes = kChunks * kChunkBytes;               // 73728: one bf16 page
+constexpr int kRawPageBytes = kMlaPageSize * kMlaFp8RowBytes;   // 41984: one FP8 page, contiguous in the cache
+constexpr int kSmallBytes = (2 * 4 * 32 + 3 * 64) * 4 + 8 * 8;  // reductions, column stats, barriers
+static_assert(kRawPageBytes % 1024 == 0 && kTileBytes % 1024 == 0, "stages must keep 1024-byte alignment");
+
+template <int N, bool kFp8>
+struct DecodeLayout {
+  static_assert(N == 16 || N == 32 || N == 64, "query tile of 16, 32 or 64 rows");
+  static constexpr int kQBytes = N * kChunks * 128;
+  // Pᵀ: one [N][64 tokens] bf16 buffer; FP8: one per latent group g, holding P * scale_g(token) (see below).
+  static constexpr int kPBufferBytes = N * 128;
+  static constexpr int kPBytes = kPBufferBytes * (kFp8 ? 4 : 1);
+  static constexpr int kScaleBytes = kFp8 ? kMlaPageSize * 4 * 4 : 0;  // FP8: the page's [64 tokens][4] scales
+  static constexpr int kFixedBytes = kQBytes + kPBytes + kScaleBytes + kSmallBytes + 1024 /* alignment slack */;
+  // FP8: as many raw stages as fit (up to 3) next to the one unpacked tile; bf16: two TMA tile stages.
+  static constexpr int kFp8Stages = (kSharedMemoryLimit - kFixedBytes - kTileBytes) / kRawPageBytes > 3
+                                        ? 3
+                                        : (kSharedMemoryLimit - kFixedBytes - kTileBytes) / kRawPageBytes;
+  static constexpr int kStages = kFp8 ? kFp8Stages : 2;
+  static constexpr int kStageBytes = kFp8 ? kRawPageBytes : kTileBytes;
+  static constexpr int kQOffset = 0;
+  static constexpr int kTileOffset = kQOffset + kQBytes;  // the unpacked tile (FP8 only)
+  static constexpr int kRingOffset = kTileOffset + (kFp8 ? kTileBytes : 0);
+  static constexpr int kPOffset = kRingOffset + kStages * kStageBytes;
+  static constexpr int kScaleOffset = kPOffset + kPBytes;
+  static constexpr int kSmallOffset = kScaleOffset + kScaleBytes;
+  static constexpr int kBytes = kSmallOffset + kSmallBytes + 1024;
+  static_assert(kStages >= 1 && kBytes <= kSharedMemoryLimit, "shared memory budget");
+  static_assert(kQBytes % 1024 == 0 && kPBytes % 1024 == 0, "1024-byte aligned buffers");
+};
+
+// Byte offset of element (row, 16-byte chunk) in a buffer of 128-byte rows with the 128-byte swizzle (what TMA's
+// CU_TENSOR_MAP_SWIZZLE_128B writes and the wgmma descriptors with layout type 1 read).
+__device__ __forceinline__ uint32_t swizzled_offset(uint32_t row, uint32_t chunk) {
+  return row * 128 + ((chunk ^ (row & 7)) << 4);
+}
+
+// The (sequence, block) pages of one part in order, skipping sequences with nothing to do. Block ranges are clamped
+// to the sequence (and the block table), so a stale or forged schedule cannot address past either.
+struct PartCursor {
+  const MlaDecodeParams* p;
+  int begin_seq, begin_block, end_seq, end_block;
+  int seq, block, hi;
+
+  __device__ int blocks_of(int s) const {
+    const int32_t seqlen = p->cache_seqlens[s];
+    if (seqlen <= 0) return 0;
+    const int64_t blocks = mla_blocks(seqlen);
+    return static_cast<int>(blocks < p->max_blocks ? blocks : p->max_blocks);
+  }
+  __device__ int lo_of(int s) const { return s == begin_seq ? (begin_block > 0 ? begin_block : 0) : 0; }
+  __device__ int hi_of(int s) const {
+    const int blocks = blocks_of(s);
+    return s == end_seq ? (end_block < blocks ? end_block : blocks) : blocks;
+  }
+  __device__ void skip_empty() {
+    while (block >= hi && seq < end_seq) {
+      ++seq;
+      block = lo_of(seq);
+      hi = hi_of(seq);
+    }
+  }
+  __device__ void start() {
+    seq = begin_seq;
+    block = lo_of(seq);
+    hi = hi_of(seq);
+    skip_empty();
+  }
+  __device__ bool done() const { return block >= hi; }
+  __device__ void advance() {
+    ++block;
+    skip_empty();
+  }
+};
+
+template <int N, bool kFp8>
+__device__ __forceinline__ void issue_page_load(const MlaDecodeParams& p, const CUtensorMap* cache_map,
+                                                const PartCursor& cursor, uint8_t* stage, uint64_t* full) {
+  const int32_t page = p.block_table[static_cast<int64_t>(cursor.seq) * p.max_blocks + cursor.block];
+  if (page < 0 || page >= p.num_blocks) {
+    mbarrier_arrive(full);  // nothing loaded; the consumers see the bad id themselves and poison the split
+    return;
+  }
+  if constexpr (kFp8) {
+    mbarrier_arrive_expect_tx(full, kRawPageBytes);
+    bulk_load(stage, p.kv_cache + static_cast<int64_t>(page) * kRawPageBytes, kRawPageBytes, full);
+  } else {
+    mbarrier_arrive_expect_tx(full, kTileBytes);
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) tma_load_2d(stage + c * kChunkBytes, cache_map, c * 64, page * 64, full);
+  }
+}
+
+// Raw 656-byte rows -> the swizzled bf16 tile (latent e4m3 codes widened exactly, rope copied) and the [64][4] group
+// scales; rows >= valid become zeros (codes and scales), so P = 0 there cannot meet NaN in V. 64 rows x 9 chunks x 8
+// sixteen-byte units, spread over all 256 threads.
+__device__ __forceinline__ void unpack_page(const uint8_t* raw, uint8_t* tile, float* scales, int valid) {
+  constexpr int kUnits = kMlaPageSize * kChunks * 8;
+  if (threadIdx.x < kMlaPageSize) {
+    const int row = threadIdx.x;
+    const float4 group_scales = row < valid
+                                    ? *reinterpret_cast<const float4*>(raw + row * kMlaFp8RowBytes + kMlaLatentDim)
+                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    reinterpret_cast<float4*>(scales)[row] = group_scales;
+  }
+  for (int u = threadIdx.x; u < kUnits; u += kThreads) {
+    const int row = u / (kChunks * 8), chunk = (u / 8) % kChunks, unit = u % 8;
+    uint4 packed = make_uint4(0, 0, 0, 0);
+    if (row < valid) {
+      const uint8_t* src = raw + row * kMlaFp8RowBytes;
+      if (chunk < kChunks - 1) {
+        const uint2 codes = *reinterpret_cast<const uint2*>(src + chunk * 64 + unit * 8);
+        const uint32_t words[2] = {codes.x, codes.y};
+        uint32_t out[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(words[i / 2] >> (16 * (i % 2)));
+          const float2 values = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+          const __nv_bfloat162 widened = __floats2bfloat162_rn(values.x, values.y);  // exact: e4m3 fits bf16
+          out[i] = *reinterpret_cast<const uint32_t*>(&widened);
+        }
+        packed = make_uint4(out[0], out[1], out[2], out[3]);
+      } else {
+        packed = *reinterpret_cast<const uint4*>(src + kMlaLatentDim + 16 + unit * 16);
+      }
+    }
+    *reinterpret_cast<uint4*>(tile + chunk * kChunkBytes + swizzled_offset(row, unit)) = packed;
+  }
+}
+
+// Zeroes the V part (chunks 0..7) of rows [valid, 64) of a TMA-loaded tile.
+__device__ __forceinline__ void zero_tail_rows(uint8_t* tile, int valid) {
+  const int units = (kMlaPageSize - valid) * 64;
+  for (int u = threadIdx.x; u < units; u += kThreads) {
+    const int row = valid + u / 64, chunk = (u / 8) % 8, unit = u % 8;
+    *reinterpret_cast<uint4*>(tile + chunk * kChunkBytes + row * 128 + unit * 16) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <int N, bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1)
+    mla_decode_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap cache_map,
+                      const MlaDecodeParams p, float scale_log2) {
+  using Layout = DecodeLayout<N, kFp8>;
+  constexpr int kHalf = N / 2;       // Sᵀ columns of one warpgroup
+  constexpr int kColsS = kHalf / 4;  // Sᵀ columns held by a thread (2 per 8-column group)
+  constexpr int kStages = Layout::kStages;
+  constexpr float kNegInf = -INFINITY;
+
+  extern __shared__ uint8_t shared_raw[];
+  // Pointer arithmetic on the shared array (not integer casts) keeps the accesses in the shared address space.
+  uint8_t* smem = shared_raw + ((1024 - (smem_address(shared_raw) & 1023)) & 1023);
+  uint8_t* q_smem = smem + Layout::kQOffset;
+  uint8_t* ring = smem + Layout::kRingOffset;
+  uint8_t* p_smem = smem + Layout::kPOffset;
+  float* page_scales = reinterpret_cast<float*>(smem + Layout::kScaleOffset);  // FP8: [64 tokens][4 groups]
+  float* reduction = reinterpret_cast<float*>(smem + Layout::kSmallOffset);    // [2 warpgroups][4 warps][32 columns]
+  float* column_alpha = reduction + 2 * 4 * 32;                                // [N] per-page rescale factors
+  float* column_max = column_alpha;       // [N] final maxima (log2 domain), in the epilogue when the factors are done
+  float* column_sum = column_alpha + 64;  // [N] final softmax denominators
+  int* visible_end = reinterpret_cast<int*>(column_sum + 64);      // [N] keys each column sees
+  uint64_t* full = reinterpret_cast<uint64_t*>(visible_end + 64);  // [kStages]
+  uint64_t* q_full = full + kStages;
+
+  const int thread = threadIdx.x, wg = thread / 128, warp = (thread % 128) / 32, lane = thread % 32;
+  const int rows = static_cast<int>(p.s_q * p.heads);
+  const int tile_row0 = blockIdx.y * N;
+  const int32_t* meta = p.metadata + static_cast<int64_t>(blockIdx.x) * kMlaMetadataInts;
+  PartCursor cursor{&p, meta[0], meta[1], meta[2], meta[3], 0, 0, 0};
+  if (cursor.begin_seq > cursor.end_seq || cursor.begin_seq < 0 || cursor.end_seq >= p.batch) return;
+  cursor.start();
+  if (cursor.done()) return;
+
+  if (thread == 0) {
+    for (int s = 0; s < kStages; ++s) mbarrier_init(&full[s], 1);
+    mbarrier_init(q_full, 1);
+    fence_barrier_init();
+    prefetch_tensor_map(&q_map);
+    if (!kFp8) prefetch_tensor_map(&cache_map);
+  }
+  __syncthreads();
+
+  PartCursor loader = cursor;  // thread 0 runs ahead by kStages pages
+  if (thread == 0) {
+    for (int s = 0; s < kStages && !loader.done(); ++s, loader.advance()) {
+      issue_page_load<N, kFp8>(p, &cache_map, loader, ring + s * Layout::kStageBytes, &full[s]);
+    }
+  }
+
+  const int64_t max_splits = mla_max_splits(p.batch, p.num_parts);
+  int split = meta[4];
+  int consumed = 0;
+  uint32_t q_phase = 0;
+  while (!cursor.done()) {
+    // ---- a split: one sequence's pages [cursor.block, cursor.hi) in this part ----
+    const int seq = cursor.seq;
+    const int32_t seqlen_raw = p.cache_seqlens[seq];
+    const int32_t split_lo = p.split_offsets[seq], split_hi = p.split_offsets[seq + 1];
+    bool poisoned = seqlen_raw < 0 || seqlen_raw > p.max_blocks * kMlaPageSize ||
+                    (seq == cursor.begin_seq && cursor.begin_block < 0) ||
+                    (seq == cursor.end_seq && cursor.end_block > mla_blocks(seqlen_raw)) || p.split_offsets[0] != 0;
+    const bool writable = split >= split_lo && split < split_hi && split_hi <= max_splits;
+    const bool direct = split_hi - split_lo == 1;
+    const int seqlen = poisoned ? cursor.hi * kMlaPageSize : seqlen_raw;
+
+    if (thread == 0) {
+      mbarrier_arrive_expect_tx(q_full, Layout::kQBytes);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        tma_load_2d(q_smem + c * N * 128, &q_map, c * 64, seq * rows + tile_row0, q_full);
+      }
+    }
+
+    // Per thread: Sᵀ columns j (0..kColsS) are local column 8 (j / 2) + 2 (lane % 4) + j % 2 of this warpgroup.
+    float running_max[kColsS], partial_sum[kColsS];
+#pragma unroll
+    for (int j = 0; j < kColsS; ++j) {
+      running_max[j] = kNegInf;
+      partial_sum[j] = 0.0f;
+    }
+    // How many of the sequence's keys each query column sees (kept in shared memory: registers are scarce at N = 64).
+    if (thread < N) {
+      const int row = tile_row0 + thread;
+      const int query_token = row < rows ? row / static_cast<int>(p.heads) : static_cast<int>(p.s_q) - 1;
+      const int causal_end = seqlen - static_cast<int>(p.s_q) + query_token + 1;
+      visible_end[thread] = p.causal && causal_end < seqlen ? causal_end : seqlen;
+    }
+    float o[4][N / 2];
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) o[mt][i] = 0.0f;
+    }
+
+    named_barrier(1, kThreads);  // visible_end is written
+    mbarrier_wait(q_full, q_phase);
+    q_phase ^= 1;
+
+    while (true) {
+      const int block = cursor.block;
+      const int slot = consumed % kStages;
+      const uint32_t phase = (consumed / kStages) & 1;
+      const int32_t page = p.block_table[static_cast<int64_t>(seq) * p.max_blocks + block];
+      poisoned |= page < 0 || page >= p.num_blocks;
+      const int valid = seqlen - block * kMlaPageSize < kMlaPageSize ? seqlen - block * kMlaPageSize : kMlaPageSize;
+      uint8_t* stage = ring + slot * Layout::kStageBytes;
+      mbarrier_wait(&full[slot], phase);
+
+      uint8_t* tile;
+      if constexpr (kFp8) {
+        tile = smem + Layout::kTileOffset;
+        unpack_page(stage, tile, page_scales, valid);
+        fence_proxy_async();
+        named_barrier(1, kThreads);
+        if (thread == 0 && !loader.done()) {  // the raw stage is consumed: refill it now
+          issue_page_load<N, kFp8>(p, &cache_map, loader, stage, &full[slot]);
+          loader.advance();
+        }
+      } else {
+        tile = stage;
+        if (valid < kMlaPageSize) {
+          zero_tail_rows(tile, valid);
+          fence_proxy_async();
+          named_barrier(1, kThreads);
+        }
+      }
+
+      // ---- Sᵀ = K · Qᵀ for this warpgroup's columns: 9 chunks x 4 k-steps of 16 ----
+      float s[kHalf / 2];
+#pragma unroll
+      for (int i = 0; i < kHalf / 2; ++i) s[i] = 0.0f;
+      const uint32_t tile_address = smem_address(tile);
+      const uint64_t k_descriptor = sw128_descriptor(tile_address, 16, 1024);
+      const uint64_t q_descriptor = sw128_descriptor(smem_address(q_smem) + wg * kHalf * 128, 16, 1024);
+      if constexpr (!kFp8) {
+        wgmma_fence();
+        static_for<kChunks * 4>([&](auto step) {
+          // K-major operands: a 16-wide k-step is 32 bytes further along the 128-byte rows of chunk c
+          constexpr int c = decltype(step)::value / 4, kk = decltype(step)::value % 4;
+          const uint64_t a = advance_descriptor<c * kChunkBytes + kk * 32>(k_descriptor);
+          const uint64_t b = advance_descriptor<c * N * 128 + kk * 32>(q_descriptor);
+          Wgmma<kHalf>::template mma<0>(s, a, b, decltype(step)::value != 0);
+        });
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_registers(s);
+      } else {
+        // the rope chunk (bf16, unscaled) straight into s, then each latent group through `group` and its scales
+        wgmma_fence();
+        static_for<4>([&](auto kk) {
+          constexpr int kOffset = (kChunks - 1) * kChunkBytes + decltype(kk)::value * 32;
+          const uint64_t a = advance_descriptor<kOffset>(k_descriptor);
+          const uint64_t b = advance_descriptor<(kChunks - 1) * N * 128 + decltype(kk)::value * 32>(q_descriptor);
+          Wgmma<kHalf>::template mma<0>(s, a, b, decltype(kk)::value != 0);
+        });
+        wgmma_commit();
+        static_for<4>([&](auto g) {
+          float group[kHalf / 2];
+#pragma unroll
+          for (int i = 0; i < kHalf / 2; ++i) group[i] = 0.0f;
+          wgmma_fence();
+          static_for<8>([&](auto step) {
+            constexpr int c = 2 * decltype(g)::value + decltype(step)::value / 4, kk = decltype(step)::value % 4;
+            const uint64_t a = advance_descriptor<c * kChunkBytes + kk * 32>(k_descriptor);
+            const uint64_t b = advance_descriptor<c * N * 128 + kk * 32>(q_descriptor);
+            Wgmma<kHalf>::template mma<0>(group, a, b, decltype(step)::value != 0);
+          });
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_registers(group);
+          fence_registers(s);
+          const float scale_low = page_scales[(warp * 16 + lane / 4) * 4 + decltype(g)::value];
+          const float scale_high = page_scales[(warp * 16 + lane / 4 + 8) * 4 + decltype(g)::value];
+#pragma unroll
+          for (int i = 0; i < kHalf / 2; ++i) s[i] += ((i / 2) % 2 ? scale_high : scale_low) * group[i];
+        });
+      }
+      // ---- online softmax over the 64 tokens (rows) of each column, log2 domain ----
+      float block_max[kColsS];
+#pragma unroll
+      for (int j = 0; j < kColsS; ++j) block_max[j] = kNegInf;
+#pragma unroll
+      for (int i = 0; i < kHalf / 2; ++i) {
+        const int j = (i / 4) * 2 + i % 2;
+        const int token = warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
+        const bool visible =
+            block * kMlaPageSize + token < visible_end[wg * kHalf + (j / 2) * 8 + 2 * (lane % 4) + j % 2];
+        s[i] = visible ? s[i] * scale_log2 : kNegInf;  // a select: NaN keys past the end never survive
+        block_max[j] = fmaxf(block_max[j], s[i]);
+      }
+#pragma unroll
+      for (int j = 0; j < kColsS; ++j) {
+#pragma unroll
+        for (int offset = 4; offset < 32; offset *= 2) {
+          block_max[j] = fmaxf(block_max[j], __shfl_xor_sync(0xFFFFFFFFu, block_max[j], offset));
+        }
+      }
+      float* wg_reduction = reduction + wg * 4 * 32;
+      if (lane < 4) {
+#pragma unroll
+        for (int j = 0; j < kColsS; ++j) wg_reduction[warp * 32 + (j / 2) * 8 + 2 * lane + j % 2] = block_max[j];
+      }
+      named_barrier(2 + wg, 128);
+      float alpha[kColsS], reference[kColsS];
+#pragma unroll
+      for (int j = 0; j < kColsS; ++j) {
+        const int column = (j / 2) * 8 + 2 * (lane % 4) + j % 2;
+        float m = running_max[j];
+#pragma unroll
+        for (int w = 0; w < 4; ++w) m = fmaxf(m, wg_reduction[w * 32 + column]);
+        reference[j] = m == kNegInf ? 0.0f : m;  // a column with nothing visible yet: exp2(-inf - 0) = 0
+        alpha[j] = exp2f(running_max[j] - reference[j]);
+        running_max[j] = m;
+        partial_sum[j] *= alpha[j];
+      }
+#pragma unroll
+      for (int i = 0; i < kHalf / 2; ++i) {
+        const int j = (i / 4) * 2 + i % 2;
+        const int token = warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
+        const float weight = exp2f(s[i] - reference[j]);
+        partial_sum[j] += weight;
+        const int n = wg * kHalf + (j / 2) * 8 + 2 * (lane % 4) + j % 2;  // Pᵀ row
+        const uint32_t offset = swizzled_offset(n, token / 8) + (token % 8) * 2;
+        if constexpr (kFp8) {
+#pragma unroll
+          for (int g = 0; g < 4; ++g) {
+            *reinterpret_cast<__nv_bfloat16*>(p_smem + g * Layout::kPBufferBytes + offset) =
+                __float2bfloat16_rn(weight * page_scales[token * 4 + g]);
+          }
+        } else {
+          *reinterpret_cast<__nv_bfloat16*>(p_smem + offset) = __float2bfloat16_rn(weight);
+        }
+      }
+      if (warp == 0 && lane < 4) {
+#pragma unroll
+        for (int j = 0; j < kColsS; ++j) column_alpha[wg * kHalf + (j / 2) * 8 + 2 * lane + j % 2] = alpha[j];
+      }
+      fence_proxy_async();
+      named_barrier(1, kThreads);
+
+      // ---- Oᵀ = Oᵀ * alpha + Vᵀ · Pᵀ for V columns [256 wg, 256 wg + 256) ----
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) {
+        const float factor = column_alpha[(i / 4) * 8 + 2 * (lane % 4) + i % 2];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) o[mt][i] *= factor;
+      }
+      // Vᵀ is M-major: M = the 64 V columns of chunk 4 wg + mt (one 128-byte row per token), K = 16 tokens = two
+      // 8-row swizzle atoms 1024 bytes apart (the stride byte offset). The leading byte offset would step to the next
+      // 64 columns; an M = 64 operand never uses it.
+      const uint64_t v_descriptor = sw128_descriptor(tile_address + wg * 4 * kChunkBytes, kChunkBytes, 1024);
+      // FP8: V columns 256 wg + 64 mt belong to latent group 2 wg + mt / 2, whose scales sit in its own Pᵀ buffer
+      const uint64_t p_descriptor =
+          sw128_descriptor(smem_address(p_smem) + (kFp8 ? 2 * wg * Layout::kPBufferBytes : 0), 16, 1024);
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) fence_registers(o[mt]);
+      wgmma_fence();
+      static_for<16>([&](auto step) {
+        constexpr int mt = decltype(step)::value / 4, kk = decltype(step)::value % 4;
+        const uint64_t a = advance_descriptor<mt * kChunkBytes + kk * 16 * 128>(v_descriptor);
+        const uint64_t b = advance_descriptor<(kFp8 ? (mt / 2) * Layout::kPBufferBytes : 0) + kk * 32>(p_descriptor);
+        Wgmma<N>::template mma<1>(o[mt], a, b, 1);
+      });
+      wgmma_commit();
+      wgmma_wait<0>();
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) fence_registers(o[mt]);
+      named_barrier(1, kThreads);  // the tile, Pᵀ and the factors are free again
+      if (!kFp8 && thread == 0 && !loader.done()) {
+        issue_page_load<N, kFp8>(p, &cache_map, loader, stage, &full[slot]);
+        loader.advance();
+      }
+      ++consumed;
+      const bool last = block + 1 >= cursor.hi;
+      cursor.advance();
+      if (last) break;
+    }
+
+    // ---- epilogue: column sums, then out = Oᵀ / sum and lse ----
+#pragma unroll
+    for (int j = 0; j < kColsS; ++j) {
+#pragma unroll
+      for (int offset = 4; offset < 32; offset *= 2) {
+        partial_sum[j] += __shfl_xor_sync(0xFFFFFFFFu, partial_sum[j], offset);
+      }
+    }
+    float* wg_reduction = reduction + wg * 4 * 32;
+    if (lane < 4) {
+#pragma unroll
+      for (int j = 0; j < kColsS; ++j) wg_reduction[warp * 32 + (j / 2) * 8 + 2 * lane + j % 2] = partial_sum[j];
+    }
+    named_barrier(2 + wg, 128);
+    if (warp == 0 && lane < 4) {
+#pragma unroll
+      for (int j = 0; j < kColsS; ++j) {
+        const int column = (j / 2) * 8 + 2 * lane + j % 2;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) sum += wg_reduction[w * 32 + column];
+        column_sum[wg * kHalf + column] = sum;
+        column_max[wg * kHalf + column] = running_max[j];
+      }
+    }
+    named_barrier(1, kThreads);
+
+    if (writable) {
+      const int heads = static_cast<int>(p.heads), s_q = static_cast<int>(p.s_q);
+      const int64_t dv = p.head_dim_v;
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) {
+        const int n = (i / 4) * 8 + 2 * (lane % 4) + i % 2;
+        const int row = tile_row0 + n;
+        if (row >= rows) continue;
+        const float sum = column_sum[n];
+        const float inverse = poisoned ? NAN : (sum > 0.0f ? 1.0f / sum : 0.0f);
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+          const int64_t d = wg * 256 + mt * 64 + warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
+          if (d >= dv) continue;
+          const float value = o[mt][i] * inverse;
+          if (direct) {
+            p.out[(static_cast<int64_t>(seq) * rows + row) * dv + d] = __bfloat16_as_ushort(__float2bfloat16_rn(value));
+          } else {
+            p.partial_out[(static_cast<int64_t>(split) * rows + row) * dv + d] = value;
+          }
+        }
+      }
+      if (thread < N && tile_row0 + thread < rows) {
+        const int row = tile_row0 + thread, token = row / heads, head = row % heads;
+        const float sum = column_sum[thread];
+        float lse =
+            sum > 0.0f ? (column_max[thread] + log2f(sum)) * 0.69314718055994531f : (direct ? INFINITY : -INFINITY);
+        if (poisoned) lse = NAN;
+        if (direct) {
+          p.lse[(static_cast<int64_t>(seq) * heads + head) * s_q + token] = lse;
+        } else {
+          p.partial_lse[(static_cast<int64_t>(split) * heads + head) * s_q + token] = lse;
+        }
+      }
+    }
+    named_barrier(1, kThreads);  // column statistics and reductions are reused by the next split
+    ++split;
+  }
+}
+
+// Merges the splits of every sequence that has several: lse = log Σ exp(lse_i), out = Σ exp(lse_i - lse) out_i.
+// A sequence without splits gets out 0 and lse +inf; one whose split offsets contradict cache_seqlens (a stale
+// schedule) or reach past the workspace gets NaN. Never-written workspace rows hold NaN (the launcher fills them).
+// Grid: (batch, ceil(rows / kCombineRows)); each block merges kCombineRows query rows.
+constexpr int kCombineRows = 4;
+constexpr int kCombineThreads = 128;
+
+__global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const MlaDecodeParams p) {
+  const int64_t seq = blockIdx.x;
+  const int32_t first = p.split_offsets[seq], count = p.split_offsets[seq + 1] - first;
+  const int32_t seqlen = p.cache_seqlens[seq];
+  const bool consistent = p.split_offsets[0] == 0 && count >= 0 && first >= 0 &&
+                          p.split_offsets[seq + 1] <= mla_max_splits(p.batch, p.num_parts) && seqlen >= 0 &&
+                          seqlen <= p.max_blocks * kMlaPageSize && (count > 0) == (seqlen > 0);
+  if (consistent && count == 1) return;  // written directly by the decode kernel
+  const int64_t rows = p.s_q * p.heads, dv = p.head_dim_v;
+  for (int64_t row = blockIdx.y * kCombineRows; row < (blockIdx.y + 1) * kCombineRows && row < rows; ++row) {
+    const int64_t token = row / p.heads, head = row % p.heads;
+    auto split_lse = [&](int32_t i) { return p.partial_lse[((first + int64_t{i}) * p.heads + head) * p.s_q + token]; };
+    float lse = INFINITY;
+    float max_lse = -INFINITY;
+    if (!consistent) {
+      lse = NAN;
+    } else {
+      bool nan = false;
+      for (int32_t i = 0; i < count; ++i) {
+        const float value = split_lse(i);
+        nan |= value != value;
+        max_lse = fmaxf(max_lse, value);
+      }
+      if (nan) {
+        lse = NAN;
+      } else if (max_lse != -INFINITY) {
+        float sum = 0.0f;
+        for (int32_t i = 0; i < count; ++i) sum += expf(split_lse(i) - max_lse);
+        lse = max_lse + logf(sum);
+      }
+    }
+    for (int64_t d = threadIdx.x; d < dv; d += kCombineThreads) {
+      float merged = 0.0f;
+      if (lse != lse) {
+        merged = NAN;
+      } else if (lse != INFINITY) {
+        for (int32_t i = 0; i < count; ++i) {
+          const float value = split_lse(i);
+          if (value == -INFINITY) continue;  // an empty split's output is undefined
+          merged += expf(value - lse) * p.partial_out[((first + int64_t{i}) * rows + row) * dv + d];
+        }
+      }
+      p.out[(seq * rows + row) * dv + d] = __bfloat16_as_ushort(__float2bfloat16_rn(merged));
+    }
+    if (threadIdx.x == 0) p.lse[(seq * p.heads + head) * p.s_q + token] = lse;
+  }
+}
+
+}  // namespace dsv3::cuda::mla

@@ -1,0 +1,190 @@
+#pragma once
+// The sm_90a primitives of the MLA decode kernel, as inline PTX: mbarriers, TMA / bulk copies into shared memory,
+// warpgroup MMA (wgmma) with shared-memory matrix descriptors, proxy fences and named barriers.
+
+#include <cuda.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+namespace dsv3::cuda::mla {
+
+__device__ __forceinline__ uint32_t smem_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+// ---- mbarriers (one arrival count; the transaction count carries the bytes of the copies that complete it) ------
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* barrier, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_address(barrier)), "r"(arrivals) : "memory");
+}
+
+// Makes the initialized barriers visible to the async proxy (TMA completes them) before any copy is issued.
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* barrier, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_address(barrier)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* barrier) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(barrier)) : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t phase) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(smem_address(barrier)),
+      "r"(phase)
+      : "memory");
+}
+
+// ---- copies into shared memory, completing on an mbarrier ---------------------------------------------------------
+
+// One box of a 2D tensor map; coordinates are (innermost, outer) in elements.
+__device__ __forceinline__ void tma_load_2d(void* destination, const CUtensorMap* map, int32_t inner, int32_t outer,
+                                            uint64_t* barrier) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          smem_address(destination)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem_address(barrier))
+      : "memory");
+}
+
+// Contiguous bytes (a multiple of 16, both addresses 16-byte aligned).
+__device__ __forceinline__ void bulk_load(void* destination, const void* source, uint32_t bytes, uint64_t* barrier) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_address(destination)),
+               "l"(reinterpret_cast<uint64_t>(source)), "r"(bytes), "r"(smem_address(barrier))
+               : "memory");
+}
+
+__device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy accesses (wgmma operand reads,
+// TMA writes) of the same memory; a barrier then extends the order to the other threads.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// Named barrier `id` over `threads` threads (id 0 is __syncthreads).
+__device__ __forceinline__ void named_barrier(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---- warpgroup MMA -------------------------------------------------------------------------------------------------
+
+// Shared-memory matrix descriptor of a 128-byte-swizzled operand (PTX ISA "matrix descriptor"): start address,
+// leading and stride byte offsets, all in 16-byte units; bits 62-63 = 1 selects the 128-byte swizzle. Tiles start on
+// 1024-byte boundaries (one swizzle atom: 8 rows of 128 bytes), so the base-offset field stays 0 even when the start
+// address moves by 32-byte K steps inside an atom (the swizzle is a function of the address bits).
+__device__ __forceinline__ uint64_t sw128_descriptor(uint32_t address, uint32_t leading_bytes, uint32_t stride_bytes) {
+  return (static_cast<uint64_t>((address & 0x3FFFF) >> 4)) | (static_cast<uint64_t>(leading_bytes >> 4) << 16) |
+         (static_cast<uint64_t>(stride_bytes >> 4) << 32) | (uint64_t{1} << 62);
+}
+
+// descriptor + kBytes (added to the 16-byte-unit start address in the low bits). The offset is an immediate of a
+// volatile add, so every k-step's descriptor is formed at its use: neither the descriptors nor the offsets get
+// hoisted out of the page loop into ~100 live registers.
+template <uint32_t kBytes>
+__device__ __forceinline__ uint64_t advance_descriptor(uint64_t descriptor) {
+  static_assert(kBytes % 16 == 0, "descriptor addresses are in 16-byte units");
+  uint64_t result;
+  asm volatile("add.s64 %0, %1, %2;" : "=l"(result) : "l"(descriptor), "n"(kBytes >> 4));
+  return result;
+}
+
+// Calls body(std::integral_constant<int, i>) for i = 0 .. kCount - 1, so indices can feed template arguments.
+template <int kCount, typename Body, int... kIndices>
+__device__ __forceinline__ void static_for_impl(Body&& body, std::integer_sequence<int, kIndices...>) {
+  (body(std::integral_constant<int, kIndices>{}), ...);
+}
+template <int kCount, typename Body>
+__device__ __forceinline__ void static_for(Body&& body) {
+  static_for_impl<kCount>(body, std::make_integer_sequence<int, kCount>{});
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+
+// Keeps the compiler from moving accesses of accumulator registers across wgmma issue / wait points.
+template <int kCount>
+__device__ __forceinline__ void fence_registers(float (&registers)[kCount]) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(registers[i])::"memory");
+}
+
+// D[64 x N] (+)= A[64 x 16] * B[16 x N], bf16 inputs from shared memory, fp32 accumulators in registers (N / 2 per
+// thread). kTransposeA = 1 reads A M-major (its M index contiguous), 0 K-major; B is always K-major.
+// Accumulator fragment (PTX "wgmma .m64nNk16 D"): d[i] holds row 16 * warp + lane / 4 + 8 * ((i / 2) % 2),
+// column 8 * (i / 4) + 2 * (lane % 4) + i % 2, where warp is the warp's index within the warpgroup.
+template <int N>
+struct Wgmma;
+
+template <>
+struct Wgmma<8> {
+  template <int kTransposeA>
+  static __device__ __forceinline__ void mma(float (&d)[4], uint64_t a, uint64_t b, uint32_t accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, %7, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeA));
+  }
+};
+
+template <>
+struct Wgmma<16> {
+  template <int kTransposeA>
+  static __device__ __forceinline__ void mma(float (&d)[8], uint64_t a, uint64_t b, uint32_t accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %11, "
+        "0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeA));
+  }
+};
+
+template <>
+struct Wgmma<32> {
+  template <int kTransposeA>
+  static __device__ __forceinline__ void mma(float (&d)[16], uint64_t a, uint64_t b, uint32_t accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, "
+        "%13, %14, %15}, %16, %17, p, 1, 1, %19, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeA));
+  }
+};
+
+template <>
+struct Wgmma<64> {
+  template <int kTransposeA>
+  static __device__ __forceinline__ void mma(float (&d)[32], uint64_t a, uint64_t b, uint32_t accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, "
+        "%13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, "
+        "1, 1, %35, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(a), "l"(b), "r"(accumulate), "n"(kTransposeA));
+  }
+};
+}  // namespace dsv3::cuda::mla
