@@ -64,12 +64,12 @@ def test_combine_reduce_adds_in_rank_order(device, dtype) -> None:
     values = (torch.randn(sum(counts), 33, generator=g) * 1e3).to(dtype)
     values[1, 0], values[5, 3], values[6, 3] = float("nan"), float("inf"), -float("inf")
     values[2, 1] = -0.0
-    prefix = random_bytes(values.shape[0], 10, 6, "cpu")
+    prefix = random_bytes(values.shape[0], 12, 6, "cpu")  # the values start after other columns
     buf = torch.cat([prefix, values.view(torch.uint8)], dim=1).to(device)
     expected = torch.zeros(tokens, 33, device=device)
     for chunk_token, chunk in zip(token.split(counts), values.to(device).split(counts), strict=True):
         expected.index_add_(0, chunk_token, chunk.float())
-    got = combine_reduce(buf, dtype, 33, token, counts, tokens, src_offset=10)
+    got = combine_reduce(buf, dtype, 33, token, counts, tokens, src_offset=12)
     assert_bitwise_equal(got, expected)
 
 
@@ -98,6 +98,9 @@ def test_bad_input_names_the_argument(device) -> None:
     with pytest.raises(ValueError, match="rank_counts"):
         combine_reduce(torch.zeros(3, 8, dtype=torch.uint8, device=device), torch.float32, 2,
                        torch.zeros(3, dtype=torch.int64, device=device), [1, 1], 4)  # fmt: skip
+    with pytest.raises(ValueError, match="float32 values at byte 2 of 12-byte rows are not aligned"):
+        combine_reduce(torch.zeros(3, 12, dtype=torch.uint8, device=device), torch.float32, 2,
+                       torch.zeros(3, dtype=torch.int64, device=device), [3], 4, src_offset=2)  # fmt: skip
     if device.type == "cpu":  # index values are checked on the CPU (a GPU skips such rows)
         with pytest.raises(ValueError, match=r"src_index: values must lie in \[-1, 4\)"):
             copy_rows(src, dst, src_index=torch.tensor([0, 4]))

@@ -162,6 +162,8 @@ CASES = [
         only_rank0=True,
     ),
     Case(seed=4, tokens=[7, 2, 0, 5], topk=2, experts_per_rank=3, hidden=8, dtype=torch.float32, no_expert=1.0),
+    # An odd hidden size: packed columns are padded so that every tensor stays aligned.
+    Case(seed=5, tokens=[3, 6, 1, 0], topk=3, experts_per_rank=2, hidden=5, dtype=torch.bfloat16, no_expert=0.1),
 ]
 
 

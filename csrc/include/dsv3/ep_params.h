@@ -62,6 +62,9 @@ struct EpCombineParams {
     DSV3_CHECK(src_offset >= 0 && src_offset + cols * dtype_size(src_dtype) <= src_stride,
                "ep_combine_reduce: values [", src_offset, ", ", src_offset + cols * dtype_size(src_dtype),
                ") outside a ", src_stride, "-byte row");
+    DSV3_CHECK(src_offset % dtype_size(src_dtype) == 0 && src_stride % dtype_size(src_dtype) == 0,
+               "ep_combine_reduce: ", dtype_name(src_dtype), " values at byte ", src_offset, " of ", src_stride,
+               "-byte rows are not aligned to their size");
     DSV3_CHECK(rank_offsets[0] == 0 && rank_offsets[num_ranks] == rows,
                "ep_combine_reduce: rank_offsets must run from 0 to rows=", rows);
     for (int64_t r = 0; r < num_ranks; ++r)

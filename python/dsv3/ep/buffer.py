@@ -42,7 +42,7 @@ import torch.distributed as dist
 from dsv3.ep.event import EventOverlap, wait_previous
 from dsv3.ep.layout import INDEX_DTYPES, check_num_experts, check_topk_idx, dispatch_layout
 from dsv3.ep.low_latency import LowLatencyHandle, low_latency_combine, low_latency_dispatch
-from dsv3.ep.transport import exchange_rows, pack_rows, row_bytes, unpack_into, unpack_rows
+from dsv3.ep.transport import column_offsets, exchange_rows, pack_rows, row_bytes, unpack_into, unpack_rows
 from dsv3.ops.ep import combine_reduce
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -335,10 +335,9 @@ class Buffer:
         def finish() -> None:
             # Rows come back grouped by the rank that held them, and a rank returns each token at most once: the
             # kernel adds every token's copies in fp32 in rank order from +0, straight from the received bytes.
-            offset = 0
-            for t, out in zip(parts, (combined_x, combined_w), strict=False):
+            offsets = column_offsets([(t.dtype, t.shape[1]) for t in parts])
+            for t, out, offset in zip(parts, (combined_x, combined_w), offsets, strict=False):
                 out.copy_(combine_reduce(buf, t.dtype, t.shape[1], handle.send_token, handle.send_counts, n, offset))
-                offset += t.shape[1] * t.element_size()
 
         if async_finish:
             return combined_x, combined_w, EventOverlap(work, finish)

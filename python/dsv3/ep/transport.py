@@ -12,34 +12,46 @@ import torch.distributed as dist
 
 from dsv3.ops.ep import copy_rows
 
+# Each tensor's columns start on an ALIGN-byte boundary of the row (and rows are a multiple of ALIGN bytes), so
+# the kernels read every element at its natural alignment whatever the widths (odd hidden sizes included).
+ALIGN = 8
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def column_offsets(spans: list[tuple[torch.dtype, int]]) -> list[int]:
+    """Byte offset of each (dtype, cols) tensor within a packed row."""
+    offsets, offset = [], 0
+    for dtype, cols in spans:
+        offsets.append(offset)
+        offset += _padded(cols * dtype.itemsize)
+    return offsets
+
 
 def row_bytes(tensors: list[torch.Tensor]) -> int:
-    return sum(t.shape[1] * t.element_size() for t in tensors)
+    return sum(_padded(t.shape[1] * t.element_size()) for t in tensors)
 
 
 def pack_rows(tensors: list[torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, c_i] tensors -> uint8 [N, Σ c_i * itemsize_i]; with rows (int64 [S]), only those rows, in that order."""
+    """[N, c_i] tensors -> uint8 [N, row_bytes]: each tensor's row bytes from its column offset (padding bytes are
+    unspecified); with rows (int64 [S]), only those rows, in that order."""
     count = tensors[0].shape[0] if rows is None else rows.shape[0]
     out = torch.empty(count, row_bytes(tensors), dtype=torch.uint8, device=tensors[0].device)
-    offset = 0
-    for t in tensors:
+    for t, offset in zip(tensors, column_offsets([(t.dtype, t.shape[1]) for t in tensors]), strict=True):
         copy_rows(t.contiguous(), out, src_index=rows, dst_offset=offset)
-        offset += t.shape[1] * t.element_size()
     return out
 
 
 def unpack_rows(buf: torch.Tensor, like: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
     """Inverse of pack_rows: uint8 [M, bytes] -> one [M, cols] tensor per (dtype, cols) of like (a view of buf when
     one tensor fills the rows)."""
-    if len(like) == 1 and buf.is_contiguous():
+    if len(like) == 1 and buf.is_contiguous() and buf.shape[1] == like[0][1] * like[0][0].itemsize:
         return [buf.view(like[0][0])]
-    out, offset = [], 0
-    for dtype, cols in like:
-        t = torch.empty(buf.shape[0], cols, dtype=dtype, device=buf.device)
-        copy_rows(buf, t, src_offset=offset)
-        out.append(t)
-        offset += cols * t.element_size()
-    return out
+    outputs = [torch.empty(buf.shape[0], cols, dtype=dtype, device=buf.device) for dtype, cols in like]
+    unpack_into(buf, outputs)
+    return outputs
 
 
 def exchange_rows(
@@ -54,7 +66,5 @@ def exchange_rows(
 
 def unpack_into(buf: torch.Tensor, outputs: list[torch.Tensor]) -> None:
     """unpack_rows into existing tensors [M, c_i] (for asynchronous calls, whose outputs exist before their rows)."""
-    offset = 0
-    for t in outputs:
-        copy_rows(buf, t, src_offset=offset)
-        offset += t.shape[1] * t.element_size()
+    for t, offset in zip(outputs, column_offsets([(t.dtype, t.shape[1]) for t in outputs]), strict=True):
+        copy_rows(buf, t, src_offset=offset, row_bytes=t.shape[1] * t.element_size())
