@@ -12,6 +12,10 @@
 // with zeros to a multiple of 64 values (kChunk), so every K group holds whole vectors and a partial last group (K %
 // 128 != 0) adds only 0 * 0 products. Threads take tiles of work dynamically.
 //
+// fp8_gemm_batch runs several independent GEMMs (a MoE layer's experts) as one: every GEMM picks its kernel by its own
+// row count, the activation pass and the product pass each share one thread team across all of them, and a GEMM may
+// gather its rows of a through an index list while decoding them. fp8_gemm_nt is a batch of one.
+//
 // Promotion and non-finite values: a group sum is scaled by sa * sb, fused into the accumulation (one FMA), when that
 // product is finite; otherwise as (sum * sa) * sb, so a zero sum stays zero when huge finite scales overflow their
 // product, as in the reference, which scales each product. A NaN code (0x7F / 0xFF) decodes to NaN and poisons its
