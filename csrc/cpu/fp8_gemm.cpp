@@ -497,10 +497,10 @@ void run_unit(const Fp8GemmParams& p, const Element* a, const float* sa, int64_t
 
 }  // namespace micro
 
+// Read on every call, so DSV3_CPU_NO_AMX can be switched while a process runs (the tests compare both kernels).
 bool amx_enabled() {
 #if defined(DSV3_GEMM_AMX)
-  static const bool enabled = !amx::disabled_by_environment() && amx::usable();
-  return enabled;
+  return !amx::disabled_by_environment() && amx::usable();
 #else
   return false;
 #endif
@@ -529,6 +529,7 @@ int64_t job_of(const std::vector<JobPlan>& plans, int64_t item, First first) {
 
 void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
   const Kernel::Decoder decoder;
+  [[maybe_unused]] const bool use_amx = amx_enabled();
   std::vector<JobPlan> plans(count);
   int64_t a_bytes = 0, scale_floats = 0, prep_items = 0, unit_items = 0, codes = 0;
   for (int64_t j = 0; j < count; ++j) {
@@ -542,7 +543,7 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
     if (p.m == 0 || p.n == 0) continue;  // K = 0 writes zeros: every group loop is empty
     codes += p.m * p.k;
 #if defined(DSV3_GEMM_AMX)
-    plan.amx = p.m >= amx::kMinRows && amx_enabled();
+    plan.amx = p.m >= amx::kMinRows && use_amx;
     if (plan.amx) {
       a_bytes += align64(amx::pair_words(p.m, p.k) * 4);
       scale_floats += align64(amx::scale_words(p.m, p.k) * 4) / 4;
