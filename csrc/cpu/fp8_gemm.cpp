@@ -59,9 +59,6 @@ constexpr int64_t kColsPerTile = 16;  // rows of b per tile: small enough that a
 constexpr int kMicroRows = 4;         // micro-tile: rows of a ...
 constexpr int kMicroCols = 4;         // ... times rows of b, whose dot products share every load
 
-// Decoding fewer codes of a than this takes less time than waking the thread team costs (tens of microseconds).
-constexpr int64_t kParallelCodes = int64_t{1} << 18;
-
 int64_t padded_k(int64_t k) { return (k + kChunk - 1) / kChunk * kChunk; }
 
 // 64-byte aligned scratch for decoded rows.
@@ -531,7 +528,7 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
   const Kernel::Decoder decoder;
   [[maybe_unused]] const bool use_amx = amx_enabled();
   std::vector<JobPlan> plans(count);
-  int64_t a_bytes = 0, scale_floats = 0, prep_items = 0, unit_items = 0, codes = 0;
+  int64_t a_bytes = 0, scale_floats = 0, prep_items = 0, unit_items = 0;
   for (int64_t j = 0; j < count; ++j) {
     const Fp8GemmParams& p = jobs[j].gemm;
     validate(p);
@@ -541,7 +538,6 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
     plan.first_prep = prep_items;
     plan.first_unit = unit_items;
     if (p.m == 0 || p.n == 0) continue;  // K = 0 writes zeros: every group loop is empty
-    codes += p.m * p.k;
 #if defined(DSV3_GEMM_AMX)
     plan.amx = p.m >= amx::kMinRows && use_amx;
     if (plan.amx) {
@@ -563,26 +559,28 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
   const auto a_of = [&](const JobPlan& plan) { return a_scratch.get() + plan.a_offset; };
   const auto scales_of = [&](const JobPlan& plan) { return scale_scratch.get() + plan.scale_offset; };
 
-  // Pass 1: decode (and for AMX re-lay) every job's activations, gathering rows through a_rows.
-#pragma omp parallel for schedule(static) if (codes >= kParallelCodes)
-  for (int64_t item = 0; item < prep_items; ++item) {
-    const int64_t j = job_of(plans, item, [](const JobPlan& plan) { return plan.first_prep; });
-    const JobPlan& plan = plans[j];
-#if defined(DSV3_GEMM_AMX)
-    if (plan.amx) {
-      amx::relayout_a(jobs[j], item - plan.first_prep, reinterpret_cast<uint32_t*>(a_of(plan)), scales_of(plan),
-                      decoder);
-      continue;
-    }
-#endif
-    micro::decode_a_row(jobs[j], item - plan.first_prep, reinterpret_cast<Element*>(a_of(plan)), scales_of(plan),
-                        decoder);
-  }
-
-  // Pass 2: the products. Units go out dynamically: on a shared machine a descheduled thread would otherwise hold
-  // back its whole static share.
+  // One thread team for both passes (a fork and join less per batch). Both hand out work dynamically: on a shared
+  // machine a descheduled thread would otherwise hold back its whole static share.
 #pragma omp parallel
   {
+    // Pass 1: decode (and for AMX re-lay) every job's activations, gathering rows through a_rows.
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t item = 0; item < prep_items; ++item) {
+      const int64_t j = job_of(plans, item, [](const JobPlan& plan) { return plan.first_prep; });
+      const JobPlan& plan = plans[j];
+#if defined(DSV3_GEMM_AMX)
+      if (plan.amx) {
+        amx::relayout_a(jobs[j], item - plan.first_prep, reinterpret_cast<uint32_t*>(a_of(plan)), scales_of(plan),
+                        decoder);
+        continue;
+      }
+#endif
+      micro::decode_a_row(jobs[j], item - plan.first_prep, reinterpret_cast<Element*>(a_of(plan)), scales_of(plan),
+                          decoder);
+    }
+    // (the implied barrier: every unit reads activations another thread may have decoded)
+
+    // Pass 2: the products.
 #if defined(DSV3_GEMM_AMX)
     std::unique_ptr<amx::ThreadState> state;  // created by a thread's first AMX unit
 #endif
