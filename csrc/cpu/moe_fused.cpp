@@ -1,7 +1,7 @@
-// fused_experts on the CPU in one call. The steps are the tested pieces of the unfused path, arranged so that no
-// step writes more than it must:
-//   1. x quantized once per token (per_token_group_quant_fp8), not once per (token, slot) row: an expert's input row
-//      is always one of these, so the gate/up GEMM gathers its rows from them (Fp8GemmJob::a_rows).
+// fused_experts on the CPU in one call. The steps are those of the unfused path, arranged so that no step writes more
+// than it must:
+//   1. x quantized once per token (per_token_group_quant_fp8's arithmetic), not once per (token, slot) row: every
+//      expert input row is one of these, so the gate/up GEMM gathers its rows from them (Fp8GemmJob::a_rows).
 //   2. the contiguous layout with alignment 1 (moe_layout_count / moe_layout_scatter): no padding rows at all.
 //   3. gate/up GEMM, one job per non-empty expert (plus the shared expert over all tokens), one batch.
 //   4. SiLU-and-mul, rounded to bf16, then quantized per 128 channels, in one pass over each row.
@@ -31,8 +31,10 @@ namespace dsv3::cpu {
 namespace {
 
 constexpr int64_t kGroup = kMoeQuantGroup;
-// Below this many elements a pass runs on the calling thread: waking the team costs more than it saves.
-constexpr int64_t kParallelElements = 262144;
+// Below this many elements an elementwise pass (well under a millisecond of work) runs on the calling thread: waking
+// the team costs tens of microseconds on an idle machine, and on a busy one a worker that went to sleep can take a
+// scheduler tick (milliseconds) to get a core back.
+constexpr int64_t kParallelElements = int64_t{1} << 20;
 
 int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
@@ -89,10 +91,36 @@ void silu_mul_quant_row(const uint16_t* row, int64_t inter, uint8_t* q, float* s
   }
 }
 
-void silu_mul_quant(const uint16_t* h, int64_t rows, int64_t inter, uint8_t* q, float* scales) {
-#pragma omp parallel for schedule(static) if (rows * inter >= kParallelElements)
-  for (int64_t r = 0; r < rows; ++r) {
-    silu_mul_quant_row(h + r * 2 * inter, inter, q + r * inter, scales + r * (inter / kGroup));
+// Rows [0, rows) of h ([rows, 2 * inter]) and, with a shared expert, rows [0, shared_rows) of shared_h
+// ([shared_rows, 2 * shared_inter]), in one pass.
+struct SiluMulQuantJob {
+  const uint16_t* h;
+  int64_t rows;
+  int64_t inter;
+  uint8_t* q;
+  float* scales;
+};
+
+void silu_mul_quant(const SiluMulQuantJob& routed, const SiluMulQuantJob& shared) {
+  const int64_t total = routed.rows + shared.rows;
+#pragma omp parallel for schedule(static) if ((routed.rows * routed.inter + shared.rows * shared.inter) >= \
+                                                  kParallelElements)
+  for (int64_t i = 0; i < total; ++i) {
+    const SiluMulQuantJob& job = i < routed.rows ? routed : shared;
+    const int64_t r = i < routed.rows ? i : i - routed.rows;
+    silu_mul_quant_row(job.h + r * 2 * job.inter, job.inter, job.q + r * job.inter,
+                       job.scales + r * (job.inter / kGroup));
+  }
+}
+
+// x [tokens, hidden] bf16 -> per-token, per-128-channel e4m3 codes and scales: per_token_group_quant_fp8's arithmetic.
+void quantize_tokens(const uint16_t* x, int64_t tokens, int64_t hidden, uint8_t* q, float* scales) {
+  const int64_t groups = tokens * (hidden / kGroup);
+#pragma omp parallel for schedule(static) if (tokens * hidden >= kParallelElements)
+  for (int64_t g = 0; g < groups; ++g) {
+    const float scale = scale_from_amax(group_amax<DType::kBFloat16>(x + g * kGroup, kGroup), false);
+    quantize_row<DType::kBFloat16>(x + g * kGroup, q + g * kGroup, kGroup, scale);
+    scales[g] = scale;
   }
 }
 
@@ -150,7 +178,7 @@ void fused_moe(const FusedMoeParams& p) {
   ScratchArray<uint8_t> token_scratch(ScratchSlot::kMoeTokens, q_bytes + tokens * (hidden / kGroup) * 4);
   uint8_t* x_q = token_scratch.get();
   float* x_scales = reinterpret_cast<float*>(token_scratch.get() + q_bytes);
-  per_token_group_quant_fp8({p.x, DType::kBFloat16, x_q, x_scales, tokens, hidden, kGroup, false});
+  quantize_tokens(p.x, tokens, hidden, x_q, x_scales);
 
   // 2. Layout: rows grouped by expert, in (token, slot) order within an expert, without padding.
   const int64_t entries = tokens * p.topk;
@@ -204,8 +232,8 @@ void fused_moe(const FusedMoeParams& p) {
   fp8_gemm_batch(jobs.data(), static_cast<int64_t>(jobs.size()));
 
   // 4. SiLU-and-mul + quantization.
-  silu_mul_quant(h, rows, inter, a_q, a_scales);
-  if (shared) silu_mul_quant(shared_h, tokens, shared_inter, shared_a_q, shared_a_scales);
+  silu_mul_quant({h, rows, inter, a_q, a_scales},
+                 {shared_h, shared ? tokens : 0, shared ? shared_inter : 1, shared_a_q, shared_a_scales});
 
   // 5. down.
   const int64_t w2_expert = hidden * inter, w2_scales_expert = (hidden / kGroup) * (inter / kGroup);
