@@ -9,6 +9,7 @@ import dsv3
 from dsv3.reference import fused_experts as reference_fused_experts
 from dsv3.reference import grouped_topk
 from dsv3.reference import quant as rq
+from dsv3.reference.layers import silu_and_mul
 from dsv3.testing import assert_close, calc_diff
 
 
@@ -75,3 +76,147 @@ def test_rejects_bad_input(device):
     if device.type == "cpu":  # the GPU layout drops such slots and reports them through layout.check()
         with pytest.raises(ValueError, match="topk_idx"):
             dsv3.fused_experts(x, weights, bad, w13, w2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every way of running it (the CPU's single call, contiguous and masked layouts) and the shared expert
+# ---------------------------------------------------------------------------------------------------------------------
+
+LAYOUTS = ("auto", "contiguous", "masked")
+
+
+def _shared_expert(hidden: int, intermediate: int, device):
+    w13 = rq.per_block_quant_fp8(torch.randn(2 * intermediate, hidden) * 0.05)
+    w2 = rq.per_block_quant_fp8(torch.randn(hidden, intermediate) * 0.05)
+    return tuple(t.to(device) for t in w13), tuple(t.to(device) for t in w2)
+
+
+def _reference(x, weights, idx, w13, w2, shared=None):
+    cpu = lambda pair: tuple(t.cpu() for t in pair)  # noqa: E731
+    shared = {} if shared is None else {"shared_w13": cpu(shared[0]), "shared_w2": cpu(shared[1])}
+    return reference_fused_experts(x.cpu(), weights.cpu(), idx.cpu(), cpu(w13), cpu(w2), **shared)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tokens", [1, 48])
+def test_deepseek_routing_every_layout(device, layout, tokens):
+    # DeepSeek-V3's router (256 experts, top-8 of 4 of 8 groups) at a reduced hidden size
+    experts, hidden, intermediate = 256, 256, 128
+    w13, w2 = _experts(experts, hidden, intermediate, device)
+    logits = torch.randn(tokens, experts)
+    bias = torch.randn(experts) * 0.5  # a skewed correction bias: some experts crowded, most empty
+    weights, idx = grouped_topk(logits, bias, 8, 8, 4, 2.5)
+    x = torch.randn(tokens, hidden).to(torch.bfloat16)
+    out = dsv3.fused_experts(x.to(device), weights.to(device), idx.to(device), w13, w2, layout=layout)
+    expected = _reference(x, weights, idx, w13, w2)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert_close(out.cpu().float(), expected.float(), atol=2e-3, rtol=2e-2, max_diff=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_skewed_empty_and_missing_slots_every_layout(device, layout):
+    w13, w2 = _experts(8, 256, 256, device)
+    tokens = 40
+    idx = torch.full((tokens, 4), -1, dtype=torch.int32)
+    idx[:, 0] = 6  # every token to expert 6
+    idx[::3, 1] = 2
+    idx[7, 3] = 0  # one token for expert 0; experts 1, 3, 4, 5, 7 get none; many slots have no expert
+    weights = torch.rand(tokens, 4)
+    x = torch.randn(tokens, 256).to(torch.bfloat16)
+    out = dsv3.fused_experts(x.to(device), weights.to(device), idx.to(device), w13, w2, layout=layout)
+    expected = _reference(x, weights, idx, w13, w2)
+    assert calc_diff(out.cpu().float(), expected.float()) < 1e-5
+    assert torch.all(out.cpu()[idx.eq(-1).all(1)] == 0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tokens", [1, 33])
+def test_shared_expert_every_layout(device, layout, tokens):
+    hidden = 256
+    w13, w2 = _experts(16, hidden, 128, device)
+    shared = _shared_expert(hidden, 256, device)  # wider than a routed expert, as n_shared_experts > 1 makes it
+    weights, idx = _routing(tokens, 16, 4, 4, device)
+    x = torch.randn(tokens, hidden).to(torch.bfloat16)
+    out = dsv3.fused_experts(x.to(device), weights, idx, w13, w2, *shared, layout=layout)
+    expected = _reference(x, weights, idx, w13, w2, shared)
+    assert_close(out.cpu().float(), expected.float(), atol=4e-3, rtol=2e-2, max_diff=1e-5)
+    # with no routed slot at all, the output is the shared expert alone
+    none = torch.full_like(idx, -1)
+    alone = dsv3.fused_experts(x.to(device), weights, none, w13, w2, *shared, layout=layout)
+    assert_close(alone.cpu().float(), _reference(x, weights, none, w13, w2, shared).float(), atol=4e-3, rtol=2e-2)
+
+
+def test_reference_shared_expert_is_the_moe_layers_sum():
+    # dsv3.reference.fused_experts with a shared expert = the routed output plus the shared MLP, both in bf16, as the
+    # DeepSeek-V3 MoE layer computes them (the MLP's projections as separate FP8 linears)
+    hidden, intermediate = 256, 128
+    w13, w2 = _experts(4, hidden, intermediate, "cpu")
+    (q13, s13), (q2, s2) = _shared_expert(hidden, intermediate, "cpu")
+    weights, idx = _routing(9, 4, 2, 2, "cpu")
+    x = torch.randn(9, hidden).to(torch.bfloat16)
+
+    def linear(v, q, s):
+        return dsv3.reference.fp8_gemm_nt(rq.per_token_group_quant_fp8(v), (q, s))
+
+    gate = linear(x, q13[:intermediate], s13[: intermediate // 128])
+    up = linear(x, q13[intermediate:], s13[intermediate // 128 :])
+    shared = linear(silu_and_mul(torch.cat([gate, up], dim=-1)), q2, s2)
+    expected = reference_fused_experts(x, weights, idx, w13, w2) + shared
+    assert torch.equal(reference_fused_experts(x, weights, idx, w13, w2, (q13, s13), (q2, s2)), expected)
+
+
+def test_cpu_single_call_matches_the_composed_kernels():
+    # the one C++ call and the step-by-step kernels share the GEMMs; only SiLU's exp may differ in the last fp32 bit
+    w13, w2 = _experts(32, 512, 256, "cpu")
+    shared = _shared_expert(512, 256, "cpu")
+    weights, idx = _routing(70, 32, 6, 4, "cpu")
+    x = (torch.randn(70, 512) * 3).to(torch.bfloat16)
+    x[3] = 0  # an all-zero token: its groups quantize with the floor scale
+    x[5, :128] *= 1000  # far beyond the FP8 range
+    fused = dsv3.fused_experts(x, weights, idx, w13, w2, *shared)
+    composed = dsv3.fused_experts(x, weights, idx, w13, w2, *shared, layout="contiguous")
+    assert calc_diff(fused.float(), composed.float()) < 1e-7
+    assert (fused != composed).float().mean() < 0.01
+
+
+def test_masked_rejects_an_expert_over_max_m(device):
+    w13, w2 = _experts(4, 256, 128, device)
+    idx = torch.zeros(6, 2, dtype=torch.int32, device=device)  # expert 0 twice per token: 12 rows
+    weights = torch.ones(6, 2, device=device)
+    x = torch.randn(6, 256).to(torch.bfloat16).to(device)
+    out = dsv3.fused_experts(x, weights, idx, w13, w2, layout="masked", max_m=12)
+    assert calc_diff(out.cpu().float(), _reference(x, weights, idx, w13, w2).float()) < 1e-5
+    if device.type == "cpu":  # a GPU skips the overflow and counts it in the layout's errors
+        with pytest.raises(ValueError, match="max_m"):
+            dsv3.fused_experts(x, weights, idx, w13, w2, layout="masked")
+
+
+def test_rejects_bad_layout_and_shared_arguments(device):
+    w13, w2 = _experts(4, 256, 128, device)
+    shared = _shared_expert(256, 128, device)
+    weights, idx = _routing(3, 4, 2, 2, device)
+    x = torch.randn(3, 256).to(torch.bfloat16).to(device)
+    with pytest.raises(ValueError, match="layout: expected one of"):
+        dsv3.fused_experts(x, weights, idx, w13, w2, layout="sparse")
+    with pytest.raises(ValueError, match="max_m: expected a positive int"):
+        dsv3.fused_experts(x, weights, idx, w13, w2, layout="masked", max_m=0)
+    with pytest.raises(ValueError, match="shared_w13/shared_w2: pass both"):
+        dsv3.fused_experts(x, weights, idx, w13, w2, shared_w13=shared[0])
+    with pytest.raises(ValueError, match=r"shared_w2: expected shape \[256, 128\]"):
+        dsv3.fused_experts(x, weights, idx, w13, w2, shared[0], (shared[1][0][:, :64].contiguous(), shared[1][1]))
+    with pytest.raises(TypeError, match="shared_w13: expected a \\(values, scales\\) pair"):
+        dsv3.fused_experts(x, weights, idx, w13, w2, shared[0][0], shared[1])
+
+
+def test_thousands_of_tokens_with_shared_expert(device):
+    # large enough that every elementwise pass of the CPU's single call runs on the thread team
+    hidden = 512
+    w13, w2 = _experts(16, hidden, 128, device)
+    shared = _shared_expert(hidden, 128, device)
+    weights, idx = _routing(2304, 16, 4, 4, device)
+    x = torch.randn(2304, hidden).to(torch.bfloat16)
+    out = dsv3.fused_experts(x.to(device), weights, idx, w13, w2, *shared)
+    expected = _reference(x, weights, idx, w13, w2, shared)
+    # routed and shared outputs are each rounded to bf16 before they are added: where they nearly cancel, one bf16
+    # step of either (1/64 at magnitudes 2-4, which a few of these thousands of tokens reach) is the whole difference
+    assert_close(out.cpu().float(), expected.float(), atol=1 / 32, rtol=2e-2, max_diff=1e-5)

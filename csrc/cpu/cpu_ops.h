@@ -35,6 +35,8 @@ void moe_layout_count(const MoeLayoutParams& params);
 void moe_layout_scatter(const MoeLayoutParams& params);
 void moe_permute(const MoePermuteParams& params);
 void moe_unpermute(const MoeUnpermuteParams& params);
+// fused_experts on the CPU: the steps above (quantization, layout, grouped GEMMs, combine) in one call.
+void fused_moe(const FusedMoeParams& params);
 
 // Expert-parallel packing: byte-row copies (index values checked, destinations distinct) and the rank-ordered fp32
 // reduction of returned rows (tokens of one rank distinct).

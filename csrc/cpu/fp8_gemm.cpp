@@ -12,6 +12,10 @@
 // with zeros to a multiple of 64 values (kChunk), so every K group holds whole vectors and a partial last group (K %
 // 128 != 0) adds only 0 * 0 products. Threads take tiles of work dynamically.
 //
+// fp8_gemm_batch runs several independent GEMMs (a MoE layer's experts) as one: every GEMM picks its kernel by its own
+// row count, the activation pass and the product pass each share one thread team across all of them, and a GEMM may
+// gather its rows of a through an index list while decoding them. fp8_gemm_nt is a batch of one.
+//
 // Promotion and non-finite values: a group sum is scaled by sa * sb, fused into the accumulation (one FMA), when that
 // product is finite; otherwise as (sum * sa) * sb, so a zero sum stays zero when huge finite scales overflow their
 // product, as in the reference, which scales each product. A NaN code (0x7F / 0xFF) decodes to NaN and poisons its
@@ -28,8 +32,11 @@
 #include <memory>
 #include <new>
 #include <utility>
+#include <vector>
 
 #include "cpu/cpu_ops.h"
+#include "cpu/fp8_gemm_batch.h"
+#include "cpu/scratch.h"
 #include "dsv3/fp8.h"
 #include "dsv3/half_types.h"
 
@@ -53,9 +60,6 @@ constexpr int64_t kRowsPerTile = 64;  // rows of a per tile of the micro-tile ke
 constexpr int64_t kColsPerTile = 16;  // rows of b per tile: small enough that a decode-sized GEMM has many tiles
 constexpr int kMicroRows = 4;         // micro-tile: rows of a ...
 constexpr int kMicroCols = 4;         // ... times rows of b, whose dot products share every load
-
-// Decoding fewer codes of a than this takes less time than waking the thread team costs (tens of microseconds).
-constexpr int64_t kParallelCodes = int64_t{1} << 18;
 
 int64_t padded_k(int64_t k) { return (k + kChunk - 1) / kChunk * kChunk; }
 
@@ -332,84 +336,96 @@ void promote(const float* c_lower, const float* c_upper, const float* sa, float 
   }
 }
 
-void run(const Fp8GemmParams& p, const Bf16Kernel::Decoder& decoder) {
-  const int64_t kp = padded_k(p.k);
-  const int64_t groups = scale_blocks(p.k);
-  const int64_t row_tiles = (p.m + kTile - 1) / kTile;
+int64_t row_tiles(int64_t m) { return (m + kTile - 1) / kTile; }
 
-  // a_pairs (see above) and the activation scales transposed per row tile: sa_t[m / 16][g][m % 16], zero-padded.
-  // One work item per (row tile, K group) writes whole cache lines of both, so no two threads share a line.
-  AlignedBuffer<uint32_t> a_pairs(row_tiles * (kp / 2) * kTile);
-  AlignedBuffer<float> sa_t(row_tiles * groups * kTile);
-#pragma omp parallel for schedule(static) if (p.m * p.k >= kParallelCodes)
-  for (int64_t item = 0; item < row_tiles * groups; ++item) {
-    const int64_t tile = item / groups, g = item % groups;
-    const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
-    const int64_t pairs = (std::min(kp, k0 + kScaleBlock) - k0) / 2;
-    uint32_t* dst = a_pairs.get() + (tile * (kp / 2) + g * kPairsPerGroup) * kTile;
-    float* scales = sa_t.get() + (tile * groups + g) * kTile;
-    for (int64_t lane = 0; lane < kTile; ++lane) {
-      const int64_t r = tile * kTile + lane;
-      alignas(64) uint16_t values[kScaleBlock];
-      if (r < p.m)
-        for (int64_t k = k0; k < k1; k += kChunk)
-          decoder.chunk(p.a + r * p.k + k, std::min(kChunk, k1 - k), values + k - k0);
-      for (int64_t q = 0; q < pairs; ++q) {
-        uint32_t pair;
-        std::memcpy(&pair, values + 2 * q, sizeof(pair));
-        dst[q * kTile + lane] = r < p.m ? pair : 0u;
-      }
-      scales[lane] = r < p.m ? p.a_scales[r * groups + g] : 0.0f;
+// Scratch of one GEMM's re-laid activations (see above): a_pairs [row tiles][kp / 2][16] bf16 pairs and the scales
+// transposed per row tile, sa_t [row tiles][groups][16], both zero-padded past m.
+int64_t pair_words(int64_t m, int64_t k) { return row_tiles(m) * (padded_k(k) / 2) * kTile; }
+int64_t scale_words(int64_t m, int64_t k) { return row_tiles(m) * scale_blocks(k) * kTile; }
+
+// Item (row tile, K group) of the re-layout of job's a. Each item writes whole cache lines of both outputs, so no two
+// items share a line.
+void relayout_a(const Fp8GemmJob& job, int64_t item, uint32_t* a_pairs, float* sa_t,
+                const Bf16Kernel::Decoder& decoder) {
+  const Fp8GemmParams& p = job.gemm;
+  const int64_t kp = padded_k(p.k), groups = scale_blocks(p.k);
+  const int64_t tile = item / groups, g = item % groups;
+  const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
+  const int64_t pairs = (std::min(kp, k0 + kScaleBlock) - k0) / 2;
+  uint32_t* dst = a_pairs + (tile * (kp / 2) + g * kPairsPerGroup) * kTile;
+  float* scales = sa_t + (tile * groups + g) * kTile;
+  for (int64_t lane = 0; lane < kTile; ++lane) {
+    const int64_t r = tile * kTile + lane;
+    const int64_t src = r >= p.m ? -1 : job.a_rows ? job.a_rows[r] : r;
+    alignas(64) uint16_t values[kScaleBlock];
+    if (src >= 0)
+      for (int64_t k = k0; k < k1; k += kChunk)
+        decoder.chunk(p.a + src * p.k + k, std::min(kChunk, k1 - k), values + k - k0);
+    for (int64_t q = 0; q < pairs; ++q) {
+      uint32_t pair;
+      std::memcpy(&pair, values + 2 * q, sizeof(pair));
+      dst[q * kTile + lane] = src >= 0 ? pair : 0u;
     }
+    scales[lane] = src >= 0 ? p.a_scales[src * groups + g] : 0.0f;
   }
+}
 
-  const int64_t row_units = (p.m + kRows - 1) / kRows;
-  const int64_t col_units = (p.n + kCols - 1) / kCols;
-#pragma omp parallel
-  {
+// What a thread keeps across its units: the tile configuration and L1-sized buffers.
+struct ThreadState {
+  AlignedBuffer<uint16_t> b_slice{kCols * kScaleBlock};  // [row of b][128]: one K group, decoded
+  AlignedBuffer<float> c{4 * kTile * kTile};
+  AlignedBuffer<float> acc{(kRows / kTile) * kCols * kTile};  // [row tile of a][row of b][16 rows of a]
+  ThreadState() {
     const TileConfig config;
     _tile_loadconfig(&config);
-    AlignedBuffer<uint16_t> b_slice(kCols * kScaleBlock);  // [row of b][128]: one K group, decoded (L1-resident)
-    AlignedBuffer<float> c(4 * kTile * kTile);
-    AlignedBuffer<float> acc((kRows / kTile) * kCols * kTile);  // [row tile of a][row of b][16 rows of a]
-#pragma omp for schedule(dynamic)
-    for (int64_t unit = 0; unit < row_units * col_units; ++unit) {
-      const int64_t m0 = (unit / col_units) * kRows, m1 = std::min(p.m, m0 + kRows);
-      const int64_t n0 = (unit % col_units) * kCols, n1 = std::min(p.n, n0 + kCols);
-      const int64_t tile0 = m0 / kTile, tiles = (m1 - m0 + kTile - 1) / kTile;
-      std::fill(acc.get(), acc.get() + tiles * kCols * kTile, 0.0f);
-      std::fill(b_slice.get(), b_slice.get() + kCols * kScaleBlock, uint16_t{0});  // rows past n stay zero
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
-        // The group's slice of b is kCols short pieces of rows K bytes apart, too many streams for the hardware
-        // prefetcher: fetch the next group's pieces while this one is decoded and multiplied.
-        for (int64_t n = n0; n < n1; ++n) prefetch_group(p.b + n * p.k, p.k, g);
-        for (int64_t n = n0; n < n1; ++n)
-          for (int64_t k = k0; k < k1; k += kChunk)
-            decoder.chunk(p.b + n * p.k + k, std::min(kChunk, k1 - k), b_slice.get() + (n - n0) * kScaleBlock + k - k0);
-        const int64_t steps = (std::min(kp, k0 + kScaleBlock) - k0) / 32;
-        const float sb = p.b_scales[(n0 / kScaleBlock) * groups + g];
-        for (int64_t t = 0; t < tiles; t += 2) {
-          const uint32_t* pairs0 = a_pairs.get() + ((tile0 + t) * (kp / 2) + g * kPairsPerGroup) * kTile;
-          const float* sa0 = sa_t.get() + ((tile0 + t) * groups + g) * kTile;
-          float* acc0 = acc.get() + t * kCols * kTile;
-          if (t + 1 < tiles) {
-            group_products<true>(b_slice.get(), pairs0, pairs0 + (kp / 2) * kTile, steps, c.get());
-            promote(c.get(), c.get() + kTile * kTile, sa0, sb, acc0);
-            promote(c.get() + 2 * kTile * kTile, c.get() + 3 * kTile * kTile, sa0 + groups * kTile, sb,
-                    acc0 + kCols * kTile);
-          } else {
-            group_products<false>(b_slice.get(), pairs0, nullptr, steps, c.get());
-            promote(c.get(), c.get() + kTile * kTile, sa0, sb, acc0);
-          }
-        }
-      }
-      for (int64_t m = m0; m < m1; ++m) {
-        const float* acc_m = acc.get() + ((m - m0) / kTile) * kCols * kTile + (m - m0) % kTile;
-        for (int64_t n = n0; n < n1; ++n) p.out[m * p.n + n] = float_to_bf16(acc_m[(n - n0) * kTile]);
+  }
+  ~ThreadState() { _tile_release(); }
+  ThreadState(const ThreadState&) = delete;
+  ThreadState& operator=(const ThreadState&) = delete;
+};
+
+int64_t col_units(int64_t n) { return (n + kCols - 1) / kCols; }
+int64_t units(int64_t m, int64_t n) { return (m + kRows - 1) / kRows * col_units(n); }
+
+// Unit `unit` (row-unit-major) of a GEMM whose a was re-laid into a_pairs / sa_t.
+void run_unit(const Fp8GemmParams& p, const uint32_t* a_pairs, const float* sa_t, int64_t unit,
+              const Bf16Kernel::Decoder& decoder, ThreadState& state) {
+  const int64_t kp = padded_k(p.k), groups = scale_blocks(p.k);
+  const int64_t m0 = (unit / col_units(p.n)) * kRows, m1 = std::min(p.m, m0 + kRows);
+  const int64_t n0 = (unit % col_units(p.n)) * kCols, n1 = std::min(p.n, n0 + kCols);
+  const int64_t tile0 = m0 / kTile, tiles = (m1 - m0 + kTile - 1) / kTile;
+  float* acc = state.acc.get();
+  uint16_t* b_slice = state.b_slice.get();
+  float* c = state.c.get();
+  std::fill(acc, acc + tiles * kCols * kTile, 0.0f);
+  std::fill(b_slice, b_slice + kCols * kScaleBlock, uint16_t{0});  // rows past n stay zero
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
+    // The group's slice of b is kCols short pieces of rows K bytes apart, too many streams for the hardware
+    // prefetcher: fetch the next group's pieces while this one is decoded and multiplied.
+    for (int64_t n = n0; n < n1; ++n) prefetch_group(p.b + n * p.k, p.k, g);
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = k0; k < k1; k += kChunk)
+        decoder.chunk(p.b + n * p.k + k, std::min(kChunk, k1 - k), b_slice + (n - n0) * kScaleBlock + k - k0);
+    const int64_t steps = (std::min(kp, k0 + kScaleBlock) - k0) / 32;
+    const float sb = p.b_scales[(n0 / kScaleBlock) * groups + g];
+    for (int64_t t = 0; t < tiles; t += 2) {
+      const uint32_t* pairs0 = a_pairs + ((tile0 + t) * (kp / 2) + g * kPairsPerGroup) * kTile;
+      const float* sa0 = sa_t + ((tile0 + t) * groups + g) * kTile;
+      float* acc0 = acc + t * kCols * kTile;
+      if (t + 1 < tiles) {
+        group_products<true>(b_slice, pairs0, pairs0 + (kp / 2) * kTile, steps, c);
+        promote(c, c + kTile * kTile, sa0, sb, acc0);
+        promote(c + 2 * kTile * kTile, c + 3 * kTile * kTile, sa0 + groups * kTile, sb, acc0 + kCols * kTile);
+      } else {
+        group_products<false>(b_slice, pairs0, nullptr, steps, c);
+        promote(c, c + kTile * kTile, sa0, sb, acc0);
       }
     }
-    _tile_release();
+  }
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* acc_m = acc + ((m - m0) / kTile) * kCols * kTile + (m - m0) % kTile;
+    for (int64_t n = n0; n < n1; ++n) p.out[m * p.n + n] = float_to_bf16(acc_m[(n - n0) * kTile]);
   }
 }
 
@@ -433,46 +449,153 @@ constexpr auto micro_tile_table(std::integer_sequence<int, kRows...>, std::integ
 const auto kMicroTiles =
     micro_tile_table(std::make_integer_sequence<int, kMicroRows>{}, std::make_integer_sequence<int, kMicroCols>{});
 
-void run_gemm(const Fp8GemmParams& p) {
-  const int64_t kp = padded_k(p.k);
-  const int64_t groups = scale_blocks(p.k);
-  const Kernel::Decoder decoder;
-#if defined(DSV3_GEMM_AMX)
-  if (p.m >= amx::kMinRows && !amx::disabled_by_environment() && amx::usable()) return amx::run(p, decoder);
-#endif
+namespace micro {
 
-  // a, decoded once: [m, kp]. Tiny compared with the weight for decode-sized m, and reused by every column tile.
-  AlignedBuffer<Element> a(p.m * kp);
-#pragma omp parallel for schedule(static) if (p.m * p.k >= kParallelCodes)
-  for (int64_t r = 0; r < p.m; ++r) decode_row(decoder, p.a + r * p.k, p.k, a.get() + r * kp);
+// Scratch of one GEMM: a decoded once, [m, kp] (tiny next to the weight for decode-sized m and reused by every
+// column tile), and its scales gathered, [m, groups].
+int64_t a_elements(int64_t m, int64_t k) { return m * padded_k(k); }
+int64_t scale_words(int64_t m, int64_t k) { return m * scale_blocks(k); }
 
-  const int64_t row_tiles = (p.m + kRowsPerTile - 1) / kRowsPerTile;
-  const int64_t col_tiles = (p.n + kColsPerTile - 1) / kColsPerTile;
-  // Tiles are numbered row-tile-major, so consecutive tiles share one block of a; they are handed out dynamically
-  // because on a shared machine a descheduled thread would otherwise hold back its whole static share.
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t tile = 0; tile < row_tiles * col_tiles; ++tile) {
-    const int64_t m0 = (tile / col_tiles) * kRowsPerTile, m1 = std::min(p.m, m0 + kRowsPerTile);
-    const int64_t n0 = (tile % col_tiles) * kColsPerTile, n1 = std::min(p.n, n0 + kColsPerTile);
-    for (int64_t j0 = n0; j0 < n1; j0 += kMicroCols) {
-      const int cols = static_cast<int>(std::min<int64_t>(kMicroCols, n1 - j0));
-      const float* sb_rows[kMicroCols];
-      for (int j = 0; j < cols; ++j) sb_rows[j] = p.b_scales + ((j0 + j) / kScaleBlock) * groups;
-      for (int64_t i0 = m0; i0 < m1; i0 += kMicroRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kMicroRows, m1 - i0));
-        kMicroTiles[rows - 1][cols - 1](decoder, a.get() + i0 * kp, kp, p.a_scales + i0 * groups, groups,
-                                        p.b + j0 * p.k, p.k, sb_rows, p.out + i0 * p.n + j0, p.n);
-      }
+void decode_a_row(const Fp8GemmJob& job, int64_t r, Element* a, float* sa, const Kernel::Decoder& decoder) {
+  const Fp8GemmParams& p = job.gemm;
+  const int64_t src = job.a_rows ? job.a_rows[r] : r, groups = scale_blocks(p.k);
+  decode_row(decoder, p.a + src * p.k, p.k, a + r * padded_k(p.k));
+  std::copy(p.a_scales + src * groups, p.a_scales + (src + 1) * groups, sa + r * groups);
+}
+
+int64_t col_tiles(int64_t n) { return (n + kColsPerTile - 1) / kColsPerTile; }
+int64_t units(int64_t m, int64_t n) { return (m + kRowsPerTile - 1) / kRowsPerTile * col_tiles(n); }
+
+// Tiles are numbered row-tile-major, so consecutive tiles share one block of a.
+void run_unit(const Fp8GemmParams& p, const Element* a, const float* sa, int64_t tile, const Kernel::Decoder& decoder) {
+  const int64_t kp = padded_k(p.k), groups = scale_blocks(p.k);
+  const int64_t m0 = (tile / col_tiles(p.n)) * kRowsPerTile, m1 = std::min(p.m, m0 + kRowsPerTile);
+  const int64_t n0 = (tile % col_tiles(p.n)) * kColsPerTile, n1 = std::min(p.n, n0 + kColsPerTile);
+  for (int64_t j0 = n0; j0 < n1; j0 += kMicroCols) {
+    const int cols = static_cast<int>(std::min<int64_t>(kMicroCols, n1 - j0));
+    const float* sb_rows[kMicroCols];
+    for (int j = 0; j < cols; ++j) sb_rows[j] = p.b_scales + ((j0 + j) / kScaleBlock) * groups;
+    for (int64_t i0 = m0; i0 < m1; i0 += kMicroRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMicroRows, m1 - i0));
+      kMicroTiles[rows - 1][cols - 1](decoder, a + i0 * kp, kp, sa + i0 * groups, groups, p.b + j0 * p.k, p.k, sb_rows,
+                                      p.out + i0 * p.n + j0, p.n);
     }
   }
 }
 
+}  // namespace micro
+
+// Read on every call, so DSV3_CPU_NO_AMX can be switched while a process runs (the tests compare both kernels).
+bool amx_enabled() {
+#if defined(DSV3_GEMM_AMX)
+  return !amx::disabled_by_environment() && amx::usable();
+#else
+  return false;
+#endif
+}
+
+// How one job of a batch runs: its kernel, its share of the scratch and its ranges of the batch's work items.
+struct JobPlan {
+  bool amx = false;          // AMX tiles (from amx::kMinRows rows on), else the micro-tile kernel
+  int64_t a_offset = 0;      // bytes into the activation scratch (64-byte aligned)
+  int64_t scale_offset = 0;  // floats into the scale scratch (16-float aligned)
+  int64_t first_prep = 0;    // first item of the activation pass: AMX (row tile, K group), micro-tile rows
+  int64_t first_unit = 0;    // first item of the product pass
+};
+
+int64_t align64(int64_t bytes) { return (bytes + 63) / 64 * 64; }
+
+// Index of the job whose range [first, next job's first) holds item.
+template <typename First>
+int64_t job_of(const std::vector<JobPlan>& plans, int64_t item, First first) {
+  const auto it = std::upper_bound(plans.begin(), plans.end(), item,
+                                   [&](int64_t value, const JobPlan& plan) { return value < first(plan); });
+  return static_cast<int64_t>(it - plans.begin()) - 1;
+}
+
 }  // namespace
 
+void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
+  const Kernel::Decoder decoder;
+  [[maybe_unused]] const bool use_amx = amx_enabled();
+  std::vector<JobPlan> plans(count);
+  int64_t a_bytes = 0, scale_floats = 0, prep_items = 0, unit_items = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const Fp8GemmParams& p = jobs[j].gemm;
+    validate(p);
+    JobPlan& plan = plans[j];
+    plan.a_offset = a_bytes;
+    plan.scale_offset = scale_floats;
+    plan.first_prep = prep_items;
+    plan.first_unit = unit_items;
+    if (p.m == 0 || p.n == 0) continue;  // K = 0 writes zeros: every group loop is empty
+#if defined(DSV3_GEMM_AMX)
+    plan.amx = p.m >= amx::kMinRows && use_amx;
+    if (plan.amx) {
+      a_bytes += align64(amx::pair_words(p.m, p.k) * 4);
+      scale_floats += align64(amx::scale_words(p.m, p.k) * 4) / 4;
+      prep_items += amx::row_tiles(p.m) * scale_blocks(p.k);
+      unit_items += amx::units(p.m, p.n);
+      continue;
+    }
+#endif
+    a_bytes += align64(micro::a_elements(p.m, p.k) * static_cast<int64_t>(sizeof(Element)));
+    scale_floats += align64(micro::scale_words(p.m, p.k) * 4) / 4;
+    prep_items += p.m;
+    unit_items += micro::units(p.m, p.n);
+  }
+  if (unit_items == 0) return;
+  ScratchArray<std::byte> a_scratch(ScratchSlot::kGemmA, a_bytes);
+  ScratchArray<float> scale_scratch(ScratchSlot::kGemmScales, scale_floats);
+  const auto a_of = [&](const JobPlan& plan) { return a_scratch.get() + plan.a_offset; };
+  const auto scales_of = [&](const JobPlan& plan) { return scale_scratch.get() + plan.scale_offset; };
+
+  // One thread team for both passes (a fork and join less per batch). Both hand out work dynamically: on a shared
+  // machine a descheduled thread would otherwise hold back its whole static share.
+#pragma omp parallel
+  {
+    // Pass 1: decode (and for AMX re-lay) every job's activations, gathering rows through a_rows.
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t item = 0; item < prep_items; ++item) {
+      const int64_t j = job_of(plans, item, [](const JobPlan& plan) { return plan.first_prep; });
+      const JobPlan& plan = plans[j];
+#if defined(DSV3_GEMM_AMX)
+      if (plan.amx) {
+        amx::relayout_a(jobs[j], item - plan.first_prep, reinterpret_cast<uint32_t*>(a_of(plan)), scales_of(plan),
+                        decoder);
+        continue;
+      }
+#endif
+      micro::decode_a_row(jobs[j], item - plan.first_prep, reinterpret_cast<Element*>(a_of(plan)), scales_of(plan),
+                          decoder);
+    }
+    // (the implied barrier: every unit reads activations another thread may have decoded)
+
+    // Pass 2: the products.
+#if defined(DSV3_GEMM_AMX)
+    std::unique_ptr<amx::ThreadState> state;  // created by a thread's first AMX unit
+#endif
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < unit_items; ++item) {
+      const int64_t j = job_of(plans, item, [](const JobPlan& plan) { return plan.first_unit; });
+      const JobPlan& plan = plans[j];
+#if defined(DSV3_GEMM_AMX)
+      if (plan.amx) {
+        if (!state) state = std::make_unique<amx::ThreadState>();
+        amx::run_unit(jobs[j].gemm, reinterpret_cast<const uint32_t*>(a_of(plan)), scales_of(plan),
+                      item - plan.first_unit, decoder, *state);
+        continue;
+      }
+#endif
+      micro::run_unit(jobs[j].gemm, reinterpret_cast<const Element*>(a_of(plan)), scales_of(plan),
+                      item - plan.first_unit, decoder);
+    }
+  }
+}
+
 void fp8_gemm_nt(const Fp8GemmParams& params) {
-  validate(params);
-  if (params.m == 0 || params.n == 0) return;
-  run_gemm(params);  // K = 0 writes zeros: every group loop is empty
+  const Fp8GemmJob job{params, nullptr};
+  fp8_gemm_batch(&job, 1);
 }
 
 }  // namespace dsv3::cpu

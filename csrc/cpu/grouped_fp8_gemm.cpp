@@ -1,24 +1,21 @@
 // Grouped (MoE) FP8 GEMMs on the CPU: every run of consecutive rows that share a group (contiguous layout) or every
-// group's first masked_m rows (masked layout) is one dense fp8_gemm_nt against that group's weight.
+// group's first masked_m rows (masked layout) is one dense GEMM against that group's weight, and all of them run as
+// one batch (fp8_gemm_batch), so the thread team splits (group, row block, column block) items across groups.
 
-#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "cpu/cpu_ops.h"
+#include "cpu/fp8_gemm_batch.h"
 
 namespace dsv3::cpu {
 namespace {
 
-Fp8GemmParams group_gemm(const GroupedFp8GemmParams& p, int64_t group, int64_t first_row, int64_t rows) {
+Fp8GemmJob group_gemm(const GroupedFp8GemmParams& p, int64_t group, int64_t first_row, int64_t rows) {
   const int64_t k_blocks = scale_blocks(p.k), n_blocks = scale_blocks(p.n);
-  return {p.a + first_row * p.k,
-          p.a_scales + first_row * k_blocks,
-          p.b + group * p.n * p.k,
-          p.b_scales + group * n_blocks * k_blocks,
-          p.out + first_row * p.n,
-          rows,
-          p.n,
-          p.k};
+  return {{p.a + first_row * p.k, p.a_scales + first_row * k_blocks, p.b + group * p.n * p.k,
+           p.b_scales + group * n_blocks * k_blocks, p.out + first_row * p.n, rows, p.n, p.k},
+          nullptr};
 }
 
 void run_contiguous(const GroupedFp8GemmParams& p) {
@@ -26,6 +23,7 @@ void run_contiguous(const GroupedFp8GemmParams& p) {
     DSV3_CHECK(p.m_indices[row] >= -1 && p.m_indices[row] < p.groups, "m_indices[", row, "]=", p.m_indices[row],
                ": expected -1 (padding) or a group in [0, ", p.groups, ")");
   }
+  std::vector<Fp8GemmJob> jobs;
   for (int64_t start = 0; start < p.m;) {
     const int32_t group = p.m_indices[start];
     int64_t end = start + 1;
@@ -33,10 +31,11 @@ void run_contiguous(const GroupedFp8GemmParams& p) {
     if (group < 0) {
       std::memset(p.out + start * p.n, 0, (end - start) * p.n * sizeof(uint16_t));
     } else {
-      fp8_gemm_nt(group_gemm(p, group, start, end - start));
+      jobs.push_back(group_gemm(p, group, start, end - start));
     }
     start = end;
   }
+  fp8_gemm_batch(jobs.data(), static_cast<int64_t>(jobs.size()));
 }
 
 void run_masked(const GroupedFp8GemmParams& p) {
@@ -44,9 +43,11 @@ void run_masked(const GroupedFp8GemmParams& p) {
     DSV3_CHECK(p.masked_m[group] >= 0 && p.masked_m[group] <= p.m, "masked_m[", group, "]=", p.masked_m[group],
                ": expected 0..", p.m);
   }
+  std::vector<Fp8GemmJob> jobs;
   for (int64_t group = 0; group < p.groups; ++group) {
-    if (p.masked_m[group] > 0) fp8_gemm_nt(group_gemm(p, group, group * p.m, p.masked_m[group]));
+    if (p.masked_m[group] > 0) jobs.push_back(group_gemm(p, group, group * p.m, p.masked_m[group]));
   }
+  fp8_gemm_batch(jobs.data(), static_cast<int64_t>(jobs.size()));
 }
 
 }  // namespace

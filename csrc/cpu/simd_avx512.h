@@ -25,12 +25,12 @@ inline __m512 load_bf16(const uint16_t* src) {
   return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, wide, 16));
 }
 
-// exp(x) within 2 ulp for x <= 88: x = n ln2 + r with |r| <= ln2 / 2, e^r from its degree-6 Taylor polynomial
-// (truncation error below 1.2e-7 relative), then scaled by 2^n with vscalefps, which rounds to 0 for n below the
-// subnormal range. x is clamped to >= -104 first so that -inf gives 0 rather than (-inf) - (-inf) = NaN; NaN passes
-// through the clamp (vmaxps returns its second operand when one is NaN).
+// exp(x) within 2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r from its degree-6 Taylor polynomial (truncation error
+// below 1.2e-7 relative), then scaled by 2^n with vscalefps, which rounds to 0 below the subnormal range and to inf
+// above fp32's. x is clamped to [-104, 89] first, so that n * ln2 below stays exact and -inf gives 0 rather than
+// (-inf) - (-inf) = NaN; NaN passes through the clamp (vmaxps / vminps return their second operand on NaN).
 inline __m512 exp(__m512 x) {
-  x = _mm512_maskz_max_ps(kAll, _mm512_set1_ps(-104.0f), x);
+  x = _mm512_maskz_min_ps(kAll, _mm512_set1_ps(89.0f), _mm512_maskz_max_ps(kAll, _mm512_set1_ps(-104.0f), x));
   const __m512 n = _mm512_maskz_roundscale_ps(kAll, _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   // ln2 = 0.693359375 (9 significant bits, so n * it is exact) - 2.12194440e-4

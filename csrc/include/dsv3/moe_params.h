@@ -85,6 +85,32 @@ struct MoeUnpermuteParams {
   int64_t hidden;
 };
 
+// The routed experts of a MoE layer, plus optionally its shared expert, in one call (the CPU's fused_experts):
+//   out[t] = bf16( sum over slots j with e = topk_idx[t, j] >= 0 of topk_weights[t, j] * expert_e(x[t]) )  (fp32)
+//   with a shared expert: out[t] = bf16(out[t] + shared(x[t]))  (the bf16 sum of the two bf16 outputs)
+// where expert(x) = down(quant(silu_and_mul(gate_up(quant(x))))), every projection an FP8 block-scaled GEMM and every
+// activation quantized per token and 128 channels, as dsv3.reference.fused_experts specifies.
+struct FusedMoeParams {
+  const uint16_t* x;               // [tokens, hidden] bf16
+  const float* topk_weights;       // [tokens, topk]
+  const int32_t* topk_idx;         // [tokens, topk] an expert in [0, experts), or -1 for none
+  const uint8_t* w13;              // [experts, 2 * inter, hidden] e4m3: gate rows, then up rows
+  const float* w13_scales;         // [experts, 2 * inter / 128, hidden / 128]
+  const uint8_t* w2;               // [experts, hidden, inter] e4m3
+  const float* w2_scales;          // [experts, hidden / 128, inter / 128]
+  const uint8_t* shared_w13;       // [2 * shared_inter, hidden] e4m3, or null: no shared expert
+  const float* shared_w13_scales;  // [2 * shared_inter / 128, hidden / 128]
+  const uint8_t* shared_w2;        // [hidden, shared_inter] e4m3
+  const float* shared_w2_scales;   // [hidden / 128, shared_inter / 128]
+  uint16_t* out;                   // [tokens, hidden] bf16
+  int64_t tokens;
+  int64_t topk;
+  int64_t experts;
+  int64_t hidden;        // multiple of 128
+  int64_t inter;         // multiple of 128
+  int64_t shared_inter;  // multiple of 128 (ignored without a shared expert)
+};
+
 inline int64_t moe_layout_chunks(int64_t entries) { return (entries + kMoeLayoutChunk - 1) / kMoeLayoutChunk; }
 
 inline void validate(const GroupedTopkParams& p) {
@@ -143,6 +169,24 @@ inline void validate(const MoeUnpermuteParams& p) {
   DSV3_CHECK(p.tokens * p.hidden == 0 || (p.out && (p.topk == 0 || (p.row_of && p.weights))),
              "row_of/topk_weights/out: null pointer");
   DSV3_CHECK(p.rows == 0 || p.hidden == 0 || p.y, "y: null pointer");
+}
+
+inline void validate(const FusedMoeParams& p) {
+  DSV3_CHECK(p.tokens >= 0 && p.topk >= 0, "topk_idx: negative shape [", p.tokens, ", ", p.topk, "]");
+  DSV3_CHECK(p.experts > 0 && p.experts <= kMoeMaxExperts, "w13: expected 1..", kMoeMaxExperts, " experts, got ",
+             p.experts);
+  DSV3_CHECK(p.hidden > 0 && p.hidden % kMoeQuantGroup == 0, "x: hidden size ", p.hidden,
+             " must be a positive multiple of ", kMoeQuantGroup);
+  DSV3_CHECK(p.inter > 0 && p.inter % kMoeQuantGroup == 0, "w2: intermediate size ", p.inter,
+             " must be a positive multiple of ", kMoeQuantGroup);
+  DSV3_CHECK(p.w13 && p.w13_scales && p.w2 && p.w2_scales, "w13/w2: null pointer");
+  if (p.shared_w13) {
+    DSV3_CHECK(p.shared_inter > 0 && p.shared_inter % kMoeQuantGroup == 0, "shared_w2: intermediate size ",
+               p.shared_inter, " must be a positive multiple of ", kMoeQuantGroup);
+    DSV3_CHECK(p.shared_w13_scales && p.shared_w2 && p.shared_w2_scales, "shared_w13/shared_w2: null pointer");
+  }
+  DSV3_CHECK(p.tokens == 0 || (p.x && p.out && (p.topk == 0 || (p.topk_weights && p.topk_idx))),
+             "x/topk_weights/topk_idx/out: null pointer");
 }
 
 // Calls fn(int32_t{}) or fn(int64_t{}): the element type of topk_idx (int32 or int64).

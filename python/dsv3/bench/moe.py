@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import dsv3
 from dsv3.bench.harness import Report, Row, Timer
+from dsv3.ops.fused_moe import MASKED_MAX_TOKENS
 from dsv3.reference import moe as ref
 from dsv3.reference import quant as ref_quant
 
@@ -96,17 +97,21 @@ def _fused_experts_rows(report: Report, timer: Timer, device: torch.device, quic
     w2 = (q2.view(experts, HIDDEN, INTERMEDIATE), s2.view(experts, HIDDEN // 128, INTERMEDIATE // 128))
     dense13 = dsv3.dequant_fp8_block(q13, s13).view(experts, 2 * INTERMEDIATE, HIDDEN)
     dense2 = dsv3.dequant_fp8_block(q2, s2).view(experts, HIDDEN, INTERMEDIATE)
-    token_counts = ([16] if quick else [16, 128]) if device.type == "cpu" else ([128] if quick else [128, 4096])
+    token_counts = ([16] if quick else [16, 128]) if device.type == "cpu" else ([32, 128] if quick else [32, 128, 4096])
     for t in token_counts:
+        # what layout="auto" runs: the single C++ call on the CPU, the masked (decode) or contiguous layout on a GPU
+        path = "cpu fused" if device.type == "cpu" else "masked" if t <= MASKED_MAX_TOKENS else "contiguous"
         x = torch.randn(t, HIDDEN, dtype=torch.bfloat16, device=device)
         logits = torch.randn(t, EXPERTS, device=device)
         weights, idx = dsv3.grouped_topk(logits, torch.zeros(EXPERTS, device=device), TOPK, GROUPS, TOPK_GROUP, SCALE)
         idx = (idx % experts).to(torch.int32)  # as if every pick landed on this rank: T x 8 rows over its experts
         rows = idx.numel()
+        # folding 256 experts onto a rank's few can route a token to one expert twice: size the masked slabs to fit
+        options = {"max_m": int(torch.bincount(idx.flatten().long()).max())} if path == "masked" else {}
         report.add(
             Row(
-                "fused_experts", f"T={t} E={experts} top-{TOPK}", device.type,
-                us=timer(lambda x=x, w=weights, i=idx: dsv3.fused_experts(x, w, i, w13, w2)),
+                "fused_experts", f"T={t} E={experts} top-{TOPK} {path}", device.type,
+                us=timer(lambda x=x, w=weights, i=idx, o=options: dsv3.fused_experts(x, w, i, w13, w2, **o)),
                 bytes=q13.numel() + q2.numel() + 2 * rows * HIDDEN * 2, flops=2 * rows * 3 * INTERMEDIATE * HIDDEN,
                 peak="fp8_flops", baseline="torch expert loop",
                 baseline_us=timer(lambda x=x, w=weights, i=idx: _torch_expert_loop(x, w, i, dense13, dense2)),

@@ -27,9 +27,10 @@ class MoE:
     """Routed experts chosen by the noaux_tc router, weighted and summed, plus the shared expert.
 
     The router's logits are computed in fp32 from the fp32-widened input (the checkpoint keeps the router in bf16,
-    its correction bias in fp32); the weighted expert outputs are summed in fp32 and rounded once. With FP8 expert
-    weights (a bfloat16 model) the experts are stacked once at load time and run as one fused_experts call (grouped
-    FP8 GEMMs); otherwise each expert runs as its own MLP.
+    its correction bias in fp32); the weighted expert outputs are summed in fp32 and rounded once, then the shared
+    expert's output is added in the model dtype. With FP8 expert weights (a bfloat16 model) the experts, and the
+    shared expert, are stacked once at load time and run as one fused_experts call (grouped FP8 GEMMs); otherwise
+    each expert runs as its own MLP.
     """
 
     def __init__(
@@ -50,6 +51,16 @@ class MoE:
         self.stacked = _stack_fp8_experts(experts) if config.moe_intermediate_size % 128 == 0 else None
         self.experts = experts if self.stacked is None else None  # the stacked copy replaces the per-expert weights
         self.shared = MLP(make_linear, "shared_experts") if config.n_shared_experts else None
+        # In one process the shared expert goes into the fused call when it is FP8 too (its intermediate size is a
+        # multiple of 128 whenever the routed experts' is: n_shared_experts * moe_intermediate_size). Parallel runs
+        # keep it apart: expert parallelism computes it once per token while the tokens travel, and a tensor-parallel
+        # shared expert sums its partial output over the ranks itself.
+        self.shared_stacked = None
+        if self.stacked is not None and self.shared is not None and self.parallel.tp == self.parallel.ep == 1:
+            stacked = _stack_fp8_experts([self.shared])
+            if stacked is not None:
+                self.shared_stacked = tuple((q[0], s[0]) for q, s in stacked)
+                self.shared = None  # the stacked copy replaces its projections
 
     def __call__(self, x: torch.Tensor, backend: Backend) -> torch.Tensor:
         c = self.config
@@ -77,7 +88,8 @@ class MoE:
         """x [T, H], weights f32 [T, k], experts int [T, k] as ids of this rank's experts (-1: none) -> the weighted
         sum of each token's experts [T, H] in x's dtype (added in fp32, rounded once)."""
         if self.stacked is not None:
-            return backend.fused_experts(x, weights, experts.int(), *self.stacked)
+            shared = self.shared_stacked or ()
+            return backend.fused_experts(x, weights, experts.int(), *self.stacked, *shared)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for expert in experts.unique().tolist():
             if expert < 0:

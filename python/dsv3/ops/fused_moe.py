@@ -1,22 +1,44 @@
-"""The routed experts of a MoE layer as one call: token layout, grouped FP8 GEMMs, SiLU-and-mul, weighted combine.
+"""The routed experts of a MoE layer (and optionally its shared expert) as one call: token layout, grouped FP8 GEMMs,
+SiLU-and-mul, weighted combine.
 
-Semantics are those of dsv3.reference.fused_moe.fused_experts; every step is a dsv3 kernel on the CPU or the GPU:
-permute (with the FP8 quantization fused) -> grouped gate/up GEMM -> SiLU-and-mul -> FP8 quantization -> grouped
-down GEMM -> unpermute (weighted sum in fp32, slot order).
+Semantics are those of dsv3.reference.fused_experts. Three ways to run it, all equal to the reference:
+
+* ``layout="auto"`` on the CPU: one C++ call (csrc/cpu/moe_fused.cpp) that quantizes each token once, gathers an
+  expert's rows while decoding them in the gate/up GEMM, runs each GEMM as one batch over the experts, fuses
+  SiLU-and-mul with the quantization and adds the shared expert in the combine.
+* ``layout="contiguous"`` (prefill on a GPU): permute (FP8 quantization fused) -> grouped gate/up GEMM ->
+  SiLU-and-mul -> quantization -> grouped down GEMM -> unpermute (weighted sum in fp32, slot order).
+* ``layout="masked"`` (decode on a GPU): the same steps over the [E, max_m, H] layout, whose row counts stay on the
+  device (no host synchronization, so the call can be captured in a CUDA graph).
+
+``"auto"`` on a GPU picks masked up to MASKED_MAX_TOKENS tokens, contiguous above.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dsv3.ops.grouped_gemm import m_grouped_fp8_gemm_nt_contiguous
-from dsv3.ops.moe import moe_contiguous_layout, permute_tokens, unpermute_tokens
+from dsv3.ops.extension import custom_op, run_kernel
+from dsv3.ops.gemm import fp8_gemm_nt
+from dsv3.ops.grouped_gemm import m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked
+from dsv3.ops.moe import (
+    moe_contiguous_layout,
+    moe_masked_layout,
+    permute_tokens,
+    permute_tokens_masked,
+    unpermute_tokens,
+    unpermute_tokens_masked,
+)
 from dsv3.ops.quant import per_token_group_quant_fp8
-from dsv3.ops.tensor_checks import check_tensor
+from dsv3.ops.tensor_checks import check_aligned, check_tensor
 from dsv3.reference.layers import silu_and_mul
 from dsv3.reference.quant import FP8_DTYPE
 
 FP8Weights = tuple[torch.Tensor, torch.Tensor]
+LAYOUTS = ("auto", "contiguous", "masked")
+# Decode batches up to this many tokens take the masked layout on a GPU: its [E, max_m = T, H] buffers grow with
+# E * T, the contiguous layout's with T * k, and it needs no host synchronization.
+MASKED_MAX_TOKENS = 64
 
 
 def _check_expert_weights(weights: object, name: str, experts: int | None, n: int | None, k: int, device) -> FP8Weights:
@@ -31,14 +53,110 @@ def _check_expert_weights(weights: object, name: str, experts: int | None, n: in
     return q, s
 
 
-def fused_experts(
-    x: torch.Tensor, topk_weights: torch.Tensor, topk_idx: torch.Tensor, w13: FP8Weights, w2: FP8Weights
+def _check_shared_weights(shared_w13: object, shared_w2: object, hidden: int, device) -> tuple[FP8Weights, FP8Weights]:
+    if (shared_w13 is None) != (shared_w2 is None):
+        raise ValueError("shared_w13/shared_w2: pass both (the shared expert) or neither")
+    for weights, name in ((shared_w13, "shared_w13"), (shared_w2, "shared_w2")):
+        if not isinstance(weights, (tuple, list)) or len(weights) != 2:
+            raise TypeError(f"{name}: expected a (values, scales) pair of tensors")
+    (q13, s13), (q2, s2) = shared_w13, shared_w2
+    check_tensor(q13, "shared_w13", dtypes=(FP8_DTYPE,), shape=(None, hidden), device=device)
+    two_i = q13.shape[0]
+    if two_i % 256:
+        raise ValueError(f"shared_w13: expected [2I, {hidden}] with I a multiple of 128, got {list(q13.shape)}")
+    check_tensor(s13, "shared_w13 scales", dtypes=(torch.float32,), shape=(two_i // 128, hidden // 128), device=device)
+    check_tensor(q2, "shared_w2", dtypes=(FP8_DTYPE,), shape=(hidden, two_i // 2), device=device)
+    check_tensor(s2, "shared_w2 scales", dtypes=(torch.float32,), shape=(hidden // 128, two_i // 256), device=device)
+    return (q13, s13), (q2, s2)
+
+
+def _fused_moe_shapes(x: torch.Tensor, *args: object) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@custom_op("fused_moe", fake=_fused_moe_shapes)
+def _fused_moe_cpu(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_idx: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scales: torch.Tensor,
+    shared_w13: torch.Tensor | None,
+    shared_w13_scales: torch.Tensor | None,
+    shared_w2: torch.Tensor | None,
+    shared_w2_scales: torch.Tensor | None,
 ) -> torch.Tensor:
-    """out [T, H] bf16 = for each token, the topk_weights-weighted sum of its routed experts' SwiGLU outputs.
+    check_aligned(x=x)
+    tokens, hidden = x.shape
+    experts, two_i, _ = w13.shape
+    out = torch.empty_like(x)
+
+    def address(t: torch.Tensor | None) -> int:
+        return 0 if t is None else t.data_ptr()
+
+    shared = (shared_w13, shared_w13_scales, shared_w2, shared_w2_scales)
+    run_kernel(
+        "fused_moe", x.device, x.data_ptr(), topk_weights.data_ptr(), topk_idx.data_ptr(), w13.data_ptr(),
+        w13_scales.data_ptr(), w2.data_ptr(), w2_scales.data_ptr(), *(address(t) for t in shared), out.data_ptr(),
+        tokens, topk_idx.shape[1], experts, hidden, two_i // 2, 0 if shared_w13 is None else shared_w13.shape[0] // 2,
+    )  # fmt: skip
+    return out
+
+
+def _shared_expert(x: torch.Tensor, w13: FP8Weights, w2: FP8Weights) -> torch.Tensor:
+    """The shared expert as dense FP8 GEMMs: down(silu_and_mul(gate_up(x))), bf16 [T, H]."""
+    h = fp8_gemm_nt(per_token_group_quant_fp8(x), w13)
+    return fp8_gemm_nt(per_token_group_quant_fp8(silu_and_mul(h)), w2)
+
+
+def _routed_contiguous(x, topk_weights, topk_idx, w13, w2) -> torch.Tensor:
+    layout = moe_contiguous_layout(topk_idx, w13[0].shape[0], alignment=1)
+    q, scales = permute_tokens(x, layout, quantize=True)
+    h = m_grouped_fp8_gemm_nt_contiguous((q, scales), w13, layout.m_indices)
+    a_q, a_scales = per_token_group_quant_fp8(silu_and_mul(h))
+    y = m_grouped_fp8_gemm_nt_contiguous((a_q, a_scales), w2, layout.m_indices)
+    return unpermute_tokens(y, layout, topk_weights)
+
+
+def _routed_masked(x, topk_weights, topk_idx, w13, w2, max_m: int) -> torch.Tensor:
+    """Rows of an expert past masked_m are never written by the GEMMs; the SiLU and quantization in between run
+    over them (whatever they hold) but nothing reads their results: the down GEMM stops at masked_m and the combine
+    reads only the rows the layout assigned."""
+    experts = w13[0].shape[0]
+    layout = moe_masked_layout(topk_idx, experts, max_m)
+    q, scales = permute_tokens_masked(x, layout, quantize=True)
+    expected_m = max(1, -(-topk_idx.numel() // experts))
+    h = m_grouped_fp8_gemm_nt_masked((q, scales), w13, layout.masked_m, expected_m)
+    a_q, a_scales = per_token_group_quant_fp8(silu_and_mul(h).view(experts * max_m, -1))
+    a = (a_q.view(experts, max_m, -1), a_scales.view(experts, max_m, -1))
+    y = m_grouped_fp8_gemm_nt_masked(a, w2, layout.masked_m, expected_m)
+    return unpermute_tokens_masked(y, layout, topk_weights)
+
+
+def fused_experts(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_idx: torch.Tensor,
+    w13: FP8Weights,
+    w2: FP8Weights,
+    shared_w13: FP8Weights | None = None,
+    shared_w2: FP8Weights | None = None,
+    layout: str = "auto",
+    max_m: int | None = None,
+) -> torch.Tensor:
+    """out [T, H] bf16 = for each token, the topk_weights-weighted sum of its routed experts' SwiGLU outputs, plus
+    the shared expert's output when given.
 
     x: bf16 [T, H]; topk_weights: f32 [T, k]; topk_idx: int32 [T, k] (-1: no expert), e.g. from grouped_topk;
     w13: (e4m3 [E, 2I, H], f32 [E, 2I/128, H/128]) gate and up projections stacked; w2: (e4m3 [E, H, I],
     f32 [E, H/128, I/128]) down projections. H and I must be multiples of 128.
+    shared_w13 / shared_w2: the shared expert, (e4m3 [2Is, H], f32 [2Is/128, H/128]) and (e4m3 [H, Is],
+    f32 [H/128, Is/128]); its bf16 output is added to the bf16 routed output (as the DeepSeek-V3 MoE layer does).
+    layout: "auto", "contiguous" or "masked" (see the module docstring). max_m (masked only): rows per expert, by
+    default T, which holds every expert's rows when no token picks an expert twice (grouped_topk never does); an
+    expert receiving more raises ValueError on the CPU and is reported by the layout's errors on a GPU.
     """
     check_tensor(x, "x", dtypes=(torch.bfloat16,), ndim=2)
     tokens, hidden = x.shape
@@ -49,9 +167,20 @@ def fused_experts(
     w2 = _check_expert_weights(w2, "w2", experts, hidden, two_i // 2, x.device)
     if hidden % 128 or two_i % 256:
         raise ValueError(f"w13/w2: H={hidden} and I={two_i // 2} must be multiples of 128")
-    layout = moe_contiguous_layout(topk_idx, experts, alignment=1)
-    q, scales = permute_tokens(x, layout, quantize=True)
-    h = m_grouped_fp8_gemm_nt_contiguous((q, scales), w13, layout.m_indices)
-    a_q, a_scales = per_token_group_quant_fp8(silu_and_mul(h))
-    y = m_grouped_fp8_gemm_nt_contiguous((a_q, a_scales), w2, layout.m_indices)
-    return unpermute_tokens(y, layout, topk_weights)
+    shared = None
+    if shared_w13 is not None or shared_w2 is not None:
+        shared = _check_shared_weights(shared_w13, shared_w2, hidden, x.device)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if max_m is not None and (isinstance(max_m, bool) or not isinstance(max_m, int) or max_m < 1):
+        raise ValueError(f"max_m: expected a positive int, got {max_m!r}")
+    if layout == "auto":
+        if x.device.type == "cpu":
+            s13, s2 = shared if shared is not None else ((None, None), (None, None))
+            return _fused_moe_cpu(x, topk_weights, topk_idx, *w13, *w2, *s13, *s2)
+        layout = "masked" if tokens <= MASKED_MAX_TOKENS else "contiguous"
+    if layout == "masked":
+        out = _routed_masked(x, topk_weights, topk_idx, w13, w2, max(tokens, 1) if max_m is None else max_m)
+    else:
+        out = _routed_contiguous(x, topk_weights, topk_idx, w13, w2)
+    return out if shared is None else out + _shared_expert(x, *shared)

@@ -11,10 +11,26 @@ from dsv3.reference.quant import per_token_group_quant_fp8
 FP8Weights = tuple[torch.Tensor, torch.Tensor]  # (e4m3 [E, N, K], f32 [E, ceil(N/128), ceil(K/128)])
 
 
+def _expert(x_q: torch.Tensor, x_s: torch.Tensor, w13: FP8Weights, w2: FP8Weights) -> torch.Tensor:
+    """One expert's SwiGLU on quantized rows: bf16 [rows, H]."""
+    h = fp8_gemm_nt((x_q, x_s), w13)
+    a_q, a_s = per_token_group_quant_fp8(silu_and_mul(h))
+    return fp8_gemm_nt((a_q, a_s), w2)
+
+
 def fused_experts(
-    x: torch.Tensor, topk_weights: torch.Tensor, topk_idx: torch.Tensor, w13: FP8Weights, w2: FP8Weights
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_idx: torch.Tensor,
+    w13: FP8Weights,
+    w2: FP8Weights,
+    shared_w13: tuple[torch.Tensor, torch.Tensor] | None = None,
+    shared_w2: tuple[torch.Tensor, torch.Tensor] | None = None,
+    layout: str = "auto",
+    max_m: int | None = None,
 ) -> torch.Tensor:
-    """Weighted sum of each token's routed experts, every GEMM on FP8 operands as DeepSeek-V3 runs them.
+    """Weighted sum of each token's routed experts, plus the shared expert, every GEMM on FP8 operands as
+    DeepSeek-V3 runs them.
 
     x: bf16 [T, H]; topk_weights f32 [T, k] and topk_idx int32 [T, k] from grouped_topk (-1: no expert);
     w13: expert e's gate and up projections stacked, e4m3 [E, 2I, H] with block scales [E, 2I/128, H/128];
@@ -25,6 +41,10 @@ def fused_experts(
         a = silu_and_mul(h)                                           [I]
         y = fp8_gemm_nt(per_token_group_quant_fp8(a), w2[e])          [H]
     out[t] = sum over j of topk_weights[t, j] * y in fp32, added in slot order from +0, rounded once to bf16.
+    With shared_w13 (e4m3 [2Is, H], scales [2Is/128, H/128]) and shared_w2 (e4m3 [H, Is], scales [H/128, Is/128]),
+    the shared expert runs the same steps on every token and its bf16 output is added to out in bf16 (the rounded
+    sum of the two rounded outputs, as the DeepSeek-V3 MoE layer adds them).
+    layout and max_m select how dsv3.ops.fused_experts runs; they do not change the result.
     Returns bf16 [T, H].
     """
     t, k = topk_idx.shape
@@ -35,8 +55,9 @@ def fused_experts(
             if expert < 0:
                 continue
             rows = (topk_idx[:, slot] == expert).nonzero().squeeze(1)
-            h = fp8_gemm_nt((x_q[rows], x_s[rows]), (w13[0][expert], w13[1][expert]))
-            a_q, a_s = per_token_group_quant_fp8(silu_and_mul(h))
-            y = fp8_gemm_nt((a_q, a_s), (w2[0][expert], w2[1][expert]))
+            y = _expert(x_q[rows], x_s[rows], (w13[0][expert], w13[1][expert]), (w2[0][expert], w2[1][expert]))
             out[rows] += topk_weights[rows, slot, None] * y.float()
-    return out.to(x.dtype)
+    out = out.to(x.dtype)
+    if (shared_w13 is None) != (shared_w2 is None):
+        raise ValueError("shared_w13/shared_w2: pass both (the shared expert) or neither")
+    return out if shared_w13 is None else out + _expert(x_q, x_s, shared_w13, shared_w2)
