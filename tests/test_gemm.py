@@ -219,6 +219,26 @@ def test_fp8_linear_takes_strided_views(device):
     assert_bitwise_equal(dsv3.fp8_linear(x, weight), dsv3.fp8_linear(x.contiguous(), weight), name="y")
 
 
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
+def test_output_rounding_is_exact(device, m):
+    """One nonzero product per output, so its fp32 value is exact and only the rounding to bf16 is tested: ties to
+    even, bf16 subnormals kept (not flushed), NaN scales giving NaN rows."""
+    n, k = 40, 256
+    qa = torch.zeros(m, k, dtype=torch.float8_e4m3fn)
+    qa[:, 0] = 1.0
+    qb = torch.zeros(n, k, dtype=torch.float8_e4m3fn)
+    qb[:, 0] = torch.tensor([1.0, 1.125, -1.25, 1.5] * (n // 4))
+    ties = 1 + torch.arange(m, dtype=torch.float64) / 128 + 1 / 256  # exactly half a bf16 step above 1 + i/128
+    sa = ties.float()[:, None].repeat(1, 2)
+    sa[m // 2] = 2.0**-130 * (1 + 2.0**-8)  # products in the bf16 subnormal range
+    if m > 2:
+        sa[1] = float("nan")
+    sb = torch.ones(1, 2)
+    out = dsv3.fp8_gemm_nt((qa.to(device), sa.to(device)), (qb.to(device), sb.to(device))).cpu()
+    assert_bitwise_equal(out, ref.fp8_gemm_nt((qa, sa), (qb, sb)), name="out")
+    assert (out[m // 2] != 0).all()  # subnormals survive
+
+
 def test_out_is_written_in_place(device):
     a = quantize_activation(torch.randn(9, 512, device=device))
     b = rq.per_block_quant_fp8(torch.randn(256, 512, device=device))

@@ -398,7 +398,7 @@ void run_unit(const Fp8GemmParams& p, const uint32_t* a_pairs, const float* sa_t
   uint16_t* b_slice = state.b_slice.get();
   float* c = state.c.get();
   std::fill(acc, acc + tiles * kCols * kTile, 0.0f);
-  std::fill(b_slice, b_slice + kCols * kScaleBlock, uint16_t{0});  // rows past n stay zero
+  std::fill(b_slice + (n1 - n0) * kScaleBlock, b_slice + kCols * kScaleBlock, uint16_t{0});  // rows past n: zero
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
     // The group's slice of b is kCols short pieces of rows K bytes apart, too many streams for the hardware
@@ -423,9 +423,19 @@ void run_unit(const Fp8GemmParams& p, const uint32_t* a_pairs, const float* sa_t
       }
     }
   }
-  for (int64_t m = m0; m < m1; ++m) {
-    const float* acc_m = acc + ((m - m0) / kTile) * kCols * kTile + (m - m0) % kTile;
-    for (int64_t n = n0; n < n1; ++n) p.out[m * p.n + n] = float_to_bf16(acc_m[(n - n0) * kTile]);
+  // Each 16-float row of acc is one output column of a row tile: round it to bf16 as a vector, then transpose the
+  // tile's [columns][16] bf16 values into the output rows.
+  alignas(64) uint16_t columns[kCols][kTile];
+  for (int64_t t = 0; t < tiles; ++t) {
+    const float* acc_t = acc + t * kCols * kTile;
+    for (int64_t n = 0; n < n1 - n0; ++n) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(columns[n]), avx512::to_bf16(_mm512_load_ps(acc_t + n * kTile)));
+    }
+    const int64_t first_row = m0 + t * kTile, rows = std::min(kTile, m1 - first_row);
+    for (int64_t i = 0; i < rows; ++i) {
+      uint16_t* out_row = p.out + (first_row + i) * p.n + n0;
+      for (int64_t n = 0; n < n1 - n0; ++n) out_row[n] = columns[n][i];
+    }
   }
 }
 

@@ -25,6 +25,19 @@ inline __m512 load_bf16(const uint16_t* src) {
   return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, wide, 16));
 }
 
+// 16 fp32 values rounded to bf16 as float_to_bf16 does (nearest even, NaN made quiet, subnormals kept: unlike
+// vcvtneps2bf16, which flushes them).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i high = _mm512_maskz_srli_epi32(kAll, u, 16);
+  const __m512i lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_maskz_srli_epi32(kAll, _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __m512i quiet = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_maskz_cvtepi32_epi16(kAll, _mm512_mask_mov_epi32(rounded, nan, quiet));
+}
+
 // exp(x) within 2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r from its degree-6 Taylor polynomial (truncation error
 // below 1.2e-7 relative), then scaled by 2^n with vscalefps, which rounds to 0 below the subnormal range and to inf
 // above fp32's. x is clamped to [-104, 89] first, so that n * ln2 below stays exact and -inf gives 0 rather than
