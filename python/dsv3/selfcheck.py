@@ -10,6 +10,8 @@ import torch
 import dsv3.ops as ops
 from dsv3.reference import fused_experts as ref_fused_experts
 from dsv3.reference import gemm as ref_gemm
+from dsv3.reference import layers as ref_layers
+from dsv3.reference import mla as ref_mla
 from dsv3.reference import moe as ref_moe
 from dsv3.reference import quant as ref
 from dsv3.testing import assert_bitwise_equal, assert_close, assert_same_nonfinite, calc_diff
@@ -65,6 +67,49 @@ def _checks() -> list[tuple[str, Callable[[torch.device], None]]]:
         diff = calc_diff(out, expected)
         assert diff <= 1e-5, f"out: calc_diff {diff:.3e} > 1e-5"
 
+    def linear(device: torch.device) -> None:
+        x = _adversarial(17, 512).to(torch.bfloat16)
+        w = ref.per_block_quant_fp8(torch.randn(576, 512) * 0.05)
+        out = ops.fp8_linear(x.to(device), tuple(t.to(device) for t in w)).cpu()
+        expected = ref_gemm.fp8_gemm_nt(ref.per_token_group_quant_fp8(x), w)
+        assert_same_nonfinite(out, expected, "out")
+        diff = calc_diff(out, expected)
+        assert diff <= 1e-5, f"out: calc_diff {diff:.3e} > 1e-5"
+
+    def layers(device: torch.device) -> None:
+        x = (torch.randn(9, 7168) * 3).to(torch.bfloat16)
+        residual = torch.randn(9, 7168).to(torch.bfloat16)
+        weight = torch.rand(7168).to(torch.bfloat16)
+        out, new_residual = ops.fused_add_rms_norm(x.to(device), residual.to(device), weight.to(device))
+        expected, expected_residual = ref_layers.fused_add_rms_norm(x, residual, weight)
+        assert_bitwise_equal(new_residual.cpu(), expected_residual, "residual")
+        assert_close(out.cpu().float(), expected.float(), atol=0, rtol=2**-7, name="rms_norm")  # one rounding
+        cos_sin = ref_layers.yarn_cos_sin_cache(4096, 64, 10000.0, 40.0, 4096)
+        q = torch.randn(9, 16, 192).to(torch.bfloat16)[..., 128:]
+        positions = torch.randint(0, 4096, (9,))
+        rotated = ops.apply_rope(q.to(device), positions.to(device), cos_sin.to(device))
+        assert_bitwise_equal(rotated.cpu(), ref_layers.apply_rope(q, positions, cos_sin), "rope")
+
+    def mla(device: torch.device) -> None:
+        # 16 heads, one query token, sequences of 0 / 1 / 65 / 300 tokens over shuffled pages, NaN in unused pages and
+        # in the unused tails of last pages
+        seqlens = torch.tensor([0, 1, 65, 300], dtype=torch.int32)
+        pages = torch.randperm(28)[:20].view(4, 5).int()
+        cache = (torch.randn(28, 64, 1, 576) * 0.5).to(torch.bfloat16)
+        used = {int(p) for i, n in enumerate(seqlens.tolist()) for p in pages[i, : -(-n // 64)].tolist()}
+        cache[[p for p in range(28) if p not in used]] = float("nan")
+        for i, n in enumerate(seqlens.tolist()):
+            if n % 64:
+                cache[pages[i, n // 64], n % 64 :] = float("nan")  # the unused tail of the last page
+        q = torch.randn(4, 1, 16, 576).to(torch.bfloat16)
+        metadata = ops.get_mla_metadata(seqlens.to(device), 16, 1)
+        out, lse = ops.mla_decode_with_kvcache(
+            q.to(device), cache.to(device), pages.to(device), seqlens.to(device), 512, *metadata, causal=True
+        )
+        expected, expected_lse = ref_mla.mla_decode_with_kvcache(q, cache, pages, seqlens, 512, causal=True)
+        assert_close(out.cpu().float(), expected.float(), atol=8e-3, rtol=8e-3, name="out")
+        assert_close(lse.cpu(), expected_lse, atol=1e-5, rtol=1e-5, name="lse")
+
     def moe_routing(device: torch.device) -> None:
         logits = (torch.randn(300, 256) * 2).to(torch.bfloat16)
         logits[:3] = 0.0  # ties everywhere
@@ -108,15 +153,24 @@ def _checks() -> list[tuple[str, Callable[[torch.device], None]]]:
         weights, idx = ref_moe.grouped_topk(torch.randn(40, 8), torch.zeros(8), 2, 4, 2, 2.5)
         x = torch.randn(40, 256).to(torch.bfloat16)
         on_device = [tuple(t.to(device) for t in w) for w in (w13, w2)]
-        out = ops.fused_experts(x.to(device), weights.to(device), idx.to(device), *on_device).cpu()
-        diff = calc_diff(out, ref_fused_experts(x, weights, idx, w13, w2))
-        assert diff <= 1e-5, f"out: calc_diff {diff:.3e} > 1e-5"
+        shared = [tuple(t[0] for t in w) for w in (w13, w2)]  # expert 0's weights as the shared expert
+        expected = ref_fused_experts(x, weights, idx, w13, w2, *shared)
+        for layout in ("contiguous", "masked", "auto"):
+            out = ops.fused_experts(
+                x.to(device), weights.to(device), idx.to(device), *on_device,
+                *[tuple(t.to(device) for t in w) for w in shared], layout=layout,
+            ).cpu()  # fmt: skip
+            diff = calc_diff(out, expected)
+            assert diff <= 1e-5, f"out ({layout} layout): calc_diff {diff:.3e} > 1e-5"
 
     return [
         ("per_token_group_quant_fp8", token_quant),
         ("per_block_quant_fp8", block_quant),
         ("dequant_fp8_block", dequant),
         ("fp8_gemm_nt", gemm),
+        ("fp8_linear", linear),
+        ("rms_norm + rope", layers),
+        ("mla decode", mla),
         ("grouped_topk", moe_routing),
         ("moe layouts + (un)permute", moe_layouts),
         ("fused_experts", experts),
