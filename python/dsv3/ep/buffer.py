@@ -368,8 +368,9 @@ class Buffer:
         contiguous, not DeepEP's column-major scales) and x's dtype [L, T*R, H] without; local expert e's
         recv_count[e] (int32 [L]) rows come first in its slab, by source rank then token; the rest are unspecified. Too
         many tokens or an expert id out of range on any rank raises ValueError on every rank (at the wait when
-        asynchronous).
-        The value checks read topk_idx on the host, so this is not yet CUDA-graph capturable.
+        asynchronous) on the CPU. On a GPU nothing reads device data on the host, so the call can be captured in a
+        CUDA graph: an id out of range takes no expert and handle.errors (int32 [1]) counts the ranks that sent bad
+        input; too many tokens still raises on the rank that has them, after taking part in the exchange.
         """
         _expect(x, "x", FLOAT_DTYPES, (None, None))
         _expect(topk_idx, "topk_idx", INDEX_DTYPES, (x.shape[0], None))
