@@ -34,6 +34,14 @@ def test_cpu_timer_takes_the_median():
     assert 900 < median_us < 5000  # the 30 ms outlier does not move the median
 
 
+def test_cpu_timer_pair_alternates_op_and_baseline():
+    calls: list[str] = []
+    timer = Timer(torch.device("cpu"), warmup=1, reps=3)
+    us, baseline_us = timer.pair(lambda: calls.append("op"), lambda: (calls.append("base"), time.sleep(0.002)))
+    assert calls == ["op", "base"] * 4  # warm-up, then every repetition times one of each
+    assert us < 1000 <= baseline_us < 50_000
+
+
 def test_report_table_lists_every_row():
     report = Report("title")
     report.add(Row("alpha", "M=1", "cpu", us=10.0, bytes=1000, baseline="torch", baseline_us=20.0))

@@ -68,7 +68,7 @@ class Row:
 
 
 class Timer:
-    """Median time of a callable on a device, in microseconds."""
+    """Median time of a callable on a device, in microseconds; `pair` times an op and its baseline together."""
 
     def __init__(self, device: torch.device, warmup: int = 3, reps: int = 20):
         self.device, self.warmup, self.reps = device, warmup, reps
@@ -97,6 +97,22 @@ class Timer:
             events.append((start, end))
         torch.cuda.synchronize(self.device)
         return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3
+
+    def pair(self, fn: Callable[[], object], baseline: Callable[[], object]) -> tuple[float, float]:
+        """(us of fn, us of baseline). On the CPU their repetitions alternate, so a machine whose speed drifts during
+        the measurement (a shared host) slows both alike and their ratio stays meaningful."""
+        if self.device.type == "cuda":
+            return self(fn), self(baseline)
+        for _ in range(self.warmup):
+            fn()
+            baseline()
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in range(self.reps):
+            for f, samples in ((fn, times[0]), (baseline, times[1])):
+                start = time.perf_counter()
+                f()
+                samples.append(time.perf_counter() - start)
+        return statistics.median(times[0]) * 1e6, statistics.median(times[1]) * 1e6
 
 
 class Report:
