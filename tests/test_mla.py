@@ -154,9 +154,11 @@ def test_causal_query_before_every_key_sees_nothing(device):
     assert torch.all(out[0, 0] == 0) and torch.all(lse[0, :, 0] == float("inf")) and torch.isfinite(lse[0, :, 1]).all()
 
 
-def test_decode_rejects_bad_input(device):
-    cache, block_table, seqlens = _paged_cache([100, 70], device=device)
-    q = torch.randn(2, 1, 16, ref.HEAD_DIM).to(torch.bfloat16).to(device)
+def _bad_input_case(device, seqlens):
+    """(cache, block_table, seqlens, q, num_splits, decode): decode(**changes) runs the op with some arguments
+    replaced."""
+    cache, block_table, seqlens = _paged_cache(seqlens, device=device)
+    q = torch.randn(len(seqlens), 1, 16, ref.HEAD_DIM).to(torch.bfloat16).to(device)
     metadata, num_splits = dsv3.get_mla_metadata(seqlens, 16, 1, num_parts=2)
 
     def decode(**changes):
@@ -165,19 +167,12 @@ def test_decode_rejects_bad_input(device):
         args.update(changes)
         return dsv3.mla_decode_with_kvcache(**args)
 
-    bad_table = block_table.clone()
-    bad_table[1, 1] = cache.shape[0]  # a used page id past the cache
-    with pytest.raises(ValueError, match=r"block_table\[1, 1\]=.*outside the cache"):
-        decode(block_table=bad_table)
-    bad_table[1, 1] = -1
-    with pytest.raises(ValueError, match=r"block_table\[1, 1\]=-1"):
-        decode(block_table=bad_table)
-    longer = torch.tensor([100, 200], dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match=r"cache_seqlens\[1\]=200"):
-        decode(cache_seqlens=longer)  # beyond the block table's 2 pages
-    shorter = torch.tensor([100, 10], dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match="tile_scheduler_metadata|num_splits"):
-        decode(cache_seqlens=shorter)  # stale schedule
+    return cache, block_table, seqlens, q, num_splits, decode
+
+
+def test_decode_rejects_bad_arguments(device):
+    """Shapes, dtypes, devices and alignment: checked on the host, so they raise on every device."""
+    cache, block_table, seqlens, q, num_splits, decode = _bad_input_case(device, [100, 70])
     with pytest.raises(TypeError, match="q: expected dtype bfloat16"):
         decode(q=q.float())
     with pytest.raises(ValueError, match="q: expected head dim 576"):
@@ -192,6 +187,25 @@ def test_decode_rejects_bad_input(device):
         decode(head_dim_v=576)
     with pytest.raises(ValueError, match="num_parts: expected a positive int"):
         dsv3.get_mla_metadata(seqlens, 16, 1, num_parts=0)
+
+
+def test_decode_rejects_bad_contents(device):
+    """Page ids and lengths the block table cannot hold, and a schedule made for other lengths, raise before any page
+    is read (the CPU contract; on a GPU they cannot raise without a host synchronization: tests/cuda overrides this)."""
+    cache, block_table, _, _, _, decode = _bad_input_case(device, [100, 70])
+    bad_table = block_table.clone()
+    bad_table[1, 1] = cache.shape[0]  # a used page id past the cache
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\]=.*outside the cache"):
+        decode(block_table=bad_table)
+    bad_table[1, 1] = -1
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\]=-1"):
+        decode(block_table=bad_table)
+    longer = torch.tensor([100, 200], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[1\]=200"):
+        decode(cache_seqlens=longer)  # beyond the block table's 2 pages
+    shorter = torch.tensor([100, 10], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="tile_scheduler_metadata|num_splits"):
+        decode(cache_seqlens=shorter)  # stale schedule
 
 
 # ---- appending to the cache ---------------------------------------------------------------------------------------
