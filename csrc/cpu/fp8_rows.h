@@ -10,6 +10,10 @@
 #include "dsv3/fp8.h"
 #include "dsv3/half_types.h"
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include "cpu/simd_avx512.h"
+#endif
+
 namespace dsv3::cpu {
 
 template <DType kType>
@@ -61,9 +65,42 @@ float group_amax(const typename Element<kType>::Storage* x, int64_t n) {
   return bits_to_float(amax_bits);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// 16 consecutive elements (the first `count`) as fp32; the rest are zeros.
+template <DType kType>
+__m512 load16(const typename Element<kType>::Storage* x, int64_t count) {
+  const __mmask16 mask = count >= 16 ? avx512::kAll : static_cast<__mmask16>((1u << count) - 1);
+  if constexpr (kType == DType::kFloat32) {
+    return _mm512_maskz_loadu_ps(mask, x);
+  } else {
+    const __m256i raw = _mm256_maskz_loadu_epi16(mask, x);
+    if constexpr (kType == DType::kBFloat16) {
+      return _mm512_castsi512_ps(
+          _mm512_maskz_slli_epi32(avx512::kAll, _mm512_maskz_cvtepu16_epi32(avx512::kAll, raw), 16));
+    } else {
+      return _mm512_maskz_cvtph_ps(avx512::kAll, raw);
+    }
+  }
+}
+#endif
+
+// q = e4m3(scale_and_clamp(x, scale)) for n elements, 16 lanes at a time where the CPU has AVX-512 (the same fp32
+// division, clamp and encoding as the scalar fp8.h functions, so the codes are bit-identical).
 template <DType kType>
 void quantize_row(const typename Element<kType>::Storage* x, uint8_t* q, int64_t n, float scale) {
-  for (int64_t i = 0; i < n; ++i) q[i] = float_to_e4m3(scale_and_clamp(Element<kType>::load(x[i]), scale));
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  const __m512 divisor = _mm512_set1_ps(scale), high = _mm512_set1_ps(kFp8Max), low = _mm512_set1_ps(-kFp8Max);
+  for (; i < n; i += 16) {
+    const int64_t count = n - i < 16 ? n - i : 16;
+    __m512 v = _mm512_div_ps(load16<kType>(x + i, count), divisor);
+    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, high, _CMP_GT_OQ), high);  // NaN compares false: stays NaN
+    v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, low, _CMP_LT_OQ), low);
+    const __mmask16 mask = count >= 16 ? avx512::kAll : static_cast<__mmask16>((1u << count) - 1);
+    _mm_mask_storeu_epi8(q + i, mask, avx512::to_e4m3(v));
+  }
+#endif
+  for (; i < n; ++i) q[i] = float_to_e4m3(scale_and_clamp(Element<kType>::load(x[i]), scale));
 }
 
 template <DType kType>

@@ -38,6 +38,27 @@ inline __m256i to_bf16(__m512 v) {
   return _mm512_maskz_cvtepi32_epi16(kAll, _mm512_mask_mov_epi32(rounded, nan, quiet));
 }
 
+// 16 fp32 values encoded to e4m3 exactly as dsv3/fp8.h's float_to_e4m3 (the same branch-free candidates and
+// selections, one lane each): nearest even, finite overflow saturating to +-448, NaN to 0x7F with its sign.
+inline __m128i to_e4m3(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i sign = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll, u, 24), _mm512_set1_epi32(0x80));
+  const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i odd = _mm512_and_si512(_mm512_maskz_srli_epi32(kAll, magnitude, 20), _mm512_set1_epi32(1));
+  const __m512i rebiased = _mm512_add_epi32(magnitude, _mm512_set1_epi32(static_cast<int>((7u - 127u) << 23)));
+  const __m512i normal =
+      _mm512_maskz_srli_epi32(kAll, _mm512_add_epi32(_mm512_add_epi32(rebiased, _mm512_set1_epi32(0x7FFFF)), odd), 20);
+  const __m512 shifted = _mm512_add_ps(_mm512_castsi512_ps(magnitude), _mm512_set1_ps(16384.0f));
+  const __m512i subnormal = _mm512_sub_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(0x46800000));
+  const __mmask16 is_subnormal = _mm512_cmplt_epu32_mask(magnitude, _mm512_set1_epi32(0x3C800000));
+  const __mmask16 is_saturated = _mm512_cmpge_epu32_mask(magnitude, _mm512_set1_epi32(0x43E80000));
+  const __mmask16 is_nan = _mm512_cmpgt_epu32_mask(magnitude, _mm512_set1_epi32(0x7F800000));
+  __m512i result = _mm512_mask_mov_epi32(normal, is_subnormal, subnormal);
+  result = _mm512_mask_mov_epi32(result, is_saturated, _mm512_set1_epi32(0x7E));
+  result = _mm512_mask_mov_epi32(result, is_nan, _mm512_set1_epi32(0x7F));
+  return _mm512_maskz_cvtepi32_epi8(kAll, _mm512_or_si512(result, sign));
+}
+
 // exp(x) within 2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r from its degree-6 Taylor polynomial (truncation error
 // below 1.2e-7 relative), then scaled by 2^n with vscalefps, which rounds to 0 below the subnormal range and to inf
 // above fp32's. x is clamped to [-104, 89] first, so that n * ln2 below stays exact and -inf gives 0 rather than
