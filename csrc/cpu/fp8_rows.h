@@ -66,17 +66,15 @@ float group_amax(const typename Element<kType>::Storage* x, int64_t n) {
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// 16 consecutive elements (the first `count`) as fp32; the rest are zeros.
+// 16 consecutive elements (those in `mask`) as fp32; the others are zeros.
 template <DType kType>
-__m512 load16(const typename Element<kType>::Storage* x, int64_t count) {
-  const __mmask16 mask = count >= 16 ? avx512::kAll : static_cast<__mmask16>((1u << count) - 1);
+__m512 load16(const typename Element<kType>::Storage* x, __mmask16 mask) {
   if constexpr (kType == DType::kFloat32) {
     return _mm512_maskz_loadu_ps(mask, x);
   } else {
     const __m256i raw = _mm256_maskz_loadu_epi16(mask, x);
     if constexpr (kType == DType::kBFloat16) {
-      return _mm512_castsi512_ps(
-          _mm512_maskz_slli_epi32(avx512::kAll, _mm512_maskz_cvtepu16_epi32(avx512::kAll, raw), 16));
+      return avx512::widen_bf16(raw);
     } else {
       return _mm512_maskz_cvtph_ps(avx512::kAll, raw);
     }
@@ -92,11 +90,10 @@ void quantize_row(const typename Element<kType>::Storage* x, uint8_t* q, int64_t
 #if defined(__AVX512F__) && defined(__AVX512BW__)
   const __m512 divisor = _mm512_set1_ps(scale), high = _mm512_set1_ps(kFp8Max), low = _mm512_set1_ps(-kFp8Max);
   for (; i < n; i += 16) {
-    const int64_t count = n - i < 16 ? n - i : 16;
-    __m512 v = _mm512_div_ps(load16<kType>(x + i, count), divisor);
+    const __mmask16 mask = n - i >= 16 ? avx512::kAll : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 v = _mm512_div_ps(load16<kType>(x + i, mask), divisor);
     v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, high, _CMP_GT_OQ), high);  // NaN compares false: stays NaN
     v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, low, _CMP_LT_OQ), low);
-    const __mmask16 mask = count >= 16 ? avx512::kAll : static_cast<__mmask16>((1u << count) - 1);
     _mm_mask_storeu_epi8(q + i, mask, avx512::to_e4m3(v));
   }
 #endif

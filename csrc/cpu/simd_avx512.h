@@ -20,9 +20,12 @@ inline float horizontal_sum(__m512 v) {
 }
 
 // 16 bf16 values (exact) as fp32.
+inline __m512 widen_bf16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_maskz_cvtepu16_epi32(kAll, bits), 16));
+}
+
 inline __m512 load_bf16(const uint16_t* src) {
-  const __m512i wide = _mm512_maskz_cvtepu16_epi32(kAll, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, wide, 16));
+  return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
 }
 
 // 16 fp32 values rounded to bf16 as float_to_bf16 does (nearest even, NaN made quiet, subnormals kept: unlike
