@@ -24,7 +24,14 @@ from dsv3.reference.mla import gather_kv
 
 
 class MLAttention:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], make_linear, dtype: torch.dtype):
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        make_linear,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         c = config
         self.config = config
         self.q_proj: Linear | None = None
@@ -32,12 +39,12 @@ class MLAttention:
             self.q_proj = make_linear("q_proj")
         else:
             self.q_a_proj = make_linear("q_a_proj")
-            self.q_a_norm = weights["q_a_layernorm.weight"].to(dtype)
+            self.q_a_norm = weights["q_a_layernorm.weight"].to(device=device, dtype=dtype)
             self.q_b_proj = make_linear("q_b_proj")
         # The heads this rank computes: all of them, or its tensor-parallel share (q/kv_b rows, o_proj columns).
         self.heads = (self.q_proj or self.q_b_proj).out_features // c.qk_head_dim
         self.kv_a_proj = make_linear("kv_a_proj_with_mqa")
-        self.kv_a_norm = weights["kv_a_layernorm.weight"].to(dtype)
+        self.kv_a_norm = weights["kv_a_layernorm.weight"].to(device=device, dtype=dtype)
         self.kv_b_proj = make_linear("kv_b_proj")
         self.o_proj = make_linear("o_proj")
         # kv_b_proj rows are, per head, qk_nope_head_dim key rows then v_head_dim value rows.

@@ -29,8 +29,9 @@ class DecoderLayer:
         self.input_norm = build.vector(f"{prefix}.input_layernorm.weight")
         self.post_attention_norm = build.vector(f"{prefix}.post_attention_layernorm.weight")
         self.attention = MLAttention(
-            config, build.scope(f"{prefix}.self_attn."), build.linear_factory(f"{prefix}.self_attn."), build.dtype
-        )
+            config, build.scope(f"{prefix}.self_attn."), build.linear_factory(f"{prefix}.self_attn."), build.dtype,
+            build.device,
+        )  # fmt: skip
         if config.is_moe_layer(layer):
             self.mlp = MoE(
                 config, build.scope(f"{prefix}.mlp."), build.linear_factory(f"{prefix}.mlp."), build.device,
