@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One command for a machine with an H200 and nvcc: build, run the GPU tests, run the benchmarks, and write
-# benchmarks/results/<gpu>-<date>.json (also copied to $OUT when set). Needs no network: CUTLASS headers come from
-# CUTLASS_DIR, an installed nvidia-cutlass, or a wheel placed under .whl/ (pip download --no-deps nvidia-cutlass).
+# benchmarks/results/<gpu>-<date>.json. Needs no network: CUTLASS headers come from CUTLASS_DIR, an installed
+# nvidia-cutlass, or a wheel placed under .whl/ (pip download --no-deps nvidia-cutlass). Each stage has a time limit so
+# that a hung kernel costs one stage, not the whole run; with LOG_DIR set, every stage's full log is written there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-mkdir -p build
+logs=${LOG_DIR:-build}
+mkdir -p build "$logs"
+stage() { echo "== $1 ($(( $(date +%s) - started )) s)"; }
 
 if [ -z "${CUTLASS_DIR:-}" ] && ! $python -c "import cutlass_library" 2>/dev/null; then
   wheel=$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | head -n 1)
@@ -17,22 +20,33 @@ if [ -z "${CUTLASS_DIR:-}" ] && ! $python -c "import cutlass_library" 2>/dev/nul
   fi
 fi
 
-echo "== build"
-DSV3_CUDA=ON $python -m pip install --no-build-isolation --no-deps -e . >build/gpu_check_build.log 2>&1 \
-  || { tail -n 60 build/gpu_check_build.log; exit 1; }
-grep -iE "spill|lmem" build/gpu_check_build.log | grep -v " 0 bytes" || echo "ptxas: no spills reported"
+stage build
+DSV3_CUDA=ON timeout 420 $python -m pip install --no-build-isolation --no-deps -e . >"$logs/build.log" 2>&1 \
+  || { tail -n 60 "$logs/build.log"; exit 1; }
+grep -iE "spill|lmem" "$logs/build.log" | grep -v " 0 bytes" || echo "ptxas: no spills reported"
 $python -m dsv3 info
 
-echo "== GPU tests"
-$python -m pytest -q tests/cuda -p no:cacheprovider 2>&1 | tail -n 25
-tests_status=${PIPESTATUS[0]}
+stage "GPU tests"
+options=()
+# A hung kernel blocks inside the CUDA runtime, where only the thread method's timeout still fires.
+$python -c "import pytest_timeout" 2>/dev/null && options+=(--timeout "${TEST_TIMEOUT:-60}" --timeout-method thread)
+# Worker processes (pytest-xdist) also keep a crashing test from ending the run: its worker is replaced.
+$python -c "import xdist" 2>/dev/null && options+=(-n "${TEST_WORKERS:-8}")
+OMP_NUM_THREADS=2 timeout "${TESTS_LIMIT:-300}" $python -m pytest -v tests/cuda -p no:cacheprovider -rfE "${options[@]}" \
+  >"$logs/tests.log" 2>&1
+tests_status=$?
+grep -E "FAILED|ERROR|crashed|Timeout|[0-9]+ (passed|failed)" "$logs/tests.log" | tail -n 60
 
-echo "== self-check + benchmarks"
-$python -m dsv3 check --device cuda
+stage self-check
+timeout 120 $python -m dsv3 check --device cuda 2>&1 | tail -n 30
+
+stage benchmarks
 gpu=$($python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
 result=benchmarks/results/${gpu}-$(date +%Y-%m-%d).json
-$python -m dsv3 bench all --device cuda --json "$result"
-[ -n "${OUT:-}" ] && cp "$result" build/gpu_check_build.log "$OUT"/
+timeout "${BENCH_LIMIT:-300}" $python -m dsv3 bench ${BENCH_SUITES:-all} --device cuda --json "$result" \
+  >"$logs/bench.log" 2>&1
+echo "bench exit $?"
+[ -f "$result" ] && [ "$logs" != build ] && cp "$result" "$logs"/
 
-echo "== summary: tests exit ${tests_status}, results in ${result}, $(( $(date +%s) - started )) s"
+stage "summary: tests exit ${tests_status}, results in ${result}"
 exit "$tests_status"
