@@ -3,8 +3,11 @@
 // cudaStream_t integers; dsv3.ops does all tensor checking and allocation.
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
+#include <tuple>
 
 #include "cpu/cpu_ops.h"
 #include "dsv3/ep_params.h"
@@ -109,6 +112,15 @@ dsv3::Fp8GemmParams fp8_gemm_params(std::uintptr_t a, std::uintptr_t a_scales, s
           n,
           k};
 }
+
+#if defined(DSV3_WITH_CUDA)
+std::optional<dsv3::Fp8GemmSchedule> fp8_gemm_forced_schedule(const std::optional<std::tuple<int, int, int>>& codes) {
+  if (!codes) return std::nullopt;
+  const auto [variant, decomposition, splits] = *codes;
+  return dsv3::Fp8GemmSchedule{static_cast<dsv3::Fp8GemmVariant>(variant),
+                               static_cast<dsv3::Fp8GemmDecomposition>(decomposition), splits, 0};
+}
+#endif
 
 dsv3::Fp8LinearParams fp8_linear_params(std::uintptr_t x, int32_t x_dtype, std::uintptr_t b, std::uintptr_t b_scales,
                                         std::uintptr_t out, int64_t m, int64_t n, int64_t k) {
@@ -605,16 +617,23 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("q"), py::arg("scale_inv"), py::arg("out"), py::arg("out_dtype"), py::arg("n"), py::arg("k"),
       py::arg("block"), py::arg("stream"));
-  cuda.def("fp8_gemm_workspace_bytes", &dsv3::cuda::fp8_gemm_workspace_bytes, py::arg("m"), py::arg("n"), py::arg("k"),
-           py::arg("num_sms"));
+  // forced_schedule: (variant, decomposition, splits) codes of dsv3/gemm_schedule.h to run instead of the heuristic's.
+  cuda.def(
+      "fp8_gemm_workspace_bytes",
+      [](int64_t m, int64_t n, int64_t k, int num_sms, const std::optional<std::tuple<int, int, int>>& forced) {
+        return dsv3::cuda::fp8_gemm_workspace_bytes(m, n, k, num_sms, fp8_gemm_forced_schedule(forced));
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_sms"), py::arg("forced_schedule") = py::none());
   cuda.def(
       "fp8_gemm_nt",
       [](std::uintptr_t a, std::uintptr_t a_scales, std::uintptr_t b, std::uintptr_t b_scales, std::uintptr_t out,
-         int64_t m, int64_t n, int64_t k, std::uintptr_t workspace, int num_sms, std::uintptr_t stream) {
-        dsv3::cuda::fp8_gemm_nt(fp8_gemm_params(a, a_scales, b, b_scales, out, m, n, k), workspace, num_sms, stream);
+         int64_t m, int64_t n, int64_t k, std::uintptr_t workspace, int num_sms, std::uintptr_t stream,
+         const std::optional<std::tuple<int, int, int>>& forced) {
+        dsv3::cuda::fp8_gemm_nt(fp8_gemm_params(a, a_scales, b, b_scales, out, m, n, k), workspace, num_sms, stream,
+                                fp8_gemm_forced_schedule(forced));
       },
       py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
-      py::arg("k"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"));
+      py::arg("k"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"), py::arg("forced_schedule") = py::none());
   cuda.def("fp8_linear_workspace_bytes", &dsv3::cuda::fp8_linear_workspace_bytes, py::arg("m"), py::arg("n"),
            py::arg("k"), py::arg("num_sms"));
   cuda.def(

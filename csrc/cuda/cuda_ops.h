@@ -4,10 +4,12 @@
 // stream and throws std::runtime_error if the launch fails.
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "dsv3/ep_params.h"
 #include "dsv3/gemm_params.h"
+#include "dsv3/gemm_schedule.h"
 #include "dsv3/grouped_gemm_params.h"
 #include "dsv3/layer_params.h"
 #include "dsv3/mla_params.h"
@@ -28,9 +30,13 @@ void per_block_quant_fp8(const BlockQuantParams& params, std::uintptr_t stream);
 void dequant_fp8_block(const BlockDequantParams& params, std::uintptr_t stream);
 
 // Device memory (bytes) the GEMM needs for split-K partial sums on a GPU with num_sms SMs; 0 when it needs none.
-int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms);
+// forced: a schedule to run instead of choose_fp8_gemm_schedule's (benchmark sweeps compare them); the same one must
+// then be given to fp8_gemm_nt.
+int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms,
+                                 const std::optional<Fp8GemmSchedule>& forced = std::nullopt);
 // workspace: fp8_gemm_workspace_bytes(...) bytes of device memory (any content), or 0 when that is 0.
-void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);
+void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream,
+                 const std::optional<Fp8GemmSchedule>& forced = std::nullopt);
 // Quantization + GEMM: workspace holds the quantized activations and the GEMM's own workspace.
 int64_t fp8_linear_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms);
 void fp8_linear(const Fp8LinearParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);

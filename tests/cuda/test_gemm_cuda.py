@@ -65,3 +65,27 @@ def test_rejects_operands_on_mixed_devices():
         dsv3.fp8_gemm_nt(a, (qb, sb.cpu()))
     with pytest.raises(ValueError, match="out: expected a tensor on cuda"):
         dsv3.fp8_gemm_nt(a, (qb, sb), out=torch.empty(4, 256, dtype=torch.bfloat16))
+
+
+@pytest.mark.usefixtures("exact_fp32_matmul")
+@pytest.mark.parametrize("m,n,k", [(1, 576, 7168), (64, 7168, 2048), (300, 1536, 7168)], ids=str)
+def test_every_forced_schedule_computes_the_same_product(m, n, k):
+    """benchmarks/sweep_gemm_schedule.py times the schedules the heuristic did not pick: each must be correct."""
+    from dsv3.ops.extension import _C, num_sms
+
+    sms = num_sms(torch.cuda.current_device())
+    a = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
+    b = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda") * 0.02)
+    expected = ref.fp8_gemm_nt(a, b)
+    stream = torch.cuda.current_stream().cuda_stream
+    variants = (0, 1) if m <= 64 else (0,)
+    for forced in [(v, d, 1) for v in variants for d in (0, 2)] + [(v, 1, s) for v in variants for s in (2, 5, 16)]:
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        workspace = torch.empty(max(_C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, forced), 1), dtype=torch.uint8,
+                                device="cuda")  # fmt: skip
+        _C.cuda.fp8_gemm_nt(a[0].data_ptr(), a[1].data_ptr(), b[0].data_ptr(), b[1].data_ptr(), out.data_ptr(), m, n,
+                            k, workspace.data_ptr(), sms, stream, forced)  # fmt: skip
+        assert calc_diff(out, expected) <= 1e-5, f"schedule {forced}"
+    for bad, message in [((2, 0, 1), "variant"), ((0, 3, 1), "decomposition"), ((0, 0, 2), "splits")]:
+        with pytest.raises(ValueError, match=message):
+            _C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, bad)

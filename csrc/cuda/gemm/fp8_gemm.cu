@@ -8,15 +8,36 @@
 
 namespace dsv3::cuda {
 
-int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms) {
+namespace {
+
+Fp8GemmSchedule schedule_for(int64_t m, int64_t n, int64_t k, int num_sms,
+                             const std::optional<Fp8GemmSchedule>& forced) {
+  if (!forced) return choose_fp8_gemm_schedule(m, n, k, num_sms);
+  const Fp8GemmSchedule& s = *forced;
+  const auto variant = static_cast<int32_t>(s.variant), decomposition = static_cast<int32_t>(s.decomposition);
+  DSV3_CHECK(variant == 0 || variant == 1, "schedule: variant must be 0 (128x128) or 1 (swap-AB 128x64), got ",
+             variant);
+  DSV3_CHECK(decomposition >= 0 && decomposition <= 2,
+             "schedule: decomposition must be 0 (data-parallel), 1 (split-K) or 2 (stream-K), got ", decomposition);
+  DSV3_CHECK(s.splits == 1 || (s.decomposition == Fp8GemmDecomposition::kSplitK && s.splits >= 2 &&
+                               s.splits <= (k + 127) / 128),
+             "schedule: splits must be 1, or 2..K/128 with split-K, got ", s.splits);
+  return s;
+}
+
+}  // namespace
+
+int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms,
+                                 const std::optional<Fp8GemmSchedule>& forced) {
   if (m == 0 || n == 0 || k == 0) return 0;
-  const Fp8GemmSchedule schedule = choose_fp8_gemm_schedule(m, n, k, num_sms);
+  const Fp8GemmSchedule schedule = schedule_for(m, n, k, num_sms, forced);
   return schedule.variant == Fp8GemmVariant::kSwapAB128x64
              ? Fp8GemmKernel<Fp8GemmVariant::kSwapAB128x64>::workspace_bytes(m, n, k, schedule, num_sms)
              : Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::workspace_bytes(m, n, k, schedule, num_sms);
 }
 
-void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream_handle) {
+void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream_handle,
+                 const std::optional<Fp8GemmSchedule>& forced) {
   validate(params);
   DSV3_CHECK(params.k % 16 == 0 && params.n % 8 == 0,
              "a/b: the CUDA kernel needs K % 16 == 0 and N % 8 == 0, got K=", params.k, " N=", params.n);
@@ -28,8 +49,8 @@ void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_
     DSV3_CUDA_CHECK(cudaMemsetAsync(params.out, 0, params.m * params.n * sizeof(uint16_t), stream));
     return;
   }
-  const Fp8GemmSchedule schedule = choose_fp8_gemm_schedule(params.m, params.n, params.k, num_sms);
-  DSV3_CHECK(workspace != 0 || fp8_gemm_workspace_bytes(params.m, params.n, params.k, num_sms) == 0,
+  const Fp8GemmSchedule schedule = schedule_for(params.m, params.n, params.k, num_sms, forced);
+  DSV3_CHECK(workspace != 0 || fp8_gemm_workspace_bytes(params.m, params.n, params.k, num_sms, forced) == 0,
              "workspace: the split-K schedule needs a workspace");
   void* workspace_ptr = reinterpret_cast<void*>(workspace);
   if (schedule.variant == Fp8GemmVariant::kSwapAB128x64) {
