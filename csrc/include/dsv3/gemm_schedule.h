@@ -18,7 +18,7 @@ enum class Fp8GemmVariant : int32_t {
 enum class Fp8GemmDecomposition : int32_t {
   kDataParallel = 0,  // one CTA per output tile (persistent over waves)
   kSplitK = 1,        // `splits` CTAs share each tile's K range; partial sums reduced through the workspace
-  kStreamK = 2,       // K iterations of all tiles spread evenly over the SMs
+  kStreamK = 2,       // K iterations of all tiles spread evenly over the SMs (only when forced: never faster here)
 };
 
 struct Fp8GemmSchedule {
@@ -29,7 +29,15 @@ struct Fp8GemmSchedule {
 };
 
 constexpr int64_t kSwapABMaxTokens = 64;
-constexpr int64_t kMinKBlocksPerSplit = 4;  // below 4 x 128 of K per split the reduction costs more than it saves
+// Measured on an H200 (132 SMs) by benchmarks/sweep_gemm_schedule.py over DeepSeek-V3's shapes at 1-128 tokens:
+// - a CTA takes ~0.8 us per 128-wide K block whatever the token count, so small-M GEMMs with few output tiles are
+//   bound by the K loop of each CTA and gain from splitting K;
+// - but each extra split costs a partial-sum reduction: 2-3 splits won every case with >= 16 K blocks per split
+//   (N=576/1536/2048 at K=7168: 3 splits, 17-19 us, against 20-28 us for stream-K or 8-11 splits), and more lost;
+// - stream-K never beat the best fixed split by more than noise, and lost to data-parallel on short K (N=7168 at
+//   K=2048: 13 us data-parallel, 16 us stream-K).
+constexpr int64_t kMaxSplits = 3;
+constexpr int64_t kMinKBlocksPerSplit = 16;
 
 inline Fp8GemmSchedule choose_fp8_gemm_schedule(int64_t m, int64_t n, int64_t k, int num_sms) {
   const bool swap = m <= kSwapABMaxTokens;
@@ -37,21 +45,11 @@ inline Fp8GemmSchedule choose_fp8_gemm_schedule(int64_t m, int64_t n, int64_t k,
   const int64_t tiles = ((rows + 127) / 128) * ((cols + tile_cols - 1) / tile_cols);
   const Fp8GemmVariant variant = swap ? Fp8GemmVariant::kSwapAB128x64 : Fp8GemmVariant::kTile128x128;
   const int64_t sms = std::max(num_sms, 1);
-  // One tile per SM already keeps >= 90% of the SMs busy (or there are several waves): plain data-parallel.
-  if (tiles == 0 || tiles * 10 >= sms * 9) return {variant, Fp8GemmDecomposition::kDataParallel, 1, tiles};
-  // Fewer tiles than SMs: a data-parallel launch would leave SMs idle (decode shapes are memory-bound, so idle SMs
-  // are idle bandwidth). Split K evenly if that fills >= 90% of the SMs, else let stream-K balance it.
   const int64_t k_blocks = (k + 127) / 128;
-  const int64_t splits = std::min(sms / tiles, k_blocks / kMinKBlocksPerSplit);
-  if (splits <= 1) {
-    return {variant,
-            k_blocks >= 2 * kMinKBlocksPerSplit ? Fp8GemmDecomposition::kStreamK : Fp8GemmDecomposition::kDataParallel,
-            1, tiles};
-  }
-  if (splits * tiles * 10 >= sms * 9) {
-    return {variant, Fp8GemmDecomposition::kSplitK, static_cast<int32_t>(splits), tiles};
-  }
-  return {variant, Fp8GemmDecomposition::kStreamK, 1, tiles};
+  // Split K only while the splits still fit on the SMs side by side and each keeps a long K loop.
+  const int64_t splits = tiles == 0 ? 1 : std::min({kMaxSplits, sms / tiles, k_blocks / kMinKBlocksPerSplit});
+  if (splits <= 1) return {variant, Fp8GemmDecomposition::kDataParallel, 1, tiles};
+  return {variant, Fp8GemmDecomposition::kSplitK, static_cast<int32_t>(splits), tiles};
 }
 
 }  // namespace dsv3
