@@ -15,15 +15,16 @@ from dsv3.bench.gemm import SHAPES
 from dsv3.bench.harness import Timer
 from dsv3.ops.extension import _C, num_sms
 
-VARIANTS = ["tile128x128", "swapab128x64"]
+VARIANTS = ["tile128x128", "swapab128x64", "pingpong64x128"]
 DECOMPOSITIONS = ["data_parallel", "split_k", "stream_k"]
 SPLITS = (2, 3, 4, 6, 8, 12, 16)
 
 
 def candidates(m: int, k: int) -> list[tuple[int, int, int]]:
-    """(variant, decomposition, splits) codes worth timing: swap-AB only where the tokens fit its 64-wide side."""
+    """(variant, decomposition, splits) codes worth timing: swap-AB only where the tokens fit its 64-wide side,
+    ping-pong data-parallel only."""
     k_blocks = (k + 127) // 128
-    out = []
+    out = [(2, 0, 1)]
     for variant in (0, 1) if m <= 64 else (0,):
         out += [(variant, 0, 1), (variant, 2, 1)] + [(variant, 1, s) for s in SPLITS if s <= k_blocks]
     return out
@@ -40,7 +41,7 @@ def run_forced(pointers, m, n, k, workspace, sms, stream, forced) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 512])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 16, 64, 128, 512, 4096])
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device("cuda")

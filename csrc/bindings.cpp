@@ -377,7 +377,7 @@ PYBIND11_MODULE(_C, m) {
       "fp8_gemm_schedule",
       [](int64_t m, int64_t n, int64_t k, int num_sms) {
         const dsv3::Fp8GemmSchedule schedule = dsv3::choose_fp8_gemm_schedule(m, n, k, num_sms);
-        static const char* variants[] = {"tile128x128", "swapab128x64"};
+        static const char* variants[] = {"tile128x128", "swapab128x64", "pingpong64x128"};
         static const char* decompositions[] = {"data_parallel", "split_k", "stream_k"};
         py::dict out;
         out["variant"] = variants[static_cast<int>(schedule.variant)];
@@ -633,7 +633,8 @@ PYBIND11_MODULE(_C, m) {
                                 fp8_gemm_forced_schedule(forced));
       },
       py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"), py::arg("m"), py::arg("n"),
-      py::arg("k"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"), py::arg("forced_schedule") = py::none());
+      py::arg("k"), py::arg("workspace"), py::arg("num_sms"), py::arg("stream"),
+      py::arg("forced_schedule") = py::none());
   cuda.def("fp8_linear_workspace_bytes", &dsv3::cuda::fp8_linear_workspace_bytes, py::arg("m"), py::arg("n"),
            py::arg("k"), py::arg("num_sms"));
   cuda.def(

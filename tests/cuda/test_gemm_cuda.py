@@ -79,13 +79,19 @@ def test_every_forced_schedule_computes_the_same_product(m, n, k):
     expected = ref.fp8_gemm_nt(a, b)
     stream = torch.cuda.current_stream().cuda_stream
     variants = (0, 1) if m <= 64 else (0,)
-    for forced in [(v, d, 1) for v in variants for d in (0, 2)] + [(v, 1, s) for v in variants for s in (2, 5, 16)]:
+    schedules = [(v, d, 1) for v in variants for d in (0, 2)] + [(v, 1, s) for v in variants for s in (2, 5, 16)]
+    for forced in [*schedules, (2, 0, 1)]:  # and the ping-pong variant, data-parallel
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
         workspace = torch.empty(max(_C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, forced), 1), dtype=torch.uint8,
                                 device="cuda")  # fmt: skip
         _C.cuda.fp8_gemm_nt(a[0].data_ptr(), a[1].data_ptr(), b[0].data_ptr(), b[1].data_ptr(), out.data_ptr(), m, n,
                             k, workspace.data_ptr(), sms, stream, forced)  # fmt: skip
         assert calc_diff(out, expected) <= 1e-5, f"schedule {forced}"
-    for bad, message in [((2, 0, 1), "variant"), ((0, 3, 1), "decomposition"), ((0, 0, 2), "splits")]:
+    for bad, message in [
+        ((3, 0, 1), "variant"),
+        ((0, 3, 1), "decomposition"),
+        ((0, 0, 2), "splits"),
+        ((2, 1, 2), "ping-pong"),
+    ]:
         with pytest.raises(ValueError, match=message):
             _C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, bad)

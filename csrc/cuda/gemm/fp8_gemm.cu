@@ -15,12 +15,14 @@ Fp8GemmSchedule schedule_for(int64_t m, int64_t n, int64_t k, int num_sms,
   if (!forced) return choose_fp8_gemm_schedule(m, n, k, num_sms);
   const Fp8GemmSchedule& s = *forced;
   const auto variant = static_cast<int32_t>(s.variant), decomposition = static_cast<int32_t>(s.decomposition);
-  DSV3_CHECK(variant == 0 || variant == 1, "schedule: variant must be 0 (128x128) or 1 (swap-AB 128x64), got ",
-             variant);
+  DSV3_CHECK(variant >= 0 && variant <= 2,
+             "schedule: variant must be 0 (128x128), 1 (swap-AB 128x64) or 2 (ping-pong 64x128), got ", variant);
   DSV3_CHECK(decomposition >= 0 && decomposition <= 2,
              "schedule: decomposition must be 0 (data-parallel), 1 (split-K) or 2 (stream-K), got ", decomposition);
-  DSV3_CHECK(s.splits == 1 || (s.decomposition == Fp8GemmDecomposition::kSplitK && s.splits >= 2 &&
-                               s.splits <= (k + 127) / 128),
+  DSV3_CHECK(s.variant != Fp8GemmVariant::kPingpong64x128 || s.decomposition == Fp8GemmDecomposition::kDataParallel,
+             "schedule: the ping-pong variant runs data-parallel only (decomposition 0), got ", decomposition);
+  DSV3_CHECK(s.splits == 1 ||
+                 (s.decomposition == Fp8GemmDecomposition::kSplitK && s.splits >= 2 && s.splits <= (k + 127) / 128),
              "schedule: splits must be 1, or 2..K/128 with split-K, got ", s.splits);
   return s;
 }
@@ -31,9 +33,14 @@ int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms,
                                  const std::optional<Fp8GemmSchedule>& forced) {
   if (m == 0 || n == 0 || k == 0) return 0;
   const Fp8GemmSchedule schedule = schedule_for(m, n, k, num_sms, forced);
-  return schedule.variant == Fp8GemmVariant::kSwapAB128x64
-             ? Fp8GemmKernel<Fp8GemmVariant::kSwapAB128x64>::workspace_bytes(m, n, k, schedule, num_sms)
-             : Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::workspace_bytes(m, n, k, schedule, num_sms);
+  switch (schedule.variant) {
+    case Fp8GemmVariant::kSwapAB128x64:
+      return Fp8GemmKernel<Fp8GemmVariant::kSwapAB128x64>::workspace_bytes(m, n, k, schedule, num_sms);
+    case Fp8GemmVariant::kPingpong64x128:
+      return Fp8GemmKernel<Fp8GemmVariant::kPingpong64x128>::workspace_bytes(m, n, k, schedule, num_sms);
+    default:
+      return Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::workspace_bytes(m, n, k, schedule, num_sms);
+  }
 }
 
 void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream_handle,
@@ -53,10 +60,15 @@ void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_
   DSV3_CHECK(workspace != 0 || fp8_gemm_workspace_bytes(params.m, params.n, params.k, num_sms, forced) == 0,
              "workspace: the split-K schedule needs a workspace");
   void* workspace_ptr = reinterpret_cast<void*>(workspace);
-  if (schedule.variant == Fp8GemmVariant::kSwapAB128x64) {
-    Fp8GemmKernel<Fp8GemmVariant::kSwapAB128x64>::run(params, schedule, workspace_ptr, num_sms, stream);
-  } else {
-    Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::run(params, schedule, workspace_ptr, num_sms, stream);
+  switch (schedule.variant) {
+    case Fp8GemmVariant::kSwapAB128x64:
+      Fp8GemmKernel<Fp8GemmVariant::kSwapAB128x64>::run(params, schedule, workspace_ptr, num_sms, stream);
+      break;
+    case Fp8GemmVariant::kPingpong64x128:
+      Fp8GemmKernel<Fp8GemmVariant::kPingpong64x128>::run(params, schedule, workspace_ptr, num_sms, stream);
+      break;
+    default:
+      Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::run(params, schedule, workspace_ptr, num_sms, stream);
   }
 }
 

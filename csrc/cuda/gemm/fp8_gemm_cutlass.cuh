@@ -1,7 +1,11 @@
 #pragma once
-// CUTLASS SM90 FP8 GEMM with block-scaled operands: TMA loads, FP8 wgmma, warp-specialized persistent cooperative
-// schedule (one producer warp group, two consumer warp groups), partial sums promoted into fp32 registers with
-// sa * sb after every 128-deep K block, bf16 epilogue through TMA stores. Include only from instantiations/*.cu.
+// CUTLASS SM90 FP8 GEMM with block-scaled operands: TMA loads, FP8 wgmma, warp-specialized persistent schedule (one
+// producer warp group, two consumer warp groups), partial sums promoted into fp32 registers with sa * sb after every
+// 128-deep K block, bf16 epilogue through TMA stores. Include only from instantiations/*.cu.
+//
+// Cooperative: both consumer warp groups share one 128-row tile, under the stream-K scheduler (data-parallel, split-K
+// or stream-K). Ping-pong: each consumer warp group owns a 64-row tile and the two alternate, so one promotes its
+// partial sums and runs its epilogue while the other's MMAs run; CUTLASS runs it data-parallel only.
 //
 // The kernel computes D[M', N'] = A[M', K] B[N', K]^T with A and B K-major:
 //   normal   A = a (tokens), SFA = a_scales, one per row           B = b (weight), SFB = b_scales, per 128 rows
@@ -49,7 +53,7 @@ CUTE_HOST_DEVICE Stride packed_stride(int64_t rows, int64_t cols) {
   return stride;
 }
 
-template <int kTileN, bool kSwapAB>
+template <int kTileN, bool kSwapAB, bool kPingpong = false>
 struct CutlassFp8Gemm {
   using ElementAB = cutlass::float_e4m3_t;
   using ElementD = cutlass::bfloat16_t;
@@ -59,7 +63,7 @@ struct CutlassFp8Gemm {
   static constexpr int kAlignmentAB = 16;  // elements per 16-byte access
   static constexpr int kAlignmentD = 8;
 
-  using TileShape = cute::Shape<cute::_128, cute::Int<kTileN>, cute::_128>;
+  using TileShape = cute::Shape<cute::Int<kPingpong ? 64 : 128>, cute::Int<kTileN>, cute::_128>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   // granularity (rows of A per scale, rows of B per scale, K per scale)
   using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<kSwapAB ? 128 : 1, kSwapAB ? 1 : 128, 128,
@@ -70,27 +74,33 @@ struct CutlassFp8Gemm {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutD, kAlignmentD, ElementD, LayoutD,
-      kAlignmentD, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+      kAlignmentD,
+      cute::conditional_t<kPingpong, cutlass::epilogue::TmaWarpSpecialized,
+                          cutlass::epilogue::TmaWarpSpecializedCooperative>>::CollectiveOp;
 
   using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementAB, cute::tuple<LayoutA, LayoutSFA>, kAlignmentAB,
       ElementAB, cute::tuple<LayoutB, LayoutSFB>, kAlignmentAB, float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise>::CollectiveOp;
+      cute::conditional_t<kPingpong, cutlass::gemm::KernelTmaWarpSpecializedPingpongFP8Blockwise,
+                          cutlass::gemm::KernelTmaWarpSpecializedCooperativeFP8Blockwise>>::CollectiveOp;
 
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue, cutlass::gemm::StreamKScheduler>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<
+      cute::Shape<int, int, int, int>, CollectiveMainloop, CollectiveEpilogue,
+      cute::conditional_t<kPingpong, cutlass::gemm::PersistentScheduler, cutlass::gemm::StreamKScheduler>>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using Arguments = typename Gemm::Arguments;
 
   static typename Kernel::TileSchedulerArguments scheduler_arguments(const Fp8GemmSchedule& schedule) {
-    using Mode = cutlass::gemm::kernel::detail::DecompositionMode;
-    typename Kernel::TileSchedulerArguments scheduler;
-    scheduler.splits = schedule.splits;
-    scheduler.decomposition_mode = schedule.decomposition == Fp8GemmDecomposition::kSplitK    ? Mode::SplitK
-                                   : schedule.decomposition == Fp8GemmDecomposition::kStreamK ? Mode::StreamK
-                                                                                              : Mode::DataParallel;
+    typename Kernel::TileSchedulerArguments scheduler{};
+    if constexpr (!kPingpong) {
+      using Mode = cutlass::gemm::kernel::detail::DecompositionMode;
+      scheduler.splits = schedule.splits;
+      scheduler.decomposition_mode = schedule.decomposition == Fp8GemmDecomposition::kSplitK    ? Mode::SplitK
+                                     : schedule.decomposition == Fp8GemmDecomposition::kStreamK ? Mode::StreamK
+                                                                                                : Mode::DataParallel;
+    }
     return scheduler;
   }
 

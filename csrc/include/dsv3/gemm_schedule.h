@@ -13,6 +13,9 @@ enum class Fp8GemmVariant : int32_t {
   // decode: computes out^T = b @ a^T so the weight fills the 128-row side of the MMA and up to 64 tokens its
   // 64-wide side, instead of padding a handful of tokens to 128 rows
   kSwapAB128x64 = 1,
+  // 64 (tokens) x 128 tiles, the two consumer warp groups alternating tiles so that one's scale promotion and
+  // epilogue overlap the other's MMAs; data-parallel only (not chosen by the heuristic until measured faster)
+  kPingpong64x128 = 2,
 };
 
 enum class Fp8GemmDecomposition : int32_t {
