@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command for a machine with an H200 and nvcc: build, run the GPU tests, run the benchmarks, and write
-# benchmarks/results/<gpu>-<date>.json. Needs no network: CUTLASS headers come from CUTLASS_DIR, an installed
+# One command for a machine with an H200 and nvcc: build, run the GPU tests, run the benchmarks and the GEMM schedule
+# sweep, and write benchmarks/results/<gpu>-<date>.json (and -gemm-schedules.json). Needs no network: CUTLASS headers come from CUTLASS_DIR, an installed
 # nvidia-cutlass, or a wheel placed under .whl/ (pip download --no-deps nvidia-cutlass). Each stage has a time limit so
 # that a hung kernel costs one stage, not the whole run; with LOG_DIR set, every stage's full log is written there.
 set -uo pipefail
@@ -32,7 +32,7 @@ options=()
 $python -c "import pytest_timeout" 2>/dev/null && options+=(--timeout "${TEST_TIMEOUT:-60}" --timeout-method thread)
 # Worker processes (pytest-xdist) also keep a crashing test from ending the run: its worker is replaced.
 $python -c "import xdist" 2>/dev/null && options+=(-n "${TEST_WORKERS:-8}")
-OMP_NUM_THREADS=2 timeout "${TESTS_LIMIT:-300}" $python -m pytest -v tests/cuda -p no:cacheprovider -rfE "${options[@]}" \
+OMP_NUM_THREADS=2 timeout "${TESTS_LIMIT:-240}" $python -m pytest -v tests/cuda -p no:cacheprovider -rfE "${options[@]}" \
   >"$logs/tests.log" 2>&1
 tests_status=$?
 grep -E "FAILED|ERROR|crashed|Timeout|[0-9]+ (passed|failed)" "$logs/tests.log" | tail -n 60
@@ -47,6 +47,12 @@ timeout "${BENCH_LIMIT:-300}" $python -m dsv3 bench ${BENCH_SUITES:-all} --devic
   >"$logs/bench.log" 2>&1
 echo "bench exit $?"
 [ -f "$result" ] && [ "$logs" != build ] && cp "$result" "$logs"/
+
+stage "GEMM schedule sweep"
+sweep=${result%.json}-gemm-schedules.json
+timeout "${SWEEP_LIMIT:-90}" $python benchmarks/sweep_gemm_schedule.py --json "$sweep" >"$logs/sweep.log" 2>&1
+echo "sweep exit $?"; tail -n 45 "$logs/sweep.log"
+[ -f "$sweep" ] && [ "$logs" != build ] && cp "$sweep" "$logs"/
 
 stage "summary: tests exit ${tests_status}, results in ${result}"
 exit "$tests_status"
