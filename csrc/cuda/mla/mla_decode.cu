@@ -87,7 +87,7 @@ int query_tile_rows(int64_t rows) { return rows <= 16 ? 16 : (rows <= 32 ? 32 : 
 
 void mla_decode(const MlaDecodeParams& params, std::uintptr_t stream_handle) {
   validate(params);
-  DSV3_CHECK(params.s_q * params.heads <= 65535 * mla::kCombineRows, "q: s_q * heads = ", params.s_q * params.heads,
+  DSV3_CHECK(params.s_q * params.heads <= 65535, "q: s_q * heads = ", params.s_q * params.heads,
              " query rows a sequence is more than the kernels' grids take");
   DSV3_CHECK(params.num_parts <= 0x7FFFFFFF, "tile_scheduler_metadata: too many parts");
   DSV3_CHECK(params.num_blocks * kMlaPageSize < (int64_t{1} << 31), "kv_cache: more than 2^31 rows");
@@ -113,8 +113,7 @@ void mla_decode(const MlaDecodeParams& params, std::uintptr_t stream_handle) {
   } else {
     launch_decode_for_rows<false>(rows, q_map, cache_map, params, stream);
   }
-  const dim3 grid(static_cast<unsigned>(params.batch),
-                  static_cast<unsigned>((rows + mla::kCombineRows - 1) / mla::kCombineRows));
+  const dim3 grid(static_cast<unsigned>(params.batch), static_cast<unsigned>(rows));
   mla::mla_combine_kernel<<<grid, mla::kCombineThreads, 0, stream>>>(params);
   DSV3_CUDA_CHECK(cudaGetLastError());
 }

@@ -537,12 +537,16 @@ __global__ void __launch_bounds__(kThreads, 1)
 // Merges the splits of every sequence that has several: lse = log Σ exp(lse_i), out = Σ exp(lse_i - lse) out_i.
 // A sequence without splits gets out 0 and lse +inf; one whose split offsets contradict cache_seqlens (a stale
 // schedule) or reach past the workspace gets NaN. Never-written workspace rows hold NaN (the launcher fills them).
-// Grid: (batch, ceil(rows / kCombineRows)); each block merges kCombineRows query rows.
-constexpr int kCombineRows = 4;
+// Grid: (batch, s_q * heads); each block merges one query row. A long sequence at a small batch is cut into as many
+// splits as there are SMs, so the splits' lse values are staged through shared memory a chunk at a time and each
+// thread adds its head_dim_v / 128 output values over the splits in order, their loads independent of one another
+// (a loop whose every step waited for one global load made this step cost more than the decode kernel).
 constexpr int kCombineThreads = 128;
+constexpr int kCombineChunk = kCombineThreads;  // splits staged in shared memory at a time
+constexpr int kCombineValuesPerThread = kMlaLatentDim / kCombineThreads;
 
 __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const MlaDecodeParams p) {
-  const int64_t seq = blockIdx.x;
+  const int64_t seq = blockIdx.x, row = blockIdx.y;
   const int32_t first = p.split_offsets[seq], count = p.split_offsets[seq + 1] - first;
   const int32_t seqlen = p.cache_seqlens[seq];
   const bool consistent = p.split_offsets[0] == 0 && count >= 0 && first >= 0 &&
@@ -550,43 +554,69 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const MlaD
                           seqlen <= p.max_blocks * kMlaPageSize && (count > 0) == (seqlen > 0);
   if (consistent && count == 1) return;  // written directly by the decode kernel
   const int64_t rows = p.s_q * p.heads, dv = p.head_dim_v;
-  for (int64_t row = blockIdx.y * kCombineRows; row < (blockIdx.y + 1) * kCombineRows && row < rows; ++row) {
-    const int64_t token = row / p.heads, head = row % p.heads;
-    auto split_lse = [&](int32_t i) { return p.partial_lse[((first + int64_t{i}) * p.heads + head) * p.s_q + token]; };
-    float lse = INFINITY;
+  const int64_t token = row / p.heads, head = row % p.heads;
+
+  __shared__ float split_lse[kCombineChunk];
+  __shared__ float weight[kCombineChunk];
+  // Every thread of the block calls this with the same begin (count and lse are uniform across the block).
+  auto stage = [&](int32_t begin) {
+    __syncthreads();  // the previous chunk is no longer read
+    const int32_t i = begin + static_cast<int32_t>(threadIdx.x);
+    if (i < count) split_lse[threadIdx.x] = p.partial_lse[((first + int64_t{i}) * p.heads + head) * p.s_q + token];
+    __syncthreads();
+    return min(kCombineChunk, count - begin);
+  };
+
+  float lse = consistent ? INFINITY : NAN;
+  if (consistent && count > 0) {
+    bool nan = false;
     float max_lse = -INFINITY;
-    if (!consistent) {
-      lse = NAN;
-    } else {
-      bool nan = false;
-      for (int32_t i = 0; i < count; ++i) {
-        const float value = split_lse(i);
-        nan |= value != value;
-        max_lse = fmaxf(max_lse, value);
-      }
-      if (nan) {
-        lse = NAN;
-      } else if (max_lse != -INFINITY) {
-        float sum = 0.0f;
-        for (int32_t i = 0; i < count; ++i) sum += expf(split_lse(i) - max_lse);
-        lse = max_lse + logf(sum);
+    for (int32_t begin = 0; begin < count; begin += kCombineChunk) {
+      const int32_t n = stage(begin);
+      for (int32_t i = 0; i < n; ++i) {
+        nan |= split_lse[i] != split_lse[i];
+        max_lse = fmaxf(max_lse, split_lse[i]);
       }
     }
-    for (int64_t d = threadIdx.x; d < dv; d += kCombineThreads) {
-      float merged = 0.0f;
-      if (lse != lse) {
-        merged = NAN;
-      } else if (lse != INFINITY) {
-        for (int32_t i = 0; i < count; ++i) {
-          const float value = split_lse(i);
-          if (value == -INFINITY) continue;  // an empty split's output is undefined
-          merged += expf(value - lse) * p.partial_out[((first + int64_t{i}) * rows + row) * dv + d];
+    if (nan) {
+      lse = NAN;
+    } else if (max_lse != -INFINITY) {
+      float sum = 0.0f;
+      for (int32_t begin = 0; begin < count; begin += kCombineChunk) {
+        const int32_t n = stage(begin);
+        for (int32_t i = 0; i < n; ++i) sum += expf(split_lse[i] - max_lse);
+      }
+      lse = max_lse + logf(sum);
+    }
+  }
+
+  float merged[kCombineValuesPerThread];
+#pragma unroll
+  for (int j = 0; j < kCombineValuesPerThread; ++j) merged[j] = lse != lse ? NAN : 0.0f;
+  if (lse == lse && lse != INFINITY) {
+    for (int32_t begin = 0; begin < count; begin += kCombineChunk) {
+      const int32_t n = stage(begin);
+      if (static_cast<int32_t>(threadIdx.x) < n) weight[threadIdx.x] = expf(split_lse[threadIdx.x] - lse);
+      __syncthreads();
+#pragma unroll 4
+      for (int32_t i = 0; i < n; ++i) {
+        if (split_lse[i] == -INFINITY) continue;  // an empty split's output is undefined
+        const float w = weight[i];
+        const float* values = p.partial_out + ((first + int64_t{begin + i}) * rows + row) * dv;
+#pragma unroll
+        for (int j = 0; j < kCombineValuesPerThread; ++j) {
+          const int64_t d = threadIdx.x + j * kCombineThreads;
+          if (d < dv) merged[j] += w * values[d];
         }
       }
-      p.out[(seq * rows + row) * dv + d] = __bfloat16_as_ushort(__float2bfloat16_rn(merged));
     }
-    if (threadIdx.x == 0) p.lse[(seq * p.heads + head) * p.s_q + token] = lse;
   }
+#pragma unroll
+  for (int j = 0; j < kCombineValuesPerThread; ++j) {
+    const int64_t d = threadIdx.x + j * kCombineThreads;
+    if (d < dv) p.out[(seq * rows + row) * dv + d] = __bfloat16_as_ushort(__float2bfloat16_rn(merged[j]));
+  }
+  if (threadIdx.x == 0) p.lse[(seq * p.heads + head) * p.s_q + token] = lse;
 }
 
 }  // namespace dsv3::cuda::mla
