@@ -116,6 +116,7 @@ def _add_generation_commands(commands) -> None:
     chat = commands.add_parser("chat", help="chat through the checkpoint's template; one user turn per stdin line")
     chat.add_argument("path", help="checkpoint directory")
     add_model_options(chat)
+    add_parallel_options(chat)
     add_sampling_options(chat, max_tokens=128)
     chat.set_defaults(run=_chat)
 

@@ -99,16 +99,32 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_turn(interactive: bool) -> str:
+    """The next stdin line ('' at the end). Under torchrun rank 0 reads it and every rank receives it, so all ranks
+    run the same turns in step."""
+    import torch.distributed as dist
+
+    line = None
+    if _prints():
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
+
+
 def run_chat(args: argparse.Namespace) -> int:
-    """One conversation: each stdin line is a user turn; replies go to stdout. Works with piped input."""
+    """One conversation: each stdin line is a user turn; replies go to stdout. Works with piped input, and under
+    torchrun with --tp/--ep (rank 0 reads the turns and prints the replies)."""
     params = sampling_params(args)
     llm = load(args, args.path)
     interactive = sys.stdin.isatty()
     messages: list[dict[str, str]] = []
     while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
+        line = _read_turn(interactive)
         if not line:
             break
         if not line.strip():
@@ -116,8 +132,9 @@ def run_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line.rstrip("\n")})
         reply = llm.chat(messages, params)
         messages.append({"role": "assistant", "content": reply.text})
-        print(f"assistant: {reply.text}", flush=True)
-    if messages:
+        if _prints():
+            print(f"assistant: {reply.text}", flush=True)
+    if messages and _prints():
         print(format_stats(llm))
     return 0
 

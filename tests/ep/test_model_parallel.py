@@ -59,32 +59,49 @@ def test_world_4(checkpoints, references) -> None:
     run_ranks(4, model_workers.world_4, combos, references, fp8, timeout=120)
 
 
+def _cli(command: list[str], stdin: str | None = None, ranks: int = 1) -> str:
+    """stdout of `python -m dsv3 ...`, in one process or under torchrun with `ranks` processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+    # Its own session, so that a hang kills the workers too, not only torchrun.
+    proc = subprocess.Popen(
+        [*launcher, "-m", "dsv3", *command], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(stdin or "", timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{command[0]} did not finish within 60 s\n{stderr}")
+    assert proc.returncode == 0, stderr
+    return stdout
+
+
+def _without_timings(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if not line.startswith("load ")]
+
+
 def test_generate_command_under_torchrun(checkpoints) -> None:
     """`torchrun --nproc-per-node 2 -m dsv3 generate --tp 2 --ep 2` prints once what one process prints."""
     args = [str(checkpoints[0]), "--prompt", "Hello", "--prompt", "The days", "--max-tokens", "4", "--dtype", "float32"]
     args += ["--temperature", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, "-m", "dsv3", "generate", *args], capture_output=True, text=True, env=env, timeout=60
-    )
-    assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    # Its own session, so that a hang kills the workers too, not only torchrun.
-    proc = subprocess.Popen(
-        [*torchrun, "-m", "dsv3", "generate", *args, "--tp", "2", "--ep", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish within 60 s\n{stderr}")
-    run = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    assert run.returncode == 0, run.stderr
-    texts = [line for line in run.stdout.splitlines() if not line.startswith("load ")]
-    assert texts == [line for line in single.stdout.splitlines() if not line.startswith("load ")]
-    assert run.stdout.count("--- prompt 0") == 1
+    single = _cli(["generate", *args])
+    parallel = _cli(["generate", *args, "--tp", "2", "--ep", "2"], ranks=2)
+    assert _without_timings(parallel) == _without_timings(single)
+    assert parallel.count("--- prompt 0") == 1
+
+
+def test_chat_command_under_torchrun(checkpoints) -> None:
+    """`dsv3 chat --tp 2 --ep 2` under torchrun: rank 0 reads the turns, every rank runs them, one reply per turn."""
+    args = [str(checkpoints[0]), "--max-tokens", "4", "--dtype", "float32", "--ignore-eos"]
+    turns = "Hello\n\nThe days\n"
+    single = _cli(["chat", *args], stdin=turns)
+    parallel = _cli(["chat", *args, "--tp", "2", "--ep", "2"], stdin=turns, ranks=2)
+    assert _without_timings(parallel) == _without_timings(single)
+    assert sum(line.startswith("assistant: ") for line in parallel.splitlines()) == 2
 
 
 def test_layout_rules() -> None:
