@@ -475,12 +475,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("heads"), py::arg("dim"), py::arg("token_stride"), py::arg("head_stride"), py::arg("max_positions"));
   cpu.def(
       "fused_moe",
-      [](std::uintptr_t x, std::uintptr_t topk_weights, std::uintptr_t topk_idx, std::uintptr_t w13,
-         std::uintptr_t w13_scales, std::uintptr_t w2, std::uintptr_t w2_scales, std::uintptr_t shared_w13,
-         std::uintptr_t shared_w13_scales, std::uintptr_t shared_w2, std::uintptr_t shared_w2_scales,
-         std::uintptr_t out, int64_t tokens, int64_t topk, int64_t experts, int64_t hidden, int64_t inter,
-         int64_t shared_inter) {
+      [](std::uintptr_t x, std::uintptr_t x_codes, std::uintptr_t x_scales, std::uintptr_t topk_weights,
+         std::uintptr_t topk_idx, std::uintptr_t w13, std::uintptr_t w13_scales, std::uintptr_t w2,
+         std::uintptr_t w2_scales, std::uintptr_t shared_w13, std::uintptr_t shared_w13_scales,
+         std::uintptr_t shared_w2, std::uintptr_t shared_w2_scales, std::uintptr_t out, int64_t tokens, int64_t topk,
+         int64_t experts, int64_t hidden, int64_t inter, int64_t shared_inter) {
         const dsv3::FusedMoeParams params{pointer<const uint16_t>(x),
+                                          pointer<const uint8_t>(x_codes),
+                                          pointer<const float>(x_scales),
                                           pointer<const float>(topk_weights),
                                           pointer<const int32_t>(topk_idx),
                                           pointer<const uint8_t>(w13),
@@ -501,10 +503,11 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         dsv3::cpu::fused_moe(params);
       },
-      py::arg("x"), py::arg("topk_weights"), py::arg("topk_idx"), py::arg("w13"), py::arg("w13_scales"), py::arg("w2"),
-      py::arg("w2_scales"), py::arg("shared_w13"), py::arg("shared_w13_scales"), py::arg("shared_w2"),
-      py::arg("shared_w2_scales"), py::arg("out"), py::arg("tokens"), py::arg("topk"), py::arg("experts"),
-      py::arg("hidden"), py::arg("inter"), py::arg("shared_inter"));
+      py::arg("x"), py::arg("x_codes"), py::arg("x_scales"), py::arg("topk_weights"), py::arg("topk_idx"),
+      py::arg("w13"), py::arg("w13_scales"), py::arg("w2"), py::arg("w2_scales"), py::arg("shared_w13"),
+      py::arg("shared_w13_scales"), py::arg("shared_w2"), py::arg("shared_w2_scales"), py::arg("out"),
+      py::arg("tokens"), py::arg("topk"), py::arg("experts"), py::arg("hidden"), py::arg("inter"),
+      py::arg("shared_inter"));
   cpu.def(
       "mla_schedule",
       [](std::uintptr_t cache_seqlens, std::uintptr_t metadata, std::uintptr_t split_offsets, int64_t batch,

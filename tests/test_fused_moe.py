@@ -10,7 +10,7 @@ from dsv3.reference import fused_experts as reference_fused_experts
 from dsv3.reference import grouped_topk
 from dsv3.reference import quant as rq
 from dsv3.reference.layers import silu_and_mul
-from dsv3.testing import assert_close, calc_diff
+from dsv3.testing import assert_bitwise_equal, assert_close, calc_diff
 
 # On the CPU the steps are exact but for the GEMMs' fp32 summation order: outputs are held elementwise and to a
 # calc_diff of 1e-5. Hopper's FP8 tensor cores keep only ~14 bits of their running sums, so on a GPU the bf16
@@ -91,6 +91,13 @@ def test_rejects_bad_input(device):
         dsv3.fused_experts(x, weights[:, :1].contiguous(), idx, w13, w2)
     with pytest.raises(TypeError, match="w2: expected a \\(values, scales\\) pair"):
         dsv3.fused_experts(x, weights, idx, w13, w2[0])
+    q, scales = dsv3.per_token_group_quant_fp8(x)
+    with pytest.raises(TypeError, match=r"x: expected a bf16 tensor or a \(values, scales\) pair"):
+        dsv3.fused_experts((q, scales, scales), weights, idx, w13, w2)
+    with pytest.raises(ValueError, match=r"x scales: expected shape \[5, 2\]"):
+        dsv3.fused_experts((q, scales[:, :1].contiguous()), weights, idx, w13, w2)
+    with pytest.raises(TypeError, match="x: expected dtype float8_e4m3fn"):
+        dsv3.fused_experts((x, scales), weights, idx, w13, w2)
     bad = idx.clone()
     bad[0, 0] = 4
     if device.type == "cpu":  # the GPU layout drops such slots and reports them through layout.check()
@@ -114,7 +121,8 @@ def _shared_expert(hidden: int, intermediate: int, device):
 def _reference(x, weights, idx, w13, w2, shared=None):
     cpu = lambda pair: tuple(t.cpu() for t in pair)  # noqa: E731
     shared = {} if shared is None else {"shared_w13": cpu(shared[0]), "shared_w2": cpu(shared[1])}
-    return reference_fused_experts(x.cpu(), weights.cpu(), idx.cpu(), cpu(w13), cpu(w2), **shared)
+    x = cpu(x) if isinstance(x, tuple) else x.cpu()
+    return reference_fused_experts(x, weights.cpu(), idx.cpu(), cpu(w13), cpu(w2), **shared)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -164,6 +172,21 @@ def test_shared_expert_every_layout(device, layout, tokens):
     none = torch.full_like(idx, -1)
     alone = dsv3.fused_experts(x.to(device), weights, none, w13, w2, *shared, layout=layout)
     assert_matches(alone, _reference(x, weights, none, w13, w2, shared), atol=4e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tokens", [1, 70])
+def test_quantized_tokens_give_the_same_bits(device, layout, tokens):
+    # what an FP8 expert-parallel dispatch delivers: the tokens as per_token_group_quant_fp8 quantizes them
+    w13, w2 = _experts(16, 256, 128, device)
+    shared = _shared_expert(256, 256, device)
+    weights, idx = _routing(tokens, 16, 4, 4, device)
+    x = (torch.randn(tokens, 256) * 3).to(torch.bfloat16).to(device)
+    quantized = dsv3.per_token_group_quant_fp8(x)
+    for extra in ((), shared):
+        expected = dsv3.fused_experts(x, weights, idx, w13, w2, *extra, layout=layout)
+        assert_bitwise_equal(dsv3.fused_experts(quantized, weights, idx, w13, w2, *extra, layout=layout), expected)
+    assert torch.equal(_reference(quantized, weights, idx, w13, w2), _reference(x, weights, idx, w13, w2))
 
 
 def test_reference_shared_expert_is_the_moe_layers_sum():

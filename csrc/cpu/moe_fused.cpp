@@ -152,12 +152,19 @@ void fused_moe(const FusedMoeParams& p) {
   const int64_t shared_inter = shared ? p.shared_inter : 0;
   if (tokens == 0) return;
 
-  // 1. Tokens, quantized once: q [tokens, hidden] e4m3, scales [tokens, hidden / 128].
-  const int64_t q_bytes = align64(tokens * hidden);
-  ScratchArray<uint8_t> token_scratch(ScratchSlot::kMoeTokens, q_bytes + tokens * (hidden / kGroup) * 4);
-  uint8_t* x_q = token_scratch.get();
-  float* x_scales = reinterpret_cast<float*>(token_scratch.get() + q_bytes);
-  quantize_tokens(p.x, tokens, hidden, x_q, x_scales);
+  // 1. Tokens, quantized once (unless they came quantized): q [tokens, hidden] e4m3, scales [tokens, hidden / 128].
+  const int64_t q_bytes = p.x_codes ? 0 : align64(tokens * hidden);
+  ScratchArray<uint8_t> token_scratch(ScratchSlot::kMoeTokens,
+                                      p.x_codes ? 0 : q_bytes + tokens * (hidden / kGroup) * 4);
+  const uint8_t* x_q = p.x_codes;
+  const float* x_scales = p.x_scales;
+  if (!p.x_codes) {
+    uint8_t* codes = token_scratch.get();
+    float* scales = reinterpret_cast<float*>(token_scratch.get() + q_bytes);
+    quantize_tokens(p.x, tokens, hidden, codes, scales);
+    x_q = codes;
+    x_scales = scales;
+  }
 
   // 2. Layout: rows grouped by expert, in (token, slot) order within an expert, without padding.
   const int64_t entries = tokens * p.topk;

@@ -91,7 +91,9 @@ struct MoeUnpermuteParams {
 // where expert(x) = down(quant(silu_and_mul(gate_up(quant(x))))), every projection an FP8 block-scaled GEMM and every
 // activation quantized per token and 128 channels, as dsv3.reference.fused_experts specifies.
 struct FusedMoeParams {
-  const uint16_t* x;               // [tokens, hidden] bf16
+  const uint16_t* x;               // [tokens, hidden] bf16, or null when the tokens come quantized:
+  const uint8_t* x_codes;          //   [tokens, hidden] e4m3 (per_token_group_quant_fp8 of the tokens)
+  const float* x_scales;           //   [tokens, hidden / 128]
   const float* topk_weights;       // [tokens, topk]
   const int32_t* topk_idx;         // [tokens, topk] an expert in [0, experts), or -1 for none
   const uint8_t* w13;              // [experts, 2 * inter, hidden] e4m3: gate rows, then up rows
@@ -185,7 +187,9 @@ inline void validate(const FusedMoeParams& p) {
                p.shared_inter, " must be a positive multiple of ", kMoeQuantGroup);
     DSV3_CHECK(p.shared_w13_scales && p.shared_w2 && p.shared_w2_scales, "shared_w13/shared_w2: null pointer");
   }
-  DSV3_CHECK(p.tokens == 0 || (p.x && p.out && (p.topk == 0 || (p.topk_weights && p.topk_idx))),
+  DSV3_CHECK(p.tokens == 0 || !p.x_codes == !p.x_scales, "x: the quantized tokens need both codes and scales");
+  DSV3_CHECK(p.tokens == 0 || !p.x != !p.x_codes, "x: pass either bf16 tokens or quantized ones");
+  DSV3_CHECK(p.tokens == 0 || ((p.x || p.x_codes) && p.out && (p.topk == 0 || (p.topk_weights && p.topk_idx))),
              "x/topk_weights/topk_idx/out: null pointer");
 }
 

@@ -279,8 +279,13 @@ def expert_parallel_moe(
     if moe.stacked is not None and x.dtype == torch.bfloat16 and x.shape[0] <= parallel.ep * LOW_LATENCY_TOKENS:
         return _low_latency_moe(moe, x_part, w_part, idx_part, x, backend, overlap)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx_part, moe.config.n_routed_experts)
+    # FP8 experts quantize their tokens per 128 channels first; quantized before they travel, the tokens cross in
+    # half the bytes and the experts compute the same bits.
+    payload = x_part
+    if moe.stacked is not None and x.dtype == torch.bfloat16:
+        payload = _masked_ops(backend, x.device).per_token_group_quant_fp8(x_part)
     recv_x, recv_idx, recv_w, _, handle, event = buffer.dispatch(
-        x_part, topk_idx=idx_part, topk_weights=w_part, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+        payload, topk_idx=idx_part, topk_weights=w_part, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
         num_tokens_per_expert=per_expert, async_finish=overlap is not None,
     )  # fmt: skip
     shared = overlap(x) if overlap is not None else None

@@ -19,7 +19,7 @@ def _expert(x_q: torch.Tensor, x_s: torch.Tensor, w13: FP8Weights, w2: FP8Weight
 
 
 def fused_experts(
-    x: torch.Tensor,
+    x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     topk_weights: torch.Tensor,
     topk_idx: torch.Tensor,
     w13: FP8Weights,
@@ -32,7 +32,9 @@ def fused_experts(
     """Weighted sum of each token's routed experts, plus the shared expert, every GEMM on FP8 operands as
     DeepSeek-V3 runs them.
 
-    x: bf16 [T, H]; topk_weights f32 [T, k] and topk_idx int32 [T, k] from grouped_topk (-1: no expert);
+    x: bf16 [T, H], or the tokens already quantized (e4m3 [T, H], f32 [T, H/128]) as per_token_group_quant_fp8(x)
+    returns them, which gives the same result (in bf16); topk_weights f32 [T, k] and topk_idx int32 [T, k] from
+    grouped_topk (-1: no expert);
     w13: expert e's gate and up projections stacked, e4m3 [E, 2I, H] with block scales [E, 2I/128, H/128];
     w2: the down projections, e4m3 [E, H, I] with block scales [E, H/128, I/128]. H and I are multiples of 128.
 
@@ -48,8 +50,9 @@ def fused_experts(
     Returns bf16 [T, H].
     """
     t, k = topk_idx.shape
-    x_q, x_s = per_token_group_quant_fp8(x)
-    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
+    quantized = isinstance(x, (tuple, list))
+    x_q, x_s = x if quantized else per_token_group_quant_fp8(x)
+    out = torch.zeros(t, x_q.shape[1], dtype=torch.float32, device=x_q.device)
     for slot in range(k):
         for expert in topk_idx[:, slot].unique().tolist():
             if expert < 0:
@@ -57,7 +60,7 @@ def fused_experts(
             rows = (topk_idx[:, slot] == expert).nonzero().squeeze(1)
             y = _expert(x_q[rows], x_s[rows], (w13[0][expert], w13[1][expert]), (w2[0][expert], w2[1][expert]))
             out[rows] += topk_weights[rows, slot, None] * y.float()
-    out = out.to(x.dtype)
+    out = out.to(torch.bfloat16 if quantized else x.dtype)
     if (shared_w13 is None) != (shared_w2 is None):
         raise ValueError("shared_w13/shared_w2: pass both (the shared expert) or neither")
     return out if shared_w13 is None else out + _expert(x_q, x_s, shared_w13, shared_w2)
