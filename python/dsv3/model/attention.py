@@ -89,7 +89,7 @@ class MLAttention:
         q = torch.cat([q_nope, q_rope], dim=-1)  # [T, h, 192]
         outputs, start = [], 0
         for i, n in enumerate(batch.query_lens):
-            seq_len = int(batch.seq_lens[i])
+            seq_len = batch.cached_lens[i]
             rows = gather_kv(kv_cache, batch.block_table[i], 0, seq_len).to(dtype)  # [L, 576], context + new tokens
             kv = self.kv_b_proj(rows[:, : c.kv_lora_rank]).view(seq_len, self.heads, -1)
             k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)

@@ -20,7 +20,8 @@ class AttentionBatch:
     positions: int64 [T], position of each new token in its sequence (the cache holds positions 0 .. p - 1 before it).
     slot_mapping: int64 [T], flat cache row each new token is written to (page * 64 + offset).
     block_table: int32 [b, max_pages], pages of each sequence in position order.
-    seq_lens: int32 [b], tokens in the cache per sequence once the new ones are written.
+    seq_lens: int32 [b], tokens in the cache per sequence once the new ones are written; cached_lens holds the same
+    counts on the host (per-sequence loops read them there rather than synchronizing with the device).
     mla_schedule: the MLA decode kernel's split-KV schedule (metadata, num_splits) for this batch, set by the
     backend's `plan` once per step and shared by every layer; None where the kernel does not run.
     """
@@ -30,6 +31,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor
     block_table: torch.Tensor
     seq_lens: torch.Tensor
+    cached_lens: tuple[int, ...]
     mla_schedule: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
@@ -60,6 +62,7 @@ class AttentionBatch:
             slot_mapping=compute_slot_mapping(block_table, seq_ids, positions),
             block_table=block_table.to(torch.int32),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            cached_lens=tuple(seq_lens),
         )
 
     @property
