@@ -44,7 +44,9 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'dsv3' has no attribute {name!r}")
     module_name, attribute = _LAZY[name]
     module = importlib.import_module(module_name)
-    return module if attribute is None else getattr(module, attribute)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # resolved once: later lookups skip this function (ops are called in hot loops)
+    return value
 
 
 def __dir__() -> list[str]:
