@@ -28,8 +28,11 @@ $python -m dsv3 info
 
 stage "GPU tests"
 options=()
-# A hung kernel blocks inside the CUDA runtime, where only the thread method's timeout still fires.
-$python -c "import pytest_timeout" 2>/dev/null && options+=(--timeout "${TEST_TIMEOUT:-60}" --timeout-method thread)
+# A hung kernel blocks inside the CUDA runtime, where only the thread method's timeout still fires; 10 s before it,
+# faulthandler writes every thread's stack to the log, so a killed test still says where it was.
+test_timeout=${TEST_TIMEOUT:-60}
+options+=(-o "faulthandler_timeout=$(( test_timeout - 10 ))")
+$python -c "import pytest_timeout" 2>/dev/null && options+=(--timeout "$test_timeout" --timeout-method thread)
 # Worker processes (pytest-xdist) also keep a crashing test from ending the run: its worker is replaced.
 $python -c "import xdist" 2>/dev/null && options+=(-n "${TEST_WORKERS:-8}")
 OMP_NUM_THREADS=2 timeout "${TESTS_LIMIT:-240}" $python -m pytest -v tests/cuda -p no:cacheprovider -rfE "${options[@]}" \
