@@ -15,7 +15,7 @@ def test_build_places_every_new_token():
     assert batch.slot_mapping.tolist() == [3 * 64 + 62, 3 * 64 + 63, 7 * 64, 5 * 64, 5 * 64 + 1]
     assert batch.seq_lens.tolist() == [65, 2] and batch.seq_lens.dtype == torch.int32
     assert batch.cached_lens == (65, 2)  # the same counts, readable without a device synchronization
-    assert batch.last_token_indices().tolist() == [2, 4]
+    assert batch.last_token_rows() == [2, 4]
     assert not batch.absorbed and AttentionBatch.build(table, [65, 2], [1, 1]).absorbed
 
 

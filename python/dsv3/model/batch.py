@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,6 @@ class AttentionBatch:
         """True when attention runs absorbed: every sequence adds the same, small number of tokens."""
         return len(set(self.query_lens)) == 1 and self.query_lens[0] <= ABSORBED_MAX_QUERY
 
-    def last_token_indices(self) -> torch.Tensor:
-        """int64 [b]: index in the flat token dimension of each sequence's last new token."""
-        return torch.tensor(self.query_lens, device=self.positions.device).cumsum(0) - 1
+    def last_token_rows(self) -> list[int]:
+        """Index in the flat token dimension of each sequence's last new token (on the host)."""
+        return [end - 1 for end in itertools.accumulate(self.query_lens)]

@@ -69,12 +69,16 @@ class Engine:
             return self._verify(sequences)
         batch = self._batch(sequences, [1] * len(sequences))
         ids = torch.tensor([s.token_ids[-1] for s in sequences])
-        logits = self.model.logits(self.model.forward(ids, batch, self.cache.layers)).cpu()
-        greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy sequence of the batch
+        logits = self.model.logits(self.model.forward(ids, batch, self.cache.layers))
+        # From a GPU, greedy rows bring back only their argmax (one transfer for the batch) and sampled rows their
+        # logits: not the whole [b, vocab] block.
+        greedy = logits.argmax(dim=-1).tolist()
+        sampled = [i for i, s in enumerate(sequences) if not s.params.greedy]
+        rows = dict(zip(sampled, logits[sampled].cpu(), strict=True)) if sampled else {}
         finished = []
-        for sequence, row, best in zip(sequences, logits, greedy, strict=True):
+        for i, (sequence, best) in enumerate(zip(sequences, greedy, strict=True)):
             sequence.num_computed += 1
-            token = best if sequence.params.greedy else sample(row, sequence.params, sequence.generator)
+            token = best if sequence.params.greedy else sample(rows[i], sequence.params, sequence.generator)
             if sequence.append(token):
                 finished.append(sequence)
         return finished
@@ -108,9 +112,9 @@ class Engine:
         batch = self._batch(sequences, [n for _, n in chunks])
         ids = torch.tensor([t for s, n in chunks for t in s.token_ids[s.num_computed : s.num_computed + n]])
         hidden = self.model.forward(ids, batch, self.cache.layers)
-        last = batch.last_token_indices()
+        last = batch.last_token_rows()
         done = [i for i, (s, n) in enumerate(chunks) if s.num_computed + n == len(s.token_ids)]
-        logits = self.model.logits(hidden[last[done]]).cpu() if done else None
+        logits = self.model.logits(hidden[[last[i] for i in done]]).cpu() if done else None
         starts = [s.num_computed for s in sequences]
         finished = []
         for row, i in enumerate(done):
@@ -122,11 +126,12 @@ class Engine:
         if self.speculative:
             # MTP over the chunk: position p takes the token at p + 1 (the sampled one after a prompt's last token).
             next_ids = [t for (s, n), p in zip(chunks, starts, strict=True) for t in s.token_ids[p + 1 : p + n + 1]]
-            self._draft([sequences[i] for i in done], next_ids, hidden, batch, [int(last[i]) for i in done], finished)
+            self._draft([sequences[i] for i in done], next_ids, hidden, batch, [last[i] for i in done], finished)
         return finished
 
     def _draft(self, sequences, next_ids, hidden, batch, rows, finished) -> None:
         """Set each unfinished sequence's draft from the MTP logits at its row."""
         mtp = self.model.mtp_logits(torch.tensor(next_ids), hidden, batch, self.cache.layers)
-        for sequence, row in zip(sequences, rows, strict=True):
-            sequence.draft = None if sequence in finished else int(mtp[row].argmax())
+        drafts = mtp[rows].argmax(dim=-1).tolist()  # one transfer for the batch
+        for sequence, draft in zip(sequences, drafts, strict=True):
+            sequence.draft = None if sequence in finished else draft
