@@ -11,7 +11,7 @@ import torch
 from dsv3.model.batch import AttentionBatch
 from dsv3.model.transformer import DeepseekV3
 from dsv3.runtime.kv_cache import PagedKVCache
-from dsv3.runtime.sampler import sample, verify_draft
+from dsv3.runtime.sampler import sample, verify_draft, verify_greedy
 from dsv3.runtime.scheduler import Scheduler
 from dsv3.runtime.sequence import Sequence
 
@@ -89,10 +89,16 @@ class Engine:
         batch = self._batch(sequences, [2] * len(sequences))
         ids = torch.tensor([t for s in sequences for t in (s.token_ids[-1], s.draft)])
         hidden = self.model.forward(ids, batch, self.cache.layers)
-        logits = self.model.logits(hidden).cpu().view(len(sequences), 2, -1)
+        logits = self.model.logits(hidden).view(len(sequences), 2, -1)
+        best = logits.argmax(dim=-1).tolist()  # as in _decode: argmaxes for greedy rows, logits for sampled ones
+        sampled = [i for i, s in enumerate(sequences) if not s.params.greedy]
+        rows = dict(zip(sampled, logits[sampled].cpu(), strict=True)) if sampled else {}
         finished, next_ids, draft_rows = [], [], []
         for i, sequence in enumerate(sequences):
-            tokens, accepted = verify_draft(logits[i], sequence.draft, sequence.params, sequence.generator)
+            if sequence.params.greedy:
+                tokens, accepted = verify_greedy(best[i], sequence.draft)
+            else:
+                tokens, accepted = verify_draft(rows[i], sequence.draft, sequence.params, sequence.generator)
             sequence.drafted += 1
             sequence.accepted += accepted
             self.stats.accepted += accepted

@@ -32,6 +32,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
 
 
+def verify_greedy(best: list[int], draft: int) -> tuple[list[int], bool]:
+    """Greedy verification from the argmax of each row: the draft is kept when it is row 0's, and row 1's follows."""
+    first, second = best
+    return ([first, second], True) if first == draft else ([first], False)
+
+
 def verify_draft(
     logits: torch.Tensor, draft: int, params: SamplingParams, generator: torch.Generator
 ) -> tuple[list[int], bool]:
@@ -43,8 +49,7 @@ def verify_draft(
     sampling with a one-hot proposal).
     """
     if params.greedy:
-        first = int(logits[0].argmax())
-        return ([first, int(logits[1].argmax())], True) if first == draft else ([first], False)
+        return verify_greedy(logits.argmax(dim=-1).tolist(), draft)
     probs = probabilities(logits[0], params)
     if float(torch.rand((), generator=generator)) < float(probs[draft]):
         return [draft, sample(logits[1], params, generator)], True
