@@ -88,22 +88,46 @@ class MLAttention:
         c, dtype = self.config, q_nope.dtype
         q = torch.cat([q_nope, q_rope], dim=-1)  # [T, h, 192]
         outputs, start = [], 0
-        for i, n in enumerate(batch.query_lens):
-            seq_len = batch.cached_lens[i]
-            rows = gather_kv(kv_cache, batch.block_table[i], 0, seq_len).to(dtype)  # [L, 576], context + new tokens
-            kv = self.kv_b_proj(rows[:, : c.kv_lora_rank]).view(seq_len, self.heads, -1)
+        for group in _projection_groups(batch.cached_lens):
+            # The cache rows (context + new tokens) of a group of sequences go through kv_b_proj in one call.
+            rows = torch.cat([gather_kv(kv_cache, batch.block_table[i], 0, batch.cached_lens[i]) for i in group])
+            rows = rows.to(dtype)  # [L, 576]
+            kv = self.kv_b_proj(rows[:, : c.kv_lora_rank]).view(rows.shape[0], self.heads, -1)
             k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-            k_rope = rows[:, None, c.kv_lora_rank :].expand(seq_len, self.heads, c.qk_rope_head_dim)
+            k_rope = rows[:, None, c.kv_lora_rank :].expand(rows.shape[0], self.heads, c.qk_rope_head_dim)
             k = torch.cat([k_nope, k_rope], dim=-1)
-            # The new tokens are the last n of the sequence: query j sees keys 0 .. seq_len - n + j.
-            visible = torch.ones(n, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - n)
-            out = F.scaled_dot_product_attention(
-                q[start : start + n].transpose(0, 1),
-                k.transpose(0, 1),
-                v.transpose(0, 1),
-                attn_mask=visible,
-                scale=c.softmax_scale,
-            )
-            outputs.append(out.transpose(0, 1))  # [n, h, v]
-            start += n
+            first = 0
+            for i in group:
+                n, seq_len = batch.query_lens[i], batch.cached_lens[i]
+                keys = slice(first, first + seq_len)
+                # The new tokens are the last n of the sequence: query j sees keys 0 .. seq_len - n + j.
+                visible = torch.ones(n, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - n)
+                out = F.scaled_dot_product_attention(
+                    q[start : start + n].transpose(0, 1),
+                    k[keys].transpose(0, 1),
+                    v[keys].transpose(0, 1),
+                    attn_mask=visible,
+                    scale=c.softmax_scale,
+                )
+                outputs.append(out.transpose(0, 1))  # [n, h, v]
+                start += n
+                first += seq_len
         return torch.cat(outputs)
+
+
+# Cache rows expanded by kv_b_proj at once in prefill: sequences are grouped up to this many rows (one longer
+# sequence alone), which bounds the [rows, heads, 256] keys and values held at a time.
+PROJECTION_ROWS = 8192
+
+
+def _projection_groups(seq_lens: tuple[int, ...]) -> list[list[int]]:
+    """Consecutive sequences grouped so that each group's rows stay within PROJECTION_ROWS."""
+    groups: list[list[int]] = []
+    rows = 0
+    for i, n in enumerate(seq_lens):
+        if not groups or rows + n > PROJECTION_ROWS:
+            groups.append([])
+            rows = 0
+        groups[-1].append(i)
+        rows += n
+    return groups
