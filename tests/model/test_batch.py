@@ -25,4 +25,3 @@ def test_build_rejects_sequences_past_the_block_table():
         AttentionBatch.build(table, [120], [9])
     with pytest.raises(ValueError, match="query_lens: every sequence needs at least one new token"):
         AttentionBatch.build(table, [0], [0])
-
