@@ -73,8 +73,7 @@ class Engine:
         # From a GPU, greedy rows bring back only their argmax (one transfer for the batch) and sampled rows their
         # logits: not the whole [b, vocab] block.
         greedy = logits.argmax(dim=-1).tolist()
-        sampled = [i for i, s in enumerate(sequences) if not s.params.greedy]
-        rows = dict(zip(sampled, logits[sampled].cpu(), strict=True)) if sampled else {}
+        rows = _sampled_rows(sequences, logits)
         finished = []
         for i, (sequence, best) in enumerate(zip(sequences, greedy, strict=True)):
             sequence.num_computed += 1
@@ -91,8 +90,7 @@ class Engine:
         hidden = self.model.forward(ids, batch, self.cache.layers)
         logits = self.model.logits(hidden).view(len(sequences), 2, -1)
         best = logits.argmax(dim=-1).tolist()  # as in _decode: argmaxes for greedy rows, logits for sampled ones
-        sampled = [i for i, s in enumerate(sequences) if not s.params.greedy]
-        rows = dict(zip(sampled, logits[sampled].cpu(), strict=True)) if sampled else {}
+        rows = _sampled_rows(sequences, logits)
         finished, next_ids, draft_rows = [], [], []
         for i, sequence in enumerate(sequences):
             if sequence.params.greedy:
@@ -141,3 +139,9 @@ class Engine:
         drafts = mtp[rows].argmax(dim=-1).tolist()  # one transfer for the batch
         for sequence, draft in zip(sequences, drafts, strict=True):
             sequence.draft = None if sequence in finished else draft
+
+
+def _sampled_rows(sequences: list[Sequence], logits: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Batch index -> logits on the host, for the sequences that sample (greedy ones need only their argmax)."""
+    sampled = [i for i, s in enumerate(sequences) if not s.params.greedy]
+    return dict(zip(sampled, logits[sampled].cpu(), strict=True)) if sampled else {}
