@@ -35,10 +35,11 @@ options+=(-o "faulthandler_timeout=$(( test_timeout - 10 ))")
 $python -c "import pytest_timeout" 2>/dev/null && options+=(--timeout "$test_timeout" --timeout-method thread)
 # Worker processes (pytest-xdist) also keep a crashing test from ending the run: its worker is replaced.
 $python -c "import xdist" 2>/dev/null && options+=(-n "${TEST_WORKERS:-8}")
-OMP_NUM_THREADS=2 timeout "${TESTS_LIMIT:-240}" $python -m pytest -v tests/cuda -p no:cacheprovider -rfE "${options[@]}" \
+OMP_NUM_THREADS=2 timeout "${TESTS_LIMIT:-240}" $python -m pytest -v tests/cuda -p no:cacheprovider -rfE --durations=25 "${options[@]}" \
   >"$logs/tests.log" 2>&1
 tests_status=$?
 grep -E "FAILED|ERROR|crashed|Timeout|[0-9]+ (passed|failed)" "$logs/tests.log" | tail -n 60
+sed -n "/slowest/,/^$/p" "$logs/tests.log" | head -n 30
 
 stage self-check
 timeout 120 $python -m dsv3 check --device cuda 2>&1 | tail -n 30
