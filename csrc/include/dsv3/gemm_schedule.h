@@ -14,14 +14,14 @@ enum class Fp8GemmVariant : int32_t {
   // 64-wide side, instead of padding a handful of tokens to 128 rows
   kSwapAB128x64 = 1,
   // 64 (tokens) x 128 tiles, the two consumer warp groups alternating tiles so that one's scale promotion and
-  // epilogue overlap the other's MMAs; data-parallel only (not chosen by the heuristic until measured faster)
+  // epilogue overlap the other's MMAs; data-parallel only
   kPingpong64x128 = 2,
 };
 
 enum class Fp8GemmDecomposition : int32_t {
   kDataParallel = 0,  // one CTA per output tile (persistent over waves)
   kSplitK = 1,        // `splits` CTAs share each tile's K range; partial sums reduced through the workspace
-  kStreamK = 2,       // K iterations of all tiles spread evenly over the SMs (only when forced: never faster here)
+  kStreamK = 2,       // K iterations of all tiles spread evenly over the SMs
 };
 
 struct Fp8GemmSchedule {
@@ -32,23 +32,38 @@ struct Fp8GemmSchedule {
 };
 
 constexpr int64_t kSwapABMaxTokens = 64;
-// Measured on an H200 (132 SMs) by benchmarks/sweep_gemm_schedule.py over DeepSeek-V3's shapes at 1-128 tokens:
+// Measured on an H200 (132 SMs) by benchmarks/sweep_gemm_schedule.py over DeepSeek-V3's shapes at 1-4096 tokens
+// (benchmarks/results/NVIDIA_H200-*-gemm-schedules.json; tests/test_gemm_schedule.py holds the heuristic to them):
+// - with >= 48 ping-pong tiles, ping-pong 64x128 beat every other schedule up to 128 tokens (N=7168 K=16384:
+//   45 us against 48-50; N=7168 K=2048: 12.0-12.6 against 12.9-14.3; N=24576: 20.2 against 20.9-23.2), and up to
+//   512 tokens while its tiles fit one wave (N=1536/2048 at M=512: 22.4/23.0 against 23.5/24.3); with more tiles
+//   at more tokens it lost to the cooperative 128x128 tiles (M=512 N=4096: 38 against 30 us);
 // - a CTA takes ~0.8 us per 128-wide K block whatever the token count, so small-M GEMMs with few output tiles are
 //   bound by the K loop of each CTA and gain from splitting K;
 // - but each extra split costs a partial-sum reduction: 2-3 splits won every case with >= 16 K blocks per split
 //   (N=576/1536/2048 at K=7168: 3 splits, 17-19 us, against 20-28 us for stream-K or 8-11 splits), and more lost;
-// - stream-K never beat the best fixed split by more than noise, and lost to data-parallel on short K (N=7168 at
-//   K=2048: 13 us data-parallel, 16 us stream-K).
+// - between one and two waves of 128x128 tiles the second wave leaves SMs idle and stream-K won when K is long
+//   (M=4096 N=576 K=7168: 40.6 against 52.1 us; M=512 N=7168 K=16384: 114 against 123) but not at K=2048 (23.6
+//   against 22.1); from three waves on, one CTA per tile was as fast or faster (M=4096 N=1536: 80.7 against 85.8).
+constexpr int64_t kMinPingpongTiles = 48;
+constexpr int64_t kPingpongMaxTokens = 128;
 constexpr int64_t kMaxSplits = 3;
 constexpr int64_t kMinKBlocksPerSplit = 16;
 
 inline Fp8GemmSchedule choose_fp8_gemm_schedule(int64_t m, int64_t n, int64_t k, int num_sms) {
-  const bool swap = m <= kSwapABMaxTokens;
-  const int64_t rows = swap ? n : m, cols = swap ? m : n, tile_cols = swap ? 64 : 128;
-  const int64_t tiles = ((rows + 127) / 128) * ((cols + tile_cols - 1) / tile_cols);
-  const Fp8GemmVariant variant = swap ? Fp8GemmVariant::kSwapAB128x64 : Fp8GemmVariant::kTile128x128;
   const int64_t sms = std::max(num_sms, 1);
+  const int64_t n_tiles = (n + 127) / 128;
+  const int64_t pingpong_tiles = (m + 63) / 64 * n_tiles;
+  if (pingpong_tiles >= kMinPingpongTiles && (m <= kPingpongMaxTokens || pingpong_tiles <= sms)) {
+    return {Fp8GemmVariant::kPingpong64x128, Fp8GemmDecomposition::kDataParallel, 1, pingpong_tiles};
+  }
+  const bool swap = m <= kSwapABMaxTokens;
+  const int64_t tiles = swap ? n_tiles * ((m + 63) / 64) : (m + 127) / 128 * n_tiles;
+  const Fp8GemmVariant variant = swap ? Fp8GemmVariant::kSwapAB128x64 : Fp8GemmVariant::kTile128x128;
   const int64_t k_blocks = (k + 127) / 128;
+  if (tiles > sms && tiles < 2 * sms && k_blocks >= 2 * kMinKBlocksPerSplit) {
+    return {variant, Fp8GemmDecomposition::kStreamK, 1, tiles};
+  }
   // Split K only while the splits still fit on the SMs side by side and each keeps a long K loop.
   const int64_t splits = tiles == 0 ? 1 : std::min({kMaxSplits, sms / tiles, k_blocks / kMinKBlocksPerSplit});
   if (splits <= 1) return {variant, Fp8GemmDecomposition::kDataParallel, 1, tiles};
