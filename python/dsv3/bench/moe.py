@@ -1,5 +1,6 @@
-"""MoE routing and token (un)permutation vs the plain-torch reference (dsv3.reference.moe), and the routed experts
-(fused_experts: grouped FP8 GEMMs) vs a torch loop over experts with bf16 weights, on DeepSeek-V3 sizes."""
+"""MoE routing and token (un)permutation vs the plain-torch reference (dsv3.reference.moe), the grouped FP8 GEMMs
+(contiguous and masked) vs one batched bf16 matmul over the same groups, and the routed experts (fused_experts) vs a
+torch loop over experts with bf16 weights, on DeepSeek-V3 sizes."""
 
 from __future__ import annotations
 
@@ -73,8 +74,62 @@ def run(device: torch.device, quick: bool = False, reps: int | None = None) -> R
                 baseline_us=timer(lambda y=y_ref, la=ref_layout, w=weights: ref.unpermute_tokens(y, la, w)),
             )
         )  # fmt: skip
+    _grouped_gemm_rows(report, timer, device, quick)
     _fused_experts_rows(report, timer, device, quick)
     return report
+
+
+def _grouped_weights(groups: int, n: int, k: int, device: torch.device):
+    q, s = dsv3.per_block_quant_fp8(torch.randn(groups * n, k, device=device) * 0.02)
+    return (q.view(groups, n, k), s.view(groups, n // 128, k // 128)), dsv3.dequant_fp8_block(q, s).view(groups, n, k)
+
+
+def _grouped_gemm_rows(report: Report, timer: Timer, device: torch.device, quick: bool) -> None:
+    """The expert GEMMs alone: gate/up (N=2x2048, K=7168) and down (N=7168, K=2048). Contiguous: prefill-sized groups
+    (4096 tokens per expert on a GPU); masked: a decode step's few tokens per local expert (32 experts, 256 rows
+    reserved each), where reading the weights is the whole cost."""
+    on_gpu = device.type == "cuda"
+    shapes = [("gate/up", 2 * INTERMEDIATE, HIDDEN), ("down", HIDDEN, INTERMEDIATE)]
+    contiguous_groups, tokens_per_group = (8, 4096) if on_gpu else (2, 64)
+    masked_groups, masked_rows = (32, 256) if on_gpu else (4, 32)
+    masked_tokens = ([16] if quick else [16, 64]) if on_gpu else [8]
+    for name, n, k in shapes:
+        b, dense = _grouped_weights(contiguous_groups, n, k, device)
+        rows = contiguous_groups * tokens_per_group
+        a = dsv3.per_token_group_quant_fp8(torch.randn(rows, k, dtype=torch.bfloat16, device=device))
+        groups = torch.arange(contiguous_groups, dtype=torch.int32, device=device)
+        m_indices = groups.repeat_interleave(tokens_per_group)
+        x = torch.randn(contiguous_groups, tokens_per_group, k, dtype=torch.bfloat16, device=device)
+        us, baseline_us = timer.pair(
+            lambda a=a, b=b, m=m_indices: dsv3.m_grouped_fp8_gemm_nt_contiguous(a, b, m),
+            lambda x=x, w=dense: torch.bmm(x, w.transpose(1, 2)),
+        )
+        report.add(
+            Row(
+                "grouped gemm contiguous", f"{name} G={contiguous_groups} M={tokens_per_group} N={n} K={k}",
+                device.type, us=us, bytes=b[0].numel() + rows * k + rows * n * 2, flops=2 * rows * n * k,
+                peak="fp8_flops", baseline="torch bf16 bmm", baseline_us=baseline_us,
+            )
+        )  # fmt: skip
+        b, dense = _grouped_weights(masked_groups, n, k, device)
+        a = dsv3.per_token_group_quant_fp8(torch.randn(masked_groups * masked_rows, k, dtype=torch.bfloat16,
+                                                       device=device))  # fmt: skip
+        a = (a[0].view(masked_groups, masked_rows, k), a[1].view(masked_groups, masked_rows, k // 128))
+        for tokens in masked_tokens:
+            counts = torch.full((masked_groups,), tokens, dtype=torch.int32, device=device)
+            x = torch.randn(masked_groups, tokens, k, dtype=torch.bfloat16, device=device)
+            us, baseline_us = timer.pair(
+                lambda a=a, b=b, c=counts, t=tokens: dsv3.m_grouped_fp8_gemm_nt_masked(a, b, c, t),
+                lambda x=x, w=dense: torch.bmm(x, w.transpose(1, 2)),
+            )
+            used = masked_groups * tokens
+            report.add(
+                Row(
+                    "grouped gemm masked", f"{name} G={masked_groups} m={tokens} N={n} K={k}", device.type, us=us,
+                    bytes=b[0].numel() + used * k + used * n * 2, flops=2 * used * n * k, peak="fp8_flops",
+                    baseline="torch bf16 bmm", baseline_us=baseline_us,
+                )
+            )  # fmt: skip
 
 
 def _torch_expert_loop(x, weights, idx, w13, w2):
