@@ -35,8 +35,10 @@ def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
 
 
 def scale_from_amax(amax: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:
-    """fp32 scale of a group from its fp32 amax."""
-    scale = amax.clamp(min=AMAX_FLOOR) / FP8_MAX
+    """fp32 scale of a group from its fp32 amax (a correctly rounded division, on every device)."""
+    # Divided by a tensor, not a Python number: PyTorch's CUDA kernels multiply by the rounded reciprocal of a scalar
+    # divisor, which is one ulp off for some amax and then moves codes across a rounding boundary.
+    scale = amax.clamp(min=AMAX_FLOOR) / torch.tensor(FP8_MAX, device=amax.device)
     return round_scale_ue8m0(scale) if ue8m0 else scale
 
 
