@@ -142,40 +142,100 @@ __device__ __forceinline__ void issue_page_load(const MlaDecodeParams& p, const 
   }
 }
 
-// Raw 656-byte rows -> the swizzled bf16 tile (latent e4m3 codes widened exactly, rope copied) and the [64][4] group
-// scales; rows >= valid become zeros (codes and scales), so P = 0 there cannot meet NaN in V. 64 rows x 9 chunks x 8
-// sixteen-byte units, spread over all 256 threads.
-__device__ __forceinline__ void unpack_page(const uint8_t* raw, uint8_t* tile, float* scales, int valid) {
-  constexpr int kUnits = kMlaPageSize * kChunks * 8;
-  if (threadIdx.x < kMlaPageSize) {
-    const int row = threadIdx.x;
-    const float4 group_scales = row < valid
-                                    ? *reinterpret_cast<const float4*>(raw + row * kMlaFp8RowBytes + kMlaLatentDim)
-                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    reinterpret_cast<float4*>(scales)[row] = group_scales;
-  }
-  for (int u = threadIdx.x; u < kUnits; u += kThreads) {
-    const int row = u / (kChunks * 8), chunk = (u / 8) % kChunks, unit = u % 8;
-    uint4 packed = make_uint4(0, 0, 0, 0);
-    if (row < valid) {
-      const uint8_t* src = raw + row * kMlaFp8RowBytes;
-      if (chunk < kChunks - 1) {
-        const uint2 codes = *reinterpret_cast<const uint2*>(src + chunk * 64 + unit * 8);
-        const uint32_t words[2] = {codes.x, codes.y};
-        uint32_t out[4];
+// Four e4m3 codes (one word, the first code in the low byte) -> four bf16 values in two bf16x2 words, exactly.
+// The conversion instructions (e4m3 -> f16 -> f32 -> bf16) issue at a quarter of the integer rate and made widening
+// a page cost more than its MMAs; this takes a byte permute, a shift and a mask per pair of codes plus one bf16
+// multiply. A code s.eeee.mmm written as the bf16 bits s.0000eeee.mmm0000 reads as its value times 2^-120: both
+// formats spend their exponent field the same way (exponent 0 marks the subnormals, the mantissa continues the
+// leading zeros), so normal and subnormal codes alike are 2^120 away, and the multiply by 2^120 is exact.
+// The result's flag bits (0x80 of a byte) mark NaN codes (s.1111.111), which this mapping would read as ±480: the
+// caller widens such rows the slow way instead.
+__device__ __forceinline__ uint32_t widen_e4m3x4(uint32_t codes, uint32_t& low, uint32_t& high) {
+  constexpr uint32_t kFields = 0x87F087F0u;  // sign, exponent and mantissa of each bf16 half after the shift
+  constexpr uint32_t kTwoPow120 = 0x7B807B80u;
+  // each 16-bit half becomes [code, its sign replicated over a byte] (prmt's sign-replicating selector nibbles)
+  uint32_t low_pair, high_pair;
+  asm("prmt.b32 %0, %1, 0, 0x9180;" : "=r"(low_pair) : "r"(codes));
+  asm("prmt.b32 %0, %1, 0, 0xB3A2;" : "=r"(high_pair) : "r"(codes));
+  low_pair = (low_pair << 4) & kFields;
+  high_pair = (high_pair << 4) & kFields;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(low) : "r"(low_pair), "r"(kTwoPow120));
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(high) : "r"(high_pair), "r"(kTwoPow120));
+  return ((codes & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u;  // a byte with all seven low bits set carries to 0x80
+}
+
+// Eight e4m3 codes -> eight bf16 through the conversion instructions (NaN codes stay NaN).
+__device__ __forceinline__ uint4 widen_e4m3x8_converting(uint2 codes) {
+  const uint32_t words[2] = {codes.x, codes.y};
+  uint32_t out[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(words[i / 2] >> (16 * (i % 2)));
-          const float2 values = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
-          const __nv_bfloat162 widened = __floats2bfloat162_rn(values.x, values.y);  // exact: e4m3 fits bf16
-          out[i] = *reinterpret_cast<const uint32_t*>(&widened);
-        }
-        packed = make_uint4(out[0], out[1], out[2], out[3]);
-      } else {
-        packed = *reinterpret_cast<const uint4*>(src + kMlaLatentDim + 16 + unit * 16);
+  for (int i = 0; i < 4; ++i) {
+    const __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(words[i / 2] >> (16 * (i % 2)));
+    const float2 values = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+    const __nv_bfloat162 widened = __floats2bfloat162_rn(values.x, values.y);  // exact: e4m3 fits bf16
+    out[i] = *reinterpret_cast<const uint32_t*>(&widened);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// Raw 656-byte rows -> the swizzled bf16 tile (latent e4m3 codes widened exactly, rope copied) and the [64][4] group
+// scales; rows >= valid become zeros (codes and scales), so P = 0 there cannot meet NaN in V.
+// Thread t widens the 16-byte unit t % 8 of latent chunk (t / 8) % 8 in rows t / 64 + 4 i (i = 0..15): its columns
+// are fixed, so every address is a base plus a constant, rows alternate between two swizzle patterns, and each
+// batch of loads goes out before the conversions wait on it. A warp reads 256 contiguous bytes of a row and writes
+// one 128-byte row segment of each of four chunks, so neither side has bank conflicts.
+__device__ __forceinline__ void unpack_page(const uint8_t* raw, uint8_t* tile, float* scales, int valid) {
+  constexpr int kRowStep = kThreads / 64;                  // 4: rows apart between a thread's latent units
+  constexpr int kRowsPerThread = kMlaPageSize / kRowStep;  // 16
+  constexpr int kBatch = 4;                                // loads in flight per thread
+  static_assert(kThreads == 256, "64 threads per 4 rows x 8 chunks x 8 units, 8 per rope row");
+  const int thread = threadIdx.x;
+  if (thread < kMlaPageSize) {
+    const float4 group_scales = thread < valid
+                                    ? *reinterpret_cast<const float4*>(raw + thread * kMlaFp8RowBytes + kMlaLatentDim)
+                                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    reinterpret_cast<float4*>(scales)[thread] = group_scales;
+  }
+  const int unit = thread % 8, chunk = (thread / 8) % 8, first_row = thread / 64;
+  const uint8_t* source = raw + first_row * kMlaFp8RowBytes + chunk * 64 + unit * 8;
+  // rows first_row + 8 j (swizzle row & 7 = first_row) and first_row + 4 + 8 j (row & 7 = first_row + 4)
+  uint8_t* even_rows = tile + chunk * kChunkBytes + first_row * 128 + ((unit ^ first_row) << 4);
+  uint8_t* odd_rows = tile + chunk * kChunkBytes + (first_row + 4) * 128 + ((unit ^ first_row ^ 4) << 4);
+  auto destination = [&](int i) { return (i % 2 ? odd_rows : even_rows) + (i / 2) * 8 * 128; };
+  uint32_t nan_flags = 0;
+#pragma unroll
+  for (int batch = 0; batch < kRowsPerThread; batch += kBatch) {
+    uint2 codes[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = batch + j;
+      codes[j] = first_row + kRowStep * i < valid
+                     ? *reinterpret_cast<const uint2*>(source + i * kRowStep * kMlaFp8RowBytes)
+                     : make_uint2(0, 0);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      uint4 packed;
+      nan_flags |= widen_e4m3x4(codes[j].x, packed.x, packed.y) | widen_e4m3x4(codes[j].y, packed.z, packed.w);
+      *reinterpret_cast<uint4*>(destination(batch + j)) = packed;
+    }
+  }
+  if (nan_flags != 0) {  // a NaN code among this thread's rows (never written by append_kv_cache)
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      if (first_row + kRowStep * i < valid) {
+        const uint2 codes = *reinterpret_cast<const uint2*>(source + i * kRowStep * kMlaFp8RowBytes);
+        *reinterpret_cast<uint4*>(destination(i)) = widen_e4m3x8_converting(codes);
       }
     }
-    *reinterpret_cast<uint4*>(tile + chunk * kChunkBytes + swizzled_offset(row, unit)) = packed;
+  }
+  // the rope: 64 rows x 8 sixteen-byte units of bf16, two per thread, copied
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int row = thread / 8 + 32 * j;
+    const uint4 rope =
+        row < valid ? *reinterpret_cast<const uint4*>(raw + row * kMlaFp8RowBytes + kMlaLatentDim + 16 + unit * 16)
+                    : make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4*>(tile + (kChunks - 1) * kChunkBytes + swizzled_offset(row, unit)) = rope;
   }
 }
 
@@ -345,25 +405,30 @@ __global__ void __launch_bounds__(kThreads, 1)
           Wgmma<kHalf>::template mma<0>(s, a, b, decltype(kk)::value != 0);
         });
         wgmma_commit();
-        static_for<4>([&](auto g) {
-          float group[kHalf / 2];
-#pragma unroll
-          for (int i = 0; i < kHalf / 2; ++i) group[i] = 0.0f;
+        // the groups' MMAs go out together (one wait instead of four); at N = 64 two at a time, for registers
+        constexpr int kGroupsAtOnce = N == 64 ? 2 : 4;
+        static_for<4 / kGroupsAtOnce>([&](auto batch) {
+          float group[kGroupsAtOnce][kHalf / 2];
           wgmma_fence();
-          static_for<8>([&](auto step) {
-            constexpr int c = 2 * decltype(g)::value + decltype(step)::value / 4, kk = decltype(step)::value % 4;
+          static_for<kGroupsAtOnce * 8>([&](auto step) {
+            constexpr int j = decltype(step)::value / 8, g = decltype(batch)::value * kGroupsAtOnce + j;
+            constexpr int c = 2 * g + (decltype(step)::value % 8) / 4, kk = decltype(step)::value % 4;
             const uint64_t a = advance_descriptor<c * kChunkBytes + kk * 32>(k_descriptor);
             const uint64_t b = advance_descriptor<c * N * 128 + kk * 32>(q_descriptor);
-            Wgmma<kHalf>::template mma<0>(group, a, b, decltype(step)::value != 0);
+            Wgmma<kHalf>::template mma<0>(group[j], a, b, decltype(step)::value % 8 != 0);
           });
           wgmma_commit();
           wgmma_wait<0>();
-          fence_registers(group);
           fence_registers(s);
-          const float scale_low = page_scales[(warp * 16 + lane / 4) * 4 + decltype(g)::value];
-          const float scale_high = page_scales[(warp * 16 + lane / 4 + 8) * 4 + decltype(g)::value];
 #pragma unroll
-          for (int i = 0; i < kHalf / 2; ++i) s[i] += ((i / 2) % 2 ? scale_high : scale_low) * group[i];
+          for (int j = 0; j < kGroupsAtOnce; ++j) {
+            fence_registers(group[j]);
+            const int g = decltype(batch)::value * kGroupsAtOnce + j;
+            const float scale_low = page_scales[(warp * 16 + lane / 4) * 4 + g];
+            const float scale_high = page_scales[(warp * 16 + lane / 4 + 8) * 4 + g];
+#pragma unroll
+            for (int i = 0; i < kHalf / 2; ++i) s[i] += ((i / 2) % 2 ? scale_high : scale_low) * group[j][i];
+          }
         });
       }
       // ---- online softmax over the 64 tokens (rows) of each column, log2 domain ----
