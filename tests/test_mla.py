@@ -127,6 +127,19 @@ def test_decode_fp8_cache_matches_reference(device, causal):
     assert torch.isfinite(out).all()
 
 
+def test_fp8_nan_code_in_a_used_row_reaches_the_output_like_the_reference(device):
+    # every e4m3 code is read as its value: a NaN code (0x7F) in a row a sequence owns makes that sequence's outputs
+    # and lse NaN, as in the reference (a fast widening that reads it as 480 would pass a plausible wrong result on)
+    cache, block_table, seqlens = _paged_cache([70, 130], fp8=True)
+    cache.view(-1, 64, ref.FP8_ROW_BYTES)[int(block_table[1, 1]), 3, 200] = 0x7F  # sequence 1, token 67, dim 200
+    q = torch.randn(2, 1, 16, ref.HEAD_DIM).to(torch.bfloat16)
+    out, lse = _decode(q.to(device), cache.to(device), block_table.to(device), seqlens.to(device), False)
+    r_out, r_lse = ref.mla_decode_with_kvcache(q, cache, block_table, seqlens)
+    assert torch.isnan(r_out[1]).all() and torch.isnan(r_lse[1]).all()
+    assert torch.equal(out.cpu().isnan(), r_out.isnan()) and torch.equal(lse.cpu().isnan(), r_lse.isnan())
+    assert_close(out[0].cpu().float(), r_out[0].float(), atol=8e-3, rtol=8e-3, name="out of the other sequence")
+
+
 def test_fp8_cache_is_within_fp8_tolerance_of_bf16_cache(device):
     seqlens = [300, 1000]
     bf16_cache, block_table, lengths = _paged_cache(seqlens, device=device)

@@ -568,7 +568,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int row = tile_row0 + n;
         if (row >= rows) continue;
         const float sum = column_sum[n];
-        const float inverse = poisoned ? NAN : (sum > 0.0f ? 1.0f / sum : 0.0f);
+        // sum 0: nothing visible (out 0); NaN: a NaN key or value met this column, which must reach the output
+        const float inverse = poisoned ? NAN : (sum > 0.0f ? 1.0f / sum : (sum == 0.0f ? 0.0f : NAN));
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) {
           const int64_t d = wg * 256 + mt * 64 + warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
@@ -584,8 +585,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (thread < N && tile_row0 + thread < rows) {
         const int row = tile_row0 + thread, token = row / heads, head = row % heads;
         const float sum = column_sum[thread];
-        float lse =
-            sum > 0.0f ? (column_max[thread] + log2f(sum)) * 0.69314718055994531f : (direct ? INFINITY : -INFINITY);
+        // an empty split's -inf makes the combine skip it, so a NaN sum must stay NaN here
+        float lse = sum > 0.0f    ? (column_max[thread] + log2f(sum)) * 0.69314718055994531f
+                    : sum == 0.0f ? (direct ? INFINITY : -INFINITY)
+                                  : NAN;
         if (poisoned) lse = NAN;
         if (direct) {
           p.lse[(static_cast<int64_t>(seq) * heads + head) * s_q + token] = lse;
