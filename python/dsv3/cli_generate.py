@@ -14,6 +14,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "bf16", "fp8"])
     parser.add_argument("--backend", default="kernels", choices=["kernels", "reference"])
     parser.add_argument("--speculative", default=None, choices=["mtp"], help="draft with the MTP module")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (cuda, bfloat16, no MTP)"
+    )
 
 
 def add_parallel_options(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +50,7 @@ def load(args: argparse.Namespace, path: str | Path):
         backend=args.backend,
         tensor_parallel_size=getattr(args, "tp", 1),
         expert_parallel_size=getattr(args, "ep", 1),
+        cuda_graphs=getattr(args, "cuda_graphs", False),
     )
 
 

@@ -55,3 +55,25 @@ def test_bfloat16_generate_runs_on_the_gpu(tiny, device):
     outputs = llm.generate(PROMPTS, GREEDY)
     vocab = llm.model.config.vocab_size
     assert all(o.num_generated_tokens == 12 and all(0 <= t < vocab for t in o.token_ids) for o in outputs)
+
+
+def test_cuda_graph_decode_gives_the_eager_tokens(tiny, device):
+    eager = LLM(tiny, device="cuda", dtype="bfloat16", num_kv_pages=16)
+    graphed = LLM(tiny, device="cuda", dtype="bfloat16", num_kv_pages=16, cuda_graphs=True)
+    # four prompts: a captured batch size exactly; the longest crosses a page boundary while decoding
+    prompts = [*PROMPTS, [0, *range(100, 160)]]
+    expected = [o.token_ids for o in eager.generate(prompts, GREEDY)]
+    assert [o.token_ids for o in graphed.generate(prompts, GREEDY)] == expected
+    assert sorted(graphed.decode_graphs.graphs) == [4]
+    # three sequences replay the same graph with one padding row
+    expected = [o.token_ids for o in eager.generate(PROMPTS, GREEDY)]
+    assert [o.token_ids for o in graphed.generate(PROMPTS, GREEDY)] == expected
+    assert sorted(graphed.decode_graphs.graphs) == [4]
+
+
+def test_cuda_graph_decode_falls_back_to_eager_above_the_largest_size(tiny, device):
+    prompts = [[0, 7 + i] for i in range(65)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    graphed = LLM(tiny, device="cuda", dtype="bfloat16", num_kv_pages=80, max_num_seqs=80, cuda_graphs=True)
+    outputs = graphed.generate(prompts, params)
+    assert all(o.num_generated_tokens == 3 for o in outputs) and graphed.decode_graphs.graphs == {}

@@ -48,6 +48,7 @@ def test_demo_makes_the_checkpoint_then_checks_and_generates(tmp_path):
     [
         (["--dtype", "float16"], "invalid choice: 'float16'"),
         (["--max-tokens", "-3"], "max_tokens: expected an int >= 1"),
+        (["--cuda-graphs"], "cuda_graphs: the model runs on cpu, CUDA graphs need device='cuda'"),
     ],
 )
 def test_generate_rejects_bad_arguments(tiny, args, message):

@@ -4,7 +4,8 @@ transformers' DeepseekV3ForCausalLM.generate on its BF16 conversion, in the same
 Rows: `us` is the time per token (prefill: per prompt token; decode: per generated token, all sequences together),
 so `x base` is the throughput ratio; extra holds tokens/s. Both sides run greedy, bf16, with the same prompt lengths
 and number of new tokens (EOS ignored). dsv3's phase times come from its engine; transformers' decode time is its
-generate time minus a forward pass over the prompts.
+generate time minus a forward pass over the prompts. On a GPU a third row per batch times dsv3's decode replayed from
+CUDA graphs (LLM(cuda_graphs=True)).
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ def _prompts(batch: int, length: int) -> list[list[int]]:
     return [[0, *torch.randint(4, 1000, (length - 1,), generator=generator).tolist()] for _ in range(batch)]
 
 
-def _dsv3(path, device, prompts, new_tokens) -> tuple[float, float]:
+def _dsv3(path, device, prompts, new_tokens, cuda_graphs=False) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s)."""
     from dsv3.runtime import LLM, SamplingParams
 
-    llm = LLM(path, device=device.type, dtype="bfloat16", max_num_batched_tokens=4096, num_kv_pages=64)
+    llm = LLM(
+        path, device=device.type, dtype="bfloat16", max_num_batched_tokens=4096, num_kv_pages=64,
+        cuda_graphs=cuda_graphs,
+    )  # fmt: skip
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
     s = llm.stats
@@ -76,6 +80,15 @@ def run(device: torch.device, quick: bool = False, reps: int | None = None) -> R
                         f"generate {phase}", f"batch={batch}", device.type, us=1e6 / mine,
                         baseline="transformers", baseline_us=1e6 / base,
                         extra={"tokens_per_s": mine, "baseline_tokens_per_s": base},
+                    )
+                )  # fmt: skip
+            if device.type == "cuda":  # the same decode replayed from CUDA graphs (captured in the warm-up call)
+                graphed = _dsv3(fp8, device, prompts, new_tokens, cuda_graphs=True)[1]
+                report.add(
+                    Row(
+                        "generate decode, CUDA graphs", f"batch={batch}", device.type, us=1e6 / graphed,
+                        baseline="transformers", baseline_us=1e6 / theirs[1],
+                        extra={"tokens_per_s": graphed, "baseline_tokens_per_s": theirs[1]},
                     )
                 )  # fmt: skip
     return report

@@ -10,6 +10,7 @@ import torch
 
 from dsv3.model.batch import AttentionBatch
 from dsv3.model.transformer import DeepseekV3
+from dsv3.runtime.decode_graphs import DecodeGraphs
 from dsv3.runtime.kv_cache import PagedKVCache
 from dsv3.runtime.sampler import sample, verify_draft, verify_greedy
 from dsv3.runtime.scheduler import Scheduler
@@ -35,8 +36,16 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model: DeepseekV3, cache: PagedKVCache, scheduler: Scheduler, speculative: bool):
+    def __init__(
+        self,
+        model: DeepseekV3,
+        cache: PagedKVCache,
+        scheduler: Scheduler,
+        speculative: bool,
+        graphs: DecodeGraphs | None = None,
+    ):
         self.model, self.cache, self.scheduler, self.speculative = model, cache, scheduler, speculative
+        self.graphs = graphs
         self.stats = EngineStats()
 
     def step(self) -> list[Sequence]:
@@ -67,9 +76,11 @@ class Engine:
     def _decode(self, sequences: list[Sequence]) -> list[Sequence]:
         if self.speculative:
             return self._verify(sequences)
-        batch = self._batch(sequences, [1] * len(sequences))
-        ids = torch.tensor([s.token_ids[-1] for s in sequences])
-        logits = self.model.logits(self.model.forward(ids, batch, self.cache.layers))
+        logits = self.graphs.logits(sequences) if self.graphs is not None else None
+        if logits is None:
+            batch = self._batch(sequences, [1] * len(sequences))
+            ids = torch.tensor([s.token_ids[-1] for s in sequences])
+            logits = self.model.logits(self.model.forward(ids, batch, self.cache.layers))
         # From a GPU, greedy rows bring back only their argmax (one transfer for the batch) and sampled rows their
         # logits: not the whole [b, vocab] block.
         greedy = logits.argmax(dim=-1).tolist()

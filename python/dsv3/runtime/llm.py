@@ -15,6 +15,7 @@ from dsv3.model.config import ModelConfig
 from dsv3.model.parallel import Parallel
 from dsv3.model.transformer import DeepseekV3
 from dsv3.model.weights import load_checkpoint
+from dsv3.runtime.decode_graphs import DecodeGraphs
 from dsv3.runtime.engine import Engine, EngineStats
 from dsv3.runtime.kv_cache import KV_CACHE_DTYPES, PagedKVCache, page_bytes
 from dsv3.runtime.page_allocator import pages_for
@@ -61,6 +62,10 @@ class LLM:
     the cache has num_kv_pages pages of 64 tokens (default: what kv_cache_bytes holds, at most what max_num_seqs
     sequences of max_model_len tokens need).
 
+    cuda_graphs=True replays decode steps of up to 64 sequences from CUDA graphs, captured on first use of each padded
+    batch size (dsv3.runtime.decode_graphs): one launch per step instead of one per kernel. It needs device="cuda",
+    dtype="bfloat16", the kernels backend, one process and no speculation, and says which is missing otherwise.
+
     Under torchrun, tensor_parallel_size splits attention heads and dense MLPs over that many ranks and
     expert_parallel_size the routed experts (see dsv3.model.parallel); each divides the world size and one equals it.
     Every rank runs the same schedule and sampling on identical logits and returns the same outputs. The process
@@ -82,6 +87,7 @@ class LLM:
         kv_cache_bytes: int = 1 << 28,
         tensor_parallel_size: int = 1,
         expert_parallel_size: int = 1,
+        cuda_graphs: bool = False,
     ):
         started = time.perf_counter()
         if str(device).split(":")[0] not in DEVICES:
@@ -90,6 +96,10 @@ class LLM:
             raise ValueError(f"speculative: expected 'mtp' or None, got {speculative!r}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs: expected True or False, got {cuda_graphs!r}")
+        if cuda_graphs and speculative is not None:
+            raise ValueError("cuda_graphs: MTP verification steps are not captured; use speculative=None with graphs")
         for name, value, least in (
             ("max_num_seqs", max_num_seqs, 1),
             ("max_num_batched_tokens", max_num_batched_tokens, 2),
@@ -116,6 +126,8 @@ class LLM:
         self.cache = PagedKVCache(self.model, kv_cache_dtype, num_kv_pages)
         self.speculative = speculative == "mtp"
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        max_pages = min(self.cache.num_pages, pages_for(self.max_model_len))
+        self.decode_graphs = DecodeGraphs(self.model, self.cache.layers, max_pages) if cuda_graphs else None
         directory = Path(model)
         self.tokenizer = Tokenizer(directory) if (directory / "tokenizer.json").is_file() else None
         self.load_s = time.perf_counter() - started
@@ -140,7 +152,7 @@ class LLM:
         sequences = [self._sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
         self._share_seeds(sequences)
         scheduler = Scheduler(self.cache.allocator, self.max_num_seqs, self.max_num_batched_tokens, self.speculative)
-        engine = Engine(self.model, self.cache, scheduler, self.speculative)
+        engine = Engine(self.model, self.cache, scheduler, self.speculative, self.decode_graphs)
         for sequence in sequences:
             scheduler.add(sequence)
         while scheduler.has_work():
