@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One command for a machine with an H200 and nvcc: build, run the GPU tests, run the benchmarks and the GEMM schedule
-# sweep, and write benchmarks/results/<gpu>-<date>.json (and -gemm-schedules.json). Needs no network: CUTLASS headers come from CUTLASS_DIR, an installed
-# nvidia-cutlass, or a wheel placed under .whl/ (pip download --no-deps nvidia-cutlass). Each stage has a time limit so
-# that a hung kernel costs one stage, not the whole run; with LOG_DIR set, every stage's full log is written there.
+# One command for a machine with an H200 and nvcc: build, run the GPU tests, run the benchmarks, the GEMM schedule
+# sweep and (with ncu) kernel profiles, and write benchmarks/results/<gpu>-<date>.json (and -gemm-schedules.json).
+# Needs no network: CUTLASS headers come from CUTLASS_DIR, an installed nvidia-cutlass, or a wheel placed under .whl/
+# (pip download --no-deps nvidia-cutlass). Each stage has a time limit so that a hung kernel costs one stage, not the
+# whole run; with LOG_DIR set, every stage's full log is written there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -57,6 +58,20 @@ sweep=${result%.json}-gemm-schedules.json
 timeout "${SWEEP_LIMIT:-90}" $python benchmarks/sweep_gemm_schedule.py --json "$sweep" >"$logs/sweep.log" 2>&1
 echo "sweep exit $?"; tail -n 45 "$logs/sweep.log"
 [ -f "$sweep" ] && [ "$logs" != build ] && cp "$sweep" "$logs"/
+
+stage "kernel profiles"
+# Nsight Compute on the target cases (benchmarks/profile_cases.py): throughput, issue and stall statistics per kernel.
+if command -v ncu >/dev/null; then
+  timeout "${PROFILE_LIMIT:-150}" ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+    --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section InstructionStats \
+    -o build/profiles -f $python benchmarks/profile_cases.py >"$logs/profile.log" 2>&1
+  echo "profile exit $?"
+  ncu -i build/profiles.ncu-rep --page details >"$logs/profiles.txt" 2>&1
+  grep -E "^  [a-zA-Z_:<]|Duration|DRAM Throughput|Compute \(SM\) Throughput|Issued Instructions  " "$logs/profiles.txt" \
+    | cut -c1-150 | head -n 60
+else
+  echo "ncu not on the PATH: no profiles"
+fi
 
 stage "summary: tests exit ${tests_status}, results in ${result}"
 exit "$tests_status"
