@@ -1,13 +1,16 @@
-"""One call of each kernel whose GPU target is open, inside an NVTX range named profile/<case>, for Nsight Compute:
+"""One call of each kernel whose GPU target is open, inside an NVTX range named "profile", for Nsight Compute:
 
     ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight --section WarpStateStats -o build/profiles \\
         python benchmarks/profile_cases.py
 
 (scripts/gpu_check.sh runs this when ncu is on the PATH). The cases are the benchmark's target rows: MLA decode at
 h=16 b=128 seq 4096 (bf16 and FP8 cache) and h=128, the decode-sized and the large FP8 GEMM, and the masked grouped
-GEMM at 64 tokens per expert."""
+GEMM at 64 tokens per expert. Each case prints its name before its range, so the profiled kernels, in launch order,
+map to the printed cases."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -15,19 +18,25 @@ import dsv3
 from dsv3.bench.mla import _cache
 
 
+@contextlib.contextmanager
+def _profiled(case: str):
+    print(case, flush=True)
+    with torch.cuda.nvtx.range("profile"):
+        yield
+
+
 def _mla(batch: int, heads: int, fp8: bool) -> None:
     cache, block_table, seqlens = _cache(batch, 4096, fp8, torch.device("cuda"))
     q = (torch.randn(batch, 1, heads, 576, device="cuda") * 0.1).bfloat16()
     metadata, num_splits = dsv3.get_mla_metadata(seqlens, heads, 1)
-    name = f"profile/mla b={batch} h={heads} {'fp8' if fp8 else 'bf16'}"
-    with torch.cuda.nvtx.range(name):
+    with _profiled(f"mla b={batch} h={heads} {'fp8' if fp8 else 'bf16'}"):
         dsv3.mla_decode_with_kvcache(q, cache, block_table, seqlens, 512, metadata, num_splits, causal=True)
 
 
 def _gemm(m: int, n: int, k: int) -> None:
     a = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
     b = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda") * 0.02)
-    with torch.cuda.nvtx.range(f"profile/fp8_gemm_nt M={m} N={n} K={k}"):
+    with _profiled(f"fp8_gemm_nt M={m} N={n} K={k}"):
         dsv3.fp8_gemm_nt(a, b)
 
 
@@ -37,7 +46,7 @@ def _masked(groups: int, tokens: int, n: int, k: int) -> None:
     wq, ws = dsv3.per_block_quant_fp8(torch.randn(groups * n, k, device="cuda") * 0.02)
     b = (wq.view(groups, n, k), ws.view(groups, n // 128, k // 128))
     counts = torch.full((groups,), tokens, dtype=torch.int32, device="cuda")
-    with torch.cuda.nvtx.range(f"profile/grouped masked G={groups} m={tokens} N={n} K={k}"):
+    with _profiled(f"grouped masked G={groups} m={tokens} N={n} K={k}"):
         dsv3.m_grouped_fp8_gemm_nt_masked(a, b, counts, tokens)
 
 
