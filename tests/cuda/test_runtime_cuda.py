@@ -64,11 +64,21 @@ def test_cuda_graph_decode_gives_the_eager_tokens(tiny, device):
     prompts = [*PROMPTS, [0, *range(100, 160)]]
     expected = [o.token_ids for o in eager.generate(prompts, GREEDY)]
     assert [o.token_ids for o in graphed.generate(prompts, GREEDY)] == expected
-    assert sorted(graphed.decode_graphs.graphs) == [4]
+    assert sorted(graphed.decode_graphs.graphs) == [(4, 1)]
     # three sequences replay the same graph with one padding row
     expected = [o.token_ids for o in eager.generate(PROMPTS, GREEDY)]
     assert [o.token_ids for o in graphed.generate(PROMPTS, GREEDY)] == expected
-    assert sorted(graphed.decode_graphs.graphs) == [4]
+    assert sorted(graphed.decode_graphs.graphs) == [(4, 1)]
+
+
+def test_cuda_graph_mtp_verification_gives_the_eager_tokens_and_acceptance(tiny, device):
+    eager = LLM(tiny, device="cuda", dtype="bfloat16", speculative="mtp", num_kv_pages=16)
+    graphed = LLM(tiny, device="cuda", dtype="bfloat16", speculative="mtp", num_kv_pages=16, cuda_graphs=True)
+    expected = eager.generate(PROMPTS, GREEDY)
+    outputs = graphed.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+    assert [o.mtp_acceptance_rate for o in outputs] == [o.mtp_acceptance_rate for o in expected]
+    assert sorted(graphed.decode_graphs.graphs) == [(4, 2)]
 
 
 def test_cuda_graph_decode_falls_back_to_eager_above_the_largest_size(tiny, device):

@@ -20,8 +20,6 @@ from tests.model.helpers import prefill_logits
 def test_refused_configurations_name_the_argument_and_the_reason(tiny):
     with pytest.raises(ValueError, match="cuda_graphs: the model runs on cpu, CUDA graphs need device='cuda'"):
         LLM(tiny, cuda_graphs=True)
-    with pytest.raises(ValueError, match="cuda_graphs: MTP verification steps are not captured"):
-        LLM(tiny, cuda_graphs=True, speculative="mtp")
     with pytest.raises(ValueError, match="cuda_graphs: expected True or False, got 1"):
         LLM(tiny, cuda_graphs=1)
     model = DeepseekV3.from_pretrained(tiny, dtype="float32")
@@ -42,30 +40,57 @@ def test_padded_inputs_mark_padding_as_empty_sequences():
     assert GRAPH_BATCH_SIZES[0] == 1 and list(GRAPH_BATCH_SIZES) == sorted(GRAPH_BATCH_SIZES)
 
 
-def test_padding_rows_change_no_real_row_and_write_nothing(tiny):
+def test_padded_verification_inputs_feed_the_last_token_and_the_draft():
+    sequences = [
+        SimpleNamespace(token_ids=[5, 6, 7], num_computed=2, pages=[4], draft=8),
+        SimpleNamespace(token_ids=[9] * 64, num_computed=63, pages=[1, 3], draft=2),  # the draft opens page 3
+    ]
+    inputs = padded_decode_inputs(sequences, 4, fed=2)
+    assert inputs["ids"].tolist() == [7, 8, 9, 2] + [0] * 4
+    assert inputs["positions"].tolist() == [2, 3, 63, 64] + [0] * 4
+    assert inputs["slot_mapping"].tolist() == [4 * 64 + 2, 4 * 64 + 3, 1 * 64 + 63, 3 * 64 + 0] + [-1] * 4
+    assert inputs["seq_lens"].tolist() == [4, 65, 0, 0]
+
+
+@pytest.mark.parametrize("fed", [1, 2])
+def test_padding_rows_change_no_real_row_and_write_nothing(tiny, fed):
+    # fed=2 is an MTP verification step (last token and draft) followed by the MTP module's drafting pass
     model = DeepseekV3.from_pretrained(tiny, dtype="bfloat16", backend="kernels")
     prompts, pages = [[0, 11, 12, 13], [0, 21], [0, 31, 32]], [[0], [2], [3]]
     caches = model.allocate_kv_cache(6)
     last = prefill_logits(model, prompts, pages, caches)
     firsts = last[[3, 5, 8]].argmax(dim=-1).tolist()  # each prompt's next token
     sequences = [
-        SimpleNamespace(token_ids=[*p, t], num_computed=len(p), pages=pg)
+        SimpleNamespace(token_ids=[*p, t], num_computed=len(p), pages=pg, draft=(t * 7) % 500)
         for p, t, pg in zip(prompts, firsts, pages, strict=True)
     ]
-    unpadded_caches = [c.clone() for c in caches]
-    batch = AttentionBatch.build(torch.tensor(pages, dtype=torch.int32), [len(p) for p in prompts], [1] * len(prompts))
-    expected = model.logits(model.forward(torch.tensor(firsts), batch, unpadded_caches))
+    fed_ids = [t for s in sequences for t in ([s.token_ids[-1]] if fed == 1 else [s.token_ids[-1], s.draft])]
+    next_ids = [(t + 3) % 500 for t in fed_ids]
+    rows = len(fed_ids)
 
-    inputs = padded_decode_inputs(sequences, 8)
-    table = torch.zeros(8, 1, dtype=torch.int32)  # padding rows' pages are never read
-    table[:3] = inputs["block_table"]
+    unpadded_caches = [c.clone() for c in caches]
+    table = torch.tensor(pages, dtype=torch.int32)
+    batch = AttentionBatch.build(table, [len(p) for p in prompts], [fed] * len(prompts))
+    hidden = model.forward(torch.tensor(fed_ids), batch, unpadded_caches)
+    expected = model.logits(hidden)
+    expected_mtp = model.mtp_logits(torch.tensor(next_ids), hidden, batch, unpadded_caches) if fed == 2 else None
+
+    size = 8
+    inputs = padded_decode_inputs(sequences, size, fed)
+    padded_table = torch.zeros(size, 1, dtype=torch.int32)  # padding rows' pages are never read
+    padded_table[:3] = inputs["block_table"]
     padded = AttentionBatch(
-        query_lens=(1,) * 8, positions=inputs["positions"], slot_mapping=inputs["slot_mapping"], block_table=table,
-        seq_lens=inputs["seq_lens"], cached_lens=(0,) * 8,
+        query_lens=(fed,) * size, positions=inputs["positions"], slot_mapping=inputs["slot_mapping"],
+        block_table=padded_table, seq_lens=inputs["seq_lens"], cached_lens=(0,) * size,
     )  # fmt: skip
-    logits = model.logits(model.forward(inputs["ids"], padded, caches))
-    assert logits.shape[0] == 8
-    assert calc_diff(logits[:3], expected) < 1e-6
-    assert logits[:3].argmax(dim=-1).tolist() == expected.argmax(dim=-1).tolist()
+    padded_hidden = model.forward(inputs["ids"], padded, caches)
+    logits = model.logits(padded_hidden)
+    assert logits.shape[0] == size * fed
+    assert calc_diff(logits[:rows], expected) < 1e-6
+    assert logits[:rows].argmax(dim=-1).tolist() == expected.argmax(dim=-1).tolist()
+    if fed == 2:
+        padded_next = torch.tensor(next_ids + [0] * (size * fed - rows))
+        mtp = model.mtp_logits(padded_next, padded_hidden, padded, caches)
+        assert calc_diff(mtp[:rows], expected_mtp) < 1e-6
     for layer, (mine, theirs) in enumerate(zip(caches, unpadded_caches, strict=True)):
         assert_bitwise_equal(mine, theirs, f"cache of layer {layer}")

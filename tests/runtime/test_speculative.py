@@ -31,7 +31,7 @@ def test_accepted_and_rejected_drafts_keep_greedy_output(llm_mtp, plain, monkeyp
     exercises every path of the verification."""
     expected = {tuple(p): out for p, out in zip(PROMPTS, plain, strict=True)}
 
-    def draft(self, sequences, next_ids, hidden, batch, rows, finished):
+    def draft(self, sequences, mtp_logits, rows, finished):
         for s in sequences:
             answer = expected[tuple(s.token_ids[: s.num_prompt_tokens])]
             upcoming = answer[len(s.output_ids)] if len(s.output_ids) < len(answer) else 0

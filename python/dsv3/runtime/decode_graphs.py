@@ -39,23 +39,28 @@ def capture_blocker(model: DeepseekV3) -> str | None:
     missing = sorted(CAPTURED_OPS - set(model.backend.kernel_ops))
     if missing:
         return f"this build has no CUDA kernel for {', '.join(missing)}, and the reference ops sync with the host"
-    if any(isinstance(layer.mlp, MoE) and layer.mlp.stacked is None for layer in model.layers):
+    blocks = [*model.layers, *(m.block for m in model.mtp)]
+    if any(isinstance(block.mlp, MoE) and block.mlp.stacked is None for block in blocks):
         return "a MoE layer's experts are not FP8 with 128-wide blocks, so they run one by one on host-read counts"
     return None
 
 
 class _Graph:
-    """One captured decode step for `size` sequences, with its static inputs and output."""
+    """One captured decode step for `size` sequences feeding `fed` tokens each (1: plain decode; 2: MTP verification,
+    whose step also captures the MTP module's drafting forward as a second graph over the same batch), with its
+    static inputs and outputs."""
 
-    def __init__(self, model: DeepseekV3, kv_layers: list[torch.Tensor], size: int, max_pages: int, pool):
-        device = model.device
-        self.ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
+    def __init__(self, model: DeepseekV3, kv_layers: list[torch.Tensor], size: int, fed: int, max_pages: int, pool):
+        device, rows = model.device, size * fed
+        self.size, self.fed = size, fed
+        self.ids = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.next_ids = torch.zeros(rows, dtype=torch.int64, device=device)  # MTP: the token after each fed one
+        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((rows,), -1, dtype=torch.int64, device=device)
         self.block_table = torch.zeros(size, max_pages, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(size, dtype=torch.int32, device=device)
         batch = AttentionBatch(
-            query_lens=(1,) * size,
+            query_lens=(fed,) * size,
             positions=self.positions,
             slot_mapping=self.slot_mapping,
             block_table=self.block_table,
@@ -63,21 +68,32 @@ class _Graph:
             cached_lens=(0,) * size,  # read only by the unabsorbed (prefill) attention
         )
 
-        def step() -> torch.Tensor:
-            return model.logits(model.forward(self.ids, batch, kv_layers))
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            hidden = model.forward(self.ids, batch, kv_layers)
+            return hidden, model.logits(hidden)
+
+        def draft(hidden: torch.Tensor) -> torch.Tensor:
+            return model.mtp_logits(self.next_ids, hidden, batch, kv_layers)
 
         # Every row is padding while capturing: nothing is read from or written to the cache.
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            step()  # first calls allocate workspaces and load kernels outside the capture
+            hidden, _ = step()  # first calls allocate workspaces and load kernels outside the capture
+            if fed == 2:
+                draft(hidden)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool, stream=stream):
-                self.logits = step()
+                self.hidden, self.logits = step()
+            if fed == 2:
+                self.draft_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.draft_graph, pool=pool, stream=stream):
+                    self.mtp_logits = draft(self.hidden)
         torch.cuda.current_stream(device).wait_stream(stream)
 
-    def run(self, sequences: list[Sequence]) -> torch.Tensor:
-        inputs = padded_decode_inputs(sequences, self.ids.shape[0])
+    def run(self, sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [b * fed, H], fp32 logits [b * fed, vocab]) of the step; both are overwritten by the next replay."""
+        inputs = padded_decode_inputs(sequences, self.size, self.fed)
         for buffer, name in ((self.ids, "ids"), (self.positions, "positions"), (self.slot_mapping, "slot_mapping")):
             buffer.copy_(inputs[name], non_blocking=True)
         self.seq_lens.copy_(inputs["seq_lens"], non_blocking=True)
@@ -85,43 +101,58 @@ class _Graph:
         table = inputs["block_table"]
         self.block_table[: table.shape[0], : table.shape[1]].copy_(table, non_blocking=True)
         self.graph.replay()
-        return self.logits[: len(sequences)]
+        rows = len(sequences) * self.fed
+        return self.hidden[:rows], self.logits[:rows]
+
+    def draft(self, next_ids: list[int]) -> torch.Tensor:
+        """MTP logits [len(next_ids), vocab] after run(): next_ids holds the token after each fed one, in row order."""
+        padding = [0] * (self.size * self.fed - len(next_ids))
+        self.next_ids.copy_(torch.tensor(next_ids + padding), non_blocking=True)
+        self.draft_graph.replay()
+        return self.mtp_logits[: len(next_ids)]
 
 
-def padded_decode_inputs(sequences: list[Sequence], size: int) -> dict[str, torch.Tensor]:
-    """A decode step's inputs on the host, padded to `size` rows: ids, positions and slot_mapping (int64 [size]),
-    seq_lens (int32 [size]); block_table int32 [b, widest page list] holds the real rows only."""
-    pad = size - len(sequences)
-    positions = [s.num_computed for s in sequences]
-    slots = [s.pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for s, p in zip(sequences, positions, strict=True)]
+def padded_decode_inputs(sequences: list[Sequence], size: int, fed: int = 1) -> dict[str, torch.Tensor]:
+    """A decode step's inputs on the host, padded to `size` sequences of `fed` tokens (1: each sequence's last token;
+    2: its last token and its MTP draft): ids, positions and slot_mapping (int64 [size * fed]), seq_lens (int32
+    [size]); block_table int32 [b, widest page list] holds the real rows only."""
+    pad = (size - len(sequences)) * fed
+    starts = [s.num_computed for s in sequences]
+    positions = [p + j for p in starts for j in range(fed)]
+    slots = [
+        s.pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE
+        for s, start in zip(sequences, starts, strict=True)
+        for p in range(start, start + fed)
+    ]
+    ids = [t for s in sequences for t in ([s.token_ids[-1]] if fed == 1 else [s.token_ids[-1], s.draft])]
     width = max(len(s.pages) for s in sequences)
     return {
-        "ids": torch.tensor([s.token_ids[-1] for s in sequences] + [0] * pad),
+        "ids": torch.tensor(ids + [0] * pad),
         "positions": torch.tensor(positions + [0] * pad),
         "slot_mapping": torch.tensor(slots + [-1] * pad),
-        "seq_lens": torch.tensor([p + 1 for p in positions] + [0] * pad, dtype=torch.int32),
+        "seq_lens": torch.tensor([p + fed for p in starts] + [0] * (size - len(sequences)), dtype=torch.int32),
         "block_table": torch.tensor([s.pages + [0] * (width - len(s.pages)) for s in sequences], dtype=torch.int32),
     }
 
 
 class DecodeGraphs:
-    """Captured decode steps of one model and cache, by padded batch size."""
+    """Captured decode steps of one model and cache, by padded batch size and tokens fed per sequence."""
 
     def __init__(self, model: DeepseekV3, kv_layers: list[torch.Tensor], max_pages: int):
         blocker = capture_blocker(model)
         if blocker is not None:
             raise ValueError(f"cuda_graphs: {blocker}")
         self.model, self.kv_layers, self.max_pages = model, kv_layers, max_pages
-        self.graphs: dict[int, _Graph] = {}
+        self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def logits(self, sequences: list[Sequence]) -> torch.Tensor | None:
-        """fp32 logits [b, vocab] of one decode step of `sequences` (each adding its last token), from a graph; None
-        when the batch is larger than the largest captured size or a sequence has more pages than the graphs' block
-        table holds (the caller runs it eagerly)."""
+    def graph_for(self, sequences: list[Sequence], fed: int) -> _Graph | None:
+        """The graph that runs a step of `sequences` feeding `fed` tokens each (captured on first use), or None when
+        the batch is larger than the largest captured size or a sequence has more pages than the graphs' block table
+        holds (the caller runs that step eagerly)."""
         size = next((n for n in GRAPH_BATCH_SIZES if n >= len(sequences)), None)
         if size is None or any(len(s.pages) > self.max_pages for s in sequences):
             return None
-        if size not in self.graphs:
-            self.graphs[size] = _Graph(self.model, self.kv_layers, size, self.max_pages, self.pool)
-        return self.graphs[size].run(sequences)
+        if (size, fed) not in self.graphs:
+            self.graphs[size, fed] = _Graph(self.model, self.kv_layers, size, fed, self.max_pages, self.pool)
+        return self.graphs[size, fed]

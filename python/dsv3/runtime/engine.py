@@ -76,8 +76,10 @@ class Engine:
     def _decode(self, sequences: list[Sequence]) -> list[Sequence]:
         if self.speculative:
             return self._verify(sequences)
-        logits = self.graphs.logits(sequences) if self.graphs is not None else None
-        if logits is None:
+        graph = self.graphs.graph_for(sequences, fed=1) if self.graphs is not None else None
+        if graph is not None:
+            _, logits = graph.run(sequences)
+        else:
             batch = self._batch(sequences, [1] * len(sequences))
             ids = torch.tensor([s.token_ids[-1] for s in sequences])
             logits = self.model.logits(self.model.forward(ids, batch, self.cache.layers))
@@ -96,10 +98,20 @@ class Engine:
     def _verify(self, sequences: list[Sequence]) -> list[Sequence]:
         """Feed (last token, draft) of every sequence with s_q = 2; keep the draft where the model agrees, then draft
         again with the MTP module from the hidden states of the tokens now known."""
-        batch = self._batch(sequences, [2] * len(sequences))
-        ids = torch.tensor([t for s in sequences for t in (s.token_ids[-1], s.draft)])
-        hidden = self.model.forward(ids, batch, self.cache.layers)
-        logits = self.model.logits(hidden).view(len(sequences), 2, -1)
+        graph = self.graphs.graph_for(sequences, fed=2) if self.graphs is not None else None
+        if graph is not None:
+            _, logits = graph.run(sequences)
+            mtp_logits = graph.draft
+        else:
+            batch = self._batch(sequences, [2] * len(sequences))
+            ids = torch.tensor([t for s in sequences for t in (s.token_ids[-1], s.draft)])
+            hidden = self.model.forward(ids, batch, self.cache.layers)
+            logits = self.model.logits(hidden)
+
+            def mtp_logits(next_ids: list[int]) -> torch.Tensor:
+                return self.model.mtp_logits(torch.tensor(next_ids), hidden, batch, self.cache.layers)
+
+        logits = logits.view(len(sequences), 2, -1)
         best = logits.argmax(dim=-1).tolist()  # as in _decode: argmaxes for greedy rows, logits for sampled ones
         rows = _sampled_rows(sequences, logits)
         finished, next_ids, draft_rows = [], [], []
@@ -119,7 +131,7 @@ class Engine:
             next_ids += [tokens[0], tokens[-1]]
             draft_rows.append(2 * i + accepted)
         self.stats.drafted += len(sequences)
-        self._draft(sequences, next_ids, hidden, batch, draft_rows, finished)
+        self._draft(sequences, mtp_logits(next_ids), draft_rows, finished)
         return finished
 
     def _prefill(self, chunks: list[tuple[Sequence, int]]) -> list[Sequence]:
@@ -141,13 +153,13 @@ class Engine:
         if self.speculative:
             # MTP over the chunk: position p takes the token at p + 1 (the sampled one after a prompt's last token).
             next_ids = [t for (s, n), p in zip(chunks, starts, strict=True) for t in s.token_ids[p + 1 : p + n + 1]]
-            self._draft([sequences[i] for i in done], next_ids, hidden, batch, [last[i] for i in done], finished)
+            mtp_logits = self.model.mtp_logits(torch.tensor(next_ids), hidden, batch, self.cache.layers)
+            self._draft([sequences[i] for i in done], mtp_logits, [last[i] for i in done], finished)
         return finished
 
-    def _draft(self, sequences, next_ids, hidden, batch, rows, finished) -> None:
+    def _draft(self, sequences, mtp_logits: torch.Tensor, rows: list[int], finished) -> None:
         """Set each unfinished sequence's draft from the MTP logits at its row."""
-        mtp = self.model.mtp_logits(torch.tensor(next_ids), hidden, batch, self.cache.layers)
-        drafts = mtp[rows].argmax(dim=-1).tolist()  # one transfer for the batch
+        drafts = mtp_logits[rows].argmax(dim=-1).tolist()  # one transfer for the batch
         for sequence, draft in zip(sequences, drafts, strict=True):
             sequence.draft = None if sequence in finished else draft
 
