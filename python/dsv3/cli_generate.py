@@ -15,7 +15,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="kernels", choices=["kernels", "reference"])
     parser.add_argument("--speculative", default=None, choices=["mtp"], help="draft with the MTP module")
     parser.add_argument(
-        "--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (cuda, bfloat16, no MTP)"
+        "--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (cuda, bfloat16)"
     )
 
 

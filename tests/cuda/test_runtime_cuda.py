@@ -81,6 +81,15 @@ def test_cuda_graph_mtp_verification_gives_the_eager_tokens_and_acceptance(tiny,
     assert sorted(graphed.decode_graphs.graphs) == [(4, 2)]
 
 
+def test_cuda_graph_mtp_steps_beyond_the_masked_layout_run_eagerly(tiny, device):
+    # 33 sequences x 2 tokens exceed MASKED_MAX_TOKENS: no 64-sequence verification graph is captured
+    prompts = [[0, 7 + i] for i in range(33)]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    graphed = LLM(tiny, device="cuda", dtype="bfloat16", speculative="mtp", num_kv_pages=40, cuda_graphs=True)
+    assert all(o.num_generated_tokens == 3 for o in graphed.generate(prompts, params))
+    assert (64, 2) not in graphed.decode_graphs.graphs
+
+
 def test_cuda_graph_decode_falls_back_to_eager_above_the_largest_size(tiny, device):
     prompts = [[0, 7 + i] for i in range(65)]
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)

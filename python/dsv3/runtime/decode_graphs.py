@@ -7,9 +7,12 @@ replayed: the step's inputs are copied into the graph's static buffers and one l
 
 Batches are padded up to the next captured size (1, 2, 4, ... 64). A padding row is an empty sequence: its cache
 length is 0 (attention reads nothing and returns 0), its cache slot -1 (nothing is written), and its token only
-takes a row in the MoE slabs, where every row is computed on its own. Larger batches run eagerly, where the launches
-are spread over more tokens (and the contiguous MoE layout takes over). Graphs are captured on first use of each size
-and kept for the life of the LLM; they share one memory pool, and each replay's logits are read before the next.
+takes a row in the MoE slabs, where every row is computed on its own. With MTP a step feeds two tokens a sequence
+(last token and draft): the verification forward and the MTP module's drafting forward are two graphs over the same
+static batch, the second fed the tokens the host chose after the first. A step is captured only while its tokens fit
+the MoE masked layout (MASKED_MAX_TOKENS: the layout whose row counts stay on the device); larger steps run eagerly,
+where the launches are spread over more tokens. Graphs are captured on first use of each size and kept for the life
+of the LLM; they share one memory pool, and each replay's outputs are read before the next.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from dsv3.model.batch import AttentionBatch
 from dsv3.model.mlp import MoE
 from dsv3.model.transformer import DeepseekV3
+from dsv3.ops.fused_moe import MASKED_MAX_TOKENS
 from dsv3.reference.mla import PAGE_SIZE
 from dsv3.runtime.sequence import Sequence
 
@@ -148,9 +152,10 @@ class DecodeGraphs:
 
     def graph_for(self, sequences: list[Sequence], fed: int) -> _Graph | None:
         """The graph that runs a step of `sequences` feeding `fed` tokens each (captured on first use), or None when
-        the batch is larger than the largest captured size or a sequence has more pages than the graphs' block table
-        holds (the caller runs that step eagerly)."""
-        size = next((n for n in GRAPH_BATCH_SIZES if n >= len(sequences)), None)
+        the step's padded tokens would exceed MASKED_MAX_TOKENS or a sequence has more pages than the graphs' block
+        table holds (the caller runs that step eagerly)."""
+        fits = (n for n in GRAPH_BATCH_SIZES if n >= len(sequences) and n * fed <= MASKED_MAX_TOKENS)
+        size = next(fits, None)
         if size is None or any(len(s.pages) > self.max_pages for s in sequences):
             return None
         if (size, fed) not in self.graphs:
