@@ -95,18 +95,16 @@ class _Graph:
                     self.mtp_logits = draft(self.hidden)
         torch.cuda.current_stream(device).wait_stream(stream)
 
-    def run(self, sequences: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hidden [b * fed, H], fp32 logits [b * fed, vocab]) of the step; both are overwritten by the next replay."""
+    def run(self, sequences: list[Sequence]) -> torch.Tensor:
+        """fp32 logits [b * fed, vocab] of the step, overwritten by the next replay."""
         inputs = padded_decode_inputs(sequences, self.size, self.fed)
-        for buffer, name in ((self.ids, "ids"), (self.positions, "positions"), (self.slot_mapping, "slot_mapping")):
-            buffer.copy_(inputs[name], non_blocking=True)
-        self.seq_lens.copy_(inputs["seq_lens"], non_blocking=True)
+        for name in ("ids", "positions", "slot_mapping", "seq_lens"):
+            getattr(self, name).copy_(inputs[name], non_blocking=True)
         # columns past a sequence's pages are never read (its length bounds the pages the kernel visits)
         table = inputs["block_table"]
         self.block_table[: table.shape[0], : table.shape[1]].copy_(table, non_blocking=True)
         self.graph.replay()
-        rows = len(sequences) * self.fed
-        return self.hidden[:rows], self.logits[:rows]
+        return self.logits[: len(sequences) * self.fed]
 
     def draft(self, next_ids: list[int]) -> torch.Tensor:
         """MTP logits [len(next_ids), vocab] after run(): next_ids holds the token after each fed one, in row order."""

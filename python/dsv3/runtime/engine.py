@@ -78,7 +78,7 @@ class Engine:
             return self._verify(sequences)
         graph = self.graphs.graph_for(sequences, fed=1) if self.graphs is not None else None
         if graph is not None:
-            _, logits = graph.run(sequences)
+            logits = graph.run(sequences)
         else:
             batch = self._batch(sequences, [1] * len(sequences))
             ids = torch.tensor([s.token_ids[-1] for s in sequences])
@@ -100,7 +100,7 @@ class Engine:
         again with the MTP module from the hidden states of the tokens now known."""
         graph = self.graphs.graph_for(sequences, fed=2) if self.graphs is not None else None
         if graph is not None:
-            _, logits = graph.run(sequences)
+            logits = graph.run(sequences)
             mtp_logits = graph.draft
         else:
             batch = self._batch(sequences, [2] * len(sequences))
