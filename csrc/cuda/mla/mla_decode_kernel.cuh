@@ -144,9 +144,10 @@ __device__ __forceinline__ void issue_page_load(const MlaDecodeParams& p, const 
 
 // Four e4m3 codes (one word, the first code in the low byte) -> four bf16 values in two bf16x2 words, exactly.
 // The conversion path takes four conversion instructions per pair of codes (e4m3 -> f16x2 -> two f32 -> bf16x2);
-// this takes a byte permute, a shift and a mask per pair of codes plus one bf16 multiply, and no conversion unit. A code s.eeee.mmm written as the bf16 bits s.0000eeee.mmm0000 reads as its value times 2^-120: both
-// formats spend their exponent field the same way (exponent 0 marks the subnormals, the mantissa continues the
-// leading zeros), so normal and subnormal codes alike are 2^120 away, and the multiply by 2^120 is exact.
+// this takes a byte permute, a shift and a mask per pair of codes plus one bf16 multiply, and no conversion unit.
+// A code s.eeee.mmm written as the bf16 bits s.0000eeee.mmm0000 reads as its value times 2^-120: both formats spend
+// their exponent field the same way (exponent 0 marks the subnormals, the mantissa continues the leading zeros), so
+// normal and subnormal codes alike are 2^120 away, and the multiply by 2^120 is exact.
 // The result's flag bits (0x80 of a byte) mark NaN codes (s.1111.111), which this mapping would read as ±480: the
 // caller widens such rows the slow way instead.
 __device__ __forceinline__ uint32_t widen_e4m3x4(uint32_t codes, uint32_t& low, uint32_t& high) {
