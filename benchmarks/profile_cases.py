@@ -4,9 +4,9 @@
         python benchmarks/profile_cases.py
 
 (scripts/gpu_check.sh runs this when ncu is on the PATH). The cases are the benchmark's target rows: MLA decode at
-h=16 b=128 seq 4096 (bf16 and FP8 cache) and h=128, the decode-sized and the large FP8 GEMM, and the masked grouped
-GEMM at 64 tokens per expert. Each case prints its name before its range, so the profiled kernels, in launch order,
-map to the printed cases."""
+h=16 b=128 seq 4096 (bf16 and FP8 cache), h=128, and b=4 seq 32768 (many splits to combine), the decode-sized and the
+large FP8 GEMM, and the masked grouped GEMM at 64 tokens per expert. Each case prints its name before its range, so
+the profiled kernels, in launch order, map to the printed cases."""
 
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ def _profiled(case: str):
         yield
 
 
-def _mla(batch: int, heads: int, fp8: bool) -> None:
-    cache, block_table, seqlens = _cache(batch, 4096, fp8, torch.device("cuda"))
+def _mla(batch: int, heads: int, fp8: bool, seqlen: int = 4096) -> None:
+    cache, block_table, seqlens = _cache(batch, seqlen, fp8, torch.device("cuda"))
     q = (torch.randn(batch, 1, heads, 576, device="cuda") * 0.1).bfloat16()
     metadata, num_splits = dsv3.get_mla_metadata(seqlens, heads, 1)
-    with _profiled(f"mla b={batch} h={heads} {'fp8' if fp8 else 'bf16'}"):
+    with _profiled(f"mla b={batch} seq={seqlen} h={heads} {'fp8' if fp8 else 'bf16'}"):
         dsv3.mla_decode_with_kvcache(q, cache, block_table, seqlens, 512, metadata, num_splits, causal=True)
 
 
@@ -54,6 +54,7 @@ def main() -> None:
     _mla(128, 16, fp8=False)
     _mla(128, 16, fp8=True)
     _mla(64, 128, fp8=False)
+    _mla(4, 16, fp8=False, seqlen=32768)  # ~33 splits a sequence: the decode kernel and the combine apart
     _gemm(64, 7168, 16384)
     _gemm(4096, 7168, 16384)
     _masked(32, 64, 4096, 7168)
