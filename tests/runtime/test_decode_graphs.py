@@ -14,7 +14,6 @@ from dsv3.model.transformer import DeepseekV3
 from dsv3.runtime import LLM
 from dsv3.runtime.decode_graphs import GRAPH_BATCH_SIZES, capture_blocker, padded_decode_inputs
 from dsv3.testing import assert_bitwise_equal, calc_diff
-from tests.model.helpers import prefill_logits
 
 
 def test_refused_configurations_name_the_argument_and_the_reason(tiny):
@@ -53,12 +52,15 @@ def test_padded_verification_inputs_feed_the_last_token_and_the_draft():
 
 
 @pytest.mark.parametrize("fed", [1, 2])
-def test_padding_rows_change_no_real_row_and_write_nothing(tiny, fed):
-    # fed=2 is an MTP verification step (last token and draft) followed by the MTP module's drafting pass
-    model = DeepseekV3.from_pretrained(tiny, dtype="bfloat16", backend="kernels")
+def test_padding_rows_change_no_real_row_and_write_nothing(tiny, fed, device):
+    # fed=2 is an MTP verification step (last token and draft) followed by the MTP module's drafting pass;
+    # tests/cuda/test_runtime_cuda.py runs this on the GPU's kernels too
+    model = DeepseekV3.from_pretrained(tiny, dtype="bfloat16", device=device.type, backend="kernels")
     prompts, pages = [[0, 11, 12, 13], [0, 21], [0, 31, 32]], [[0], [2], [3]]
     caches = model.allocate_kv_cache(6)
-    last = prefill_logits(model, prompts, pages, caches)
+    table = torch.tensor(pages, dtype=torch.int32, device=device)
+    prefill = AttentionBatch.build(table, [0, 0, 0], [len(p) for p in prompts])
+    last = model.logits(model.forward(torch.tensor([t for p in prompts for t in p]), prefill, caches))
     firsts = last[[3, 5, 8]].argmax(dim=-1).tolist()  # each prompt's next token
     sequences = [
         SimpleNamespace(token_ids=[*p, t], num_computed=len(p), pages=pg, draft=(t * 7) % 500)
@@ -69,15 +71,14 @@ def test_padding_rows_change_no_real_row_and_write_nothing(tiny, fed):
     rows = len(fed_ids)
 
     unpadded_caches = [c.clone() for c in caches]
-    table = torch.tensor(pages, dtype=torch.int32)
     batch = AttentionBatch.build(table, [len(p) for p in prompts], [fed] * len(prompts))
     hidden = model.forward(torch.tensor(fed_ids), batch, unpadded_caches)
     expected = model.logits(hidden)
     expected_mtp = model.mtp_logits(torch.tensor(next_ids), hidden, batch, unpadded_caches) if fed == 2 else None
 
     size = 8
-    inputs = padded_decode_inputs(sequences, size, fed)
-    padded_table = torch.zeros(size, 1, dtype=torch.int32)  # padding rows' pages are never read
+    inputs = {name: t.to(device) for name, t in padded_decode_inputs(sequences, size, fed).items()}
+    padded_table = torch.zeros(size, 1, dtype=torch.int32, device=device)  # padding rows' pages are never read
     padded_table[:3] = inputs["block_table"]
     padded = AttentionBatch(
         query_lens=(fed,) * size, positions=inputs["positions"], slot_mapping=inputs["slot_mapping"],
@@ -86,11 +87,11 @@ def test_padding_rows_change_no_real_row_and_write_nothing(tiny, fed):
     padded_hidden = model.forward(inputs["ids"], padded, caches)
     logits = model.logits(padded_hidden)
     assert logits.shape[0] == size * fed
-    assert calc_diff(logits[:rows], expected) < 1e-6
-    assert logits[:rows].argmax(dim=-1).tolist() == expected.argmax(dim=-1).tolist()
+    # the split-KV partition may differ with the empty sequences added, so the sums may round differently
+    assert calc_diff(logits[:rows], expected) < 1e-5
     if fed == 2:
         padded_next = torch.tensor(next_ids + [0] * (size * fed - rows))
         mtp = model.mtp_logits(padded_next, padded_hidden, padded, caches)
-        assert calc_diff(mtp[:rows], expected_mtp) < 1e-6
+        assert calc_diff(mtp[:rows], expected_mtp) < 1e-5
     for layer, (mine, theirs) in enumerate(zip(caches, unpadded_caches, strict=True)):
-        assert_bitwise_equal(mine, theirs, f"cache of layer {layer}")
+        assert_bitwise_equal(mine.cpu(), theirs.cpu(), f"cache of layer {layer}")
