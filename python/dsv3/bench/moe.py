@@ -80,6 +80,7 @@ def run(device: torch.device, quick: bool = False, reps: int | None = None) -> R
 
 
 def _grouped_weights(groups: int, n: int, k: int, device: torch.device):
+    """Random FP8 weights of `groups` experts, (e4m3 [G, n, k], scales [G, n/128, k/128]), and their bf16 values."""
     q, s = dsv3.per_block_quant_fp8(torch.randn(groups * n, k, device=device) * 0.02)
     return (q.view(groups, n, k), s.view(groups, n // 128, k // 128)), dsv3.dequant_fp8_block(q, s).view(groups, n, k)
 
@@ -146,12 +147,8 @@ def _torch_expert_loop(x, weights, idx, w13, w2):
 def _fused_experts_rows(report: Report, timer: Timer, device: torch.device, quick: bool) -> None:
     """A rank's local experts (8 on the CPU, 32 on a GPU: 256 experts over 32 or 8 ranks) at the real H and I."""
     experts = 32 if device.type == "cuda" else 8
-    q13, s13 = dsv3.per_block_quant_fp8(torch.randn(experts * 2 * INTERMEDIATE, HIDDEN, device=device) * 0.02)
-    q2, s2 = dsv3.per_block_quant_fp8(torch.randn(experts * HIDDEN, INTERMEDIATE, device=device) * 0.02)
-    w13 = (q13.view(experts, 2 * INTERMEDIATE, HIDDEN), s13.view(experts, 2 * INTERMEDIATE // 128, HIDDEN // 128))
-    w2 = (q2.view(experts, HIDDEN, INTERMEDIATE), s2.view(experts, HIDDEN // 128, INTERMEDIATE // 128))
-    dense13 = dsv3.dequant_fp8_block(q13, s13).view(experts, 2 * INTERMEDIATE, HIDDEN)
-    dense2 = dsv3.dequant_fp8_block(q2, s2).view(experts, HIDDEN, INTERMEDIATE)
+    w13, dense13 = _grouped_weights(experts, 2 * INTERMEDIATE, HIDDEN, device)
+    w2, dense2 = _grouped_weights(experts, HIDDEN, INTERMEDIATE, device)
     token_counts = ([16] if quick else [16, 128]) if device.type == "cpu" else ([32, 128] if quick else [32, 128, 4096])
     for t in token_counts:
         # what layout="auto" runs: the single C++ call on the CPU, the masked (decode) or contiguous layout on a GPU
@@ -170,7 +167,8 @@ def _fused_experts_rows(report: Report, timer: Timer, device: torch.device, quic
         report.add(
             Row(
                 "fused_experts", f"T={t} E={experts} top-{TOPK} {path}", device.type, us=us,
-                bytes=q13.numel() + q2.numel() + 2 * rows * HIDDEN * 2, flops=2 * rows * 3 * INTERMEDIATE * HIDDEN,
-                peak="fp8_flops", baseline="torch expert loop", baseline_us=baseline_us,
+                bytes=w13[0].numel() + w2[0].numel() + 2 * rows * HIDDEN * 2,
+                flops=2 * rows * 3 * INTERMEDIATE * HIDDEN, peak="fp8_flops",
+                baseline="torch expert loop", baseline_us=baseline_us,
             )
         )  # fmt: skip
