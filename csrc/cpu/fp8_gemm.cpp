@@ -118,10 +118,15 @@ struct Bf16Kernel {
       high1 = _mm512_load_si512(tables.high + 64);
       sign = _mm512_set1_epi8(static_cast<char>(0x80));
     }
-    // Decodes `count` (<= 64) codes into two vectors of 32 bf16 values; the rest of the 64 values are zeros.
-    void decode(const uint8_t* src, int64_t count, __m512i& first, __m512i& second) const {
-      const __mmask64 mask = count >= 64 ? ~__mmask64{0} : (__mmask64{1} << count) - 1;
-      const __m512i codes = _mm512_maskz_loadu_epi8(mask, src);
+    // The codes of a chunk: all 64, or the first `count` (< 64) and zeros. Callers keep the two apart, so that whole
+    // chunks (all but a row's last when K % 64 != 0) take a plain load: building the mask for every chunk cost as
+    // much scalar work as decoding it.
+    static __m512i load(const uint8_t* src) { return _mm512_loadu_si512(src); }
+    static __m512i load(const uint8_t* src, int64_t count) {
+      return _mm512_maskz_loadu_epi8((__mmask64{1} << count) - 1, src);
+    }
+    // Decodes 64 codes into two vectors of 32 bf16 values.
+    void decode(__m512i codes, __m512i& first, __m512i& second) const {
       // vpermb looks up 64 entries by the low 6 bits; codes with bit 6 set take the upper half of each table. (The
       // zero-masking forms with a full mask: GCC 12's unmasked vpermb intrinsic trips -Wmaybe-uninitialized.)
       constexpr __mmask64 kAll = ~__mmask64{0};
@@ -135,11 +140,20 @@ struct Bf16Kernel {
       first = _mm512_unpacklo_epi8(low, signed_high);
       second = _mm512_unpackhi_epi8(low, signed_high);
     }
-    void chunk(const uint8_t* src, int64_t count, Element* dst) const {
+    // `count` codes into padded_k(count) values at dst (64-byte aligned), zero-filled past count.
+    void row(const uint8_t* src, int64_t count, Element* dst) const {
       __m512i first, second;
-      decode(src, count, first, second);
-      _mm512_store_si512(dst, first);
-      _mm512_store_si512(dst + 32, second);
+      int64_t c = 0;
+      for (; c + kChunk <= count; c += kChunk) {
+        decode(load(src + c), first, second);
+        _mm512_store_si512(dst + c, first);
+        _mm512_store_si512(dst + c + 32, second);
+      }
+      if (c < count) {
+        decode(load(src + c, count - c), first, second);
+        _mm512_store_si512(dst + c, first);
+        _mm512_store_si512(dst + c + 32, second);
+      }
     }
   };
 
@@ -157,17 +171,21 @@ struct Bf16Kernel {
       for (int i = 0; i < kRows; ++i)
         for (int j = 0; j < kCols; ++j) part[i][j] = _mm512_setzero_ps();
       for (int j = 0; j < kCols; ++j) prefetch_group(b + j * k, k, g);
-      for (int64_t c = k0; c < k1; c += kChunk) {
-        for (int j = 0; j < kCols; ++j) {  // kRows x kCols independent accumulation chains per chunk
+      // kRows x kCols independent accumulation chains per chunk; `load` reads a row's codes of the chunk.
+      const auto chunk_products = [&](int64_t c, auto load) {
+        for (int j = 0; j < kCols; ++j) {
           __m512i first, second;
-          decoder.decode(b + j * k + c, std::min(kChunk, k1 - c), first, second);
+          decoder.decode(load(b + j * k + c), first, second);
           for (int i = 0; i < kRows; ++i) {
             const Element* a_chunk = a + i * lda + c;
             part[i][j] = _mm512_dpbf16_ps(part[i][j], (__m512bh)_mm512_load_si512(a_chunk), (__m512bh)first);
             part[i][j] = _mm512_dpbf16_ps(part[i][j], (__m512bh)_mm512_load_si512(a_chunk + 32), (__m512bh)second);
           }
         }
-      }
+      };
+      int64_t c = k0;
+      for (; c + kChunk <= k1; c += kChunk) chunk_products(c, [](const uint8_t* src) { return Decoder::load(src); });
+      if (c < k1) chunk_products(c, [tail = k1 - c](const uint8_t* src) { return Decoder::load(src, tail); });
       for (int i = 0; i < kRows; ++i) {
         for (int j = 0; j < kCols; ++j) {
           const float row_scale = sa[i * groups + g], tile_scale = sb_rows[j][g], scale = row_scale * tile_scale;
@@ -198,8 +216,9 @@ struct PortableKernel {
   static constexpr int kLanes = 16;
 
   struct Decoder {
-    void chunk(const uint8_t* src, int64_t count, Element* dst) const {
-      for (int64_t i = 0; i < kChunk; ++i) dst[i] = i < count ? e4m3_to_float(src[i]) : 0.0f;
+    // `count` codes into padded_k(count) values at dst, zero-filled past count.
+    void row(const uint8_t* src, int64_t count, Element* dst) const {
+      for (int64_t i = 0; i < padded_k(count); ++i) dst[i] = i < count ? e4m3_to_float(src[i]) : 0.0f;
     }
   };
 
@@ -210,9 +229,7 @@ struct PortableKernel {
     float acc[kRows][kCols] = {};
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t k0 = g * kScaleBlock, k1 = std::min(k, k0 + kScaleBlock);
-      for (int j = 0; j < kCols; ++j)
-        for (int64_t c = k0; c < k1; c += kChunk)
-          decoder.chunk(b + j * k + c, std::min(kChunk, k1 - c), slice[j] + c - k0);
+      for (int j = 0; j < kCols; ++j) decoder.row(b + j * k + k0, k1 - k0, slice[j]);
       const int64_t length = padded_k(k1 - k0);
       for (int i = 0; i < kRows; ++i) {
         const Element* a_group = a + i * lda + k0;
@@ -236,11 +253,6 @@ using Kernel = PortableKernel;
 #endif
 
 using Element = Kernel::Element;
-
-// One row of k codes into kp = padded_k(k) values, zero-filled past k.
-void decode_row(const Kernel::Decoder& decoder, const uint8_t* src, int64_t k, Element* dst) {
-  for (int64_t c = 0; c < padded_k(k); c += kChunk) decoder.chunk(src + c, std::min(kChunk, k - c), dst + c);
-}
 
 #if defined(DSV3_GEMM_AMX)
 
@@ -358,9 +370,7 @@ void relayout_a(const Fp8GemmJob& job, int64_t item, uint32_t* a_pairs, float* s
     const int64_t r = tile * kTile + lane;
     const int64_t src = r >= p.m ? -1 : job.a_rows ? job.a_rows[r] : r;
     alignas(64) uint16_t values[kScaleBlock];
-    if (src >= 0)
-      for (int64_t k = k0; k < k1; k += kChunk)
-        decoder.chunk(p.a + src * p.k + k, std::min(kChunk, k1 - k), values + k - k0);
+    if (src >= 0) decoder.row(p.a + src * p.k + k0, k1 - k0, values);
     for (int64_t q = 0; q < pairs; ++q) {
       uint32_t pair;
       std::memcpy(&pair, values + 2 * q, sizeof(pair));
@@ -402,11 +412,12 @@ void run_unit(const Fp8GemmParams& p, const uint32_t* a_pairs, const float* sa_t
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t k0 = g * kScaleBlock, k1 = std::min(p.k, k0 + kScaleBlock);
     // The group's slice of b is kCols short pieces of rows K bytes apart, too many streams for the hardware
-    // prefetcher: fetch the next group's pieces while this one is decoded and multiplied.
-    for (int64_t n = n0; n < n1; ++n) prefetch_group(p.b + n * p.k, p.k, g);
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t k = k0; k < k1; k += kChunk)
-        decoder.chunk(p.b + n * p.k + k, std::min(kChunk, k1 - k), b_slice + (n - n0) * kScaleBlock + k - k0);
+    // prefetcher: fetch each row's next piece as this one is decoded. (Asking for all kCols rows' lines at once
+    // stalled on the core's line fill buffers.)
+    for (int64_t n = n0; n < n1; ++n) {
+      prefetch_group(p.b + n * p.k, p.k, g);
+      decoder.row(p.b + n * p.k + k0, k1 - k0, b_slice + (n - n0) * kScaleBlock);
+    }
     const int64_t steps = (std::min(kp, k0 + kScaleBlock) - k0) / 32;
     const float sb = p.b_scales[(n0 / kScaleBlock) * groups + g];
     for (int64_t t = 0; t < tiles; t += 2) {
@@ -469,7 +480,7 @@ int64_t scale_words(int64_t m, int64_t k) { return m * scale_blocks(k); }
 void decode_a_row(const Fp8GemmJob& job, int64_t r, Element* a, float* sa, const Kernel::Decoder& decoder) {
   const Fp8GemmParams& p = job.gemm;
   const int64_t src = job.a_rows ? job.a_rows[r] : r, groups = scale_blocks(p.k);
-  decode_row(decoder, p.a + src * p.k, p.k, a + r * padded_k(p.k));
+  decoder.row(p.a + src * p.k, p.k, a + r * padded_k(p.k));
   std::copy(p.a_scales + src * groups, p.a_scales + (src + 1) * groups, sa + r * groups);
 }
 
