@@ -366,17 +366,22 @@ void relayout_a(const Fp8GemmJob& job, int64_t item, uint32_t* a_pairs, float* s
   const int64_t pairs = (std::min(kp, k0 + kScaleBlock) - k0) / 2;
   uint32_t* dst = a_pairs + (tile * (kp / 2) + g * kPairsPerGroup) * kTile;
   float* scales = sa_t + (tile * groups + g) * kTile;
+  alignas(64) uint16_t values[kTile][kScaleBlock];  // the group's 16 rows of a, decoded (zeros past m)
   for (int64_t lane = 0; lane < kTile; ++lane) {
     const int64_t r = tile * kTile + lane;
     const int64_t src = r >= p.m ? -1 : job.a_rows ? job.a_rows[r] : r;
-    alignas(64) uint16_t values[kScaleBlock];
-    if (src >= 0) decoder.row(p.a + src * p.k + k0, k1 - k0, values);
-    for (int64_t q = 0; q < pairs; ++q) {
-      uint32_t pair;
-      std::memcpy(&pair, values + 2 * q, sizeof(pair));
-      dst[q * kTile + lane] = src >= 0 ? pair : 0u;
-    }
+    if (src >= 0)
+      decoder.row(p.a + src * p.k + k0, k1 - k0, values[lane]);
+    else
+      std::fill(values[lane], values[lane] + 2 * pairs, uint16_t{0});
     scales[lane] = src >= 0 ? p.a_scales[src * groups + g] : 0.0f;
+  }
+  // Row lane's pair q goes to dst[q][lane]: 16 x 16 transposes of the pairs as 32-bit elements.
+  for (int64_t q0 = 0; q0 < pairs; q0 += kTile) {
+    __m512i block[kTile];
+    for (int64_t lane = 0; lane < kTile; ++lane) block[lane] = _mm512_load_si512(values[lane] + 2 * q0);
+    avx512::transpose_16x16_epi32(block);
+    for (int64_t q = 0; q < kTile; ++q) _mm512_store_si512(dst + (q0 + q) * kTile, block[q]);
   }
 }
 

@@ -8,9 +8,10 @@
 
 namespace dsv3::cpu::avx512 {
 
-// Sum of the 16 lanes.
 constexpr __mmask16 kAll = 0xFFFF;
+constexpr __mmask8 kAll8 = 0xFF;
 
+// Sum of the 16 lanes.
 inline float horizontal_sum(__m512 v) {
   v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll, v, v, 0x4E));
   v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(kAll, v, v, 0xB1));
@@ -60,6 +61,36 @@ inline __m128i to_e4m3(__m512 v) {
   result = _mm512_mask_mov_epi32(result, is_saturated, _mm512_set1_epi32(0x7E));
   result = _mm512_mask_mov_epi32(result, is_nan, _mm512_set1_epi32(0x7F));
   return _mm512_maskz_cvtepi32_epi8(kAll, _mm512_or_si512(result, sign));
+}
+
+// Transposes a 16 x 16 matrix of 32-bit elements held as 16 row vectors: afterwards rows[i] holds column i. Four
+// rounds of two-input shuffles: 32-bit and 64-bit interleaves within 128-bit lanes, then two rounds of 128-bit lane
+// selection.
+inline void transpose_16x16_epi32(__m512i rows[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_maskz_unpacklo_epi32(kAll, rows[i], rows[i + 1]);
+    t[i + 1] = _mm512_maskz_unpackhi_epi32(kAll, rows[i], rows[i + 1]);
+  }
+  // u[4i + j], 128-bit lane l: column 4l + j of rows 4i..4i+3.
+  __m512i u[16];
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_maskz_unpacklo_epi64(kAll8, t[i], t[i + 2]);
+    u[i + 1] = _mm512_maskz_unpackhi_epi64(kAll8, t[i], t[i + 2]);
+    u[i + 2] = _mm512_maskz_unpacklo_epi64(kAll8, t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_maskz_unpackhi_epi64(kAll8, t[i + 1], t[i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    // even / odd: lanes 0 and 2 / 1 and 3 of u[j], u[4 + j] (low) and of u[8 + j], u[12 + j] (high).
+    const __m512i even_low = _mm512_maskz_shuffle_i32x4(kAll, u[j], u[4 + j], 0x88);
+    const __m512i odd_low = _mm512_maskz_shuffle_i32x4(kAll, u[j], u[4 + j], 0xDD);
+    const __m512i even_high = _mm512_maskz_shuffle_i32x4(kAll, u[8 + j], u[12 + j], 0x88);
+    const __m512i odd_high = _mm512_maskz_shuffle_i32x4(kAll, u[8 + j], u[12 + j], 0xDD);
+    rows[j] = _mm512_maskz_shuffle_i32x4(kAll, even_low, even_high, 0x88);
+    rows[4 + j] = _mm512_maskz_shuffle_i32x4(kAll, odd_low, odd_high, 0x88);
+    rows[8 + j] = _mm512_maskz_shuffle_i32x4(kAll, even_low, even_high, 0xDD);
+    rows[12 + j] = _mm512_maskz_shuffle_i32x4(kAll, odd_low, odd_high, 0xDD);
+  }
 }
 
 // exp(x) within 2 ulp: x = n ln2 + r with |r| <= ln2 / 2, e^r from its degree-6 Taylor polynomial (truncation error
