@@ -44,11 +44,11 @@
 #define DSV3_GEMM_AVX512 1
 #include <immintrin.h>
 
+#include "cpu/amx.h"
+#include "cpu/e4m3_avx512.h"
 #include "cpu/simd_avx512.h"
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#if defined(DSV3_CPU_AMX)
 #define DSV3_GEMM_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
 #endif
 #endif
 
@@ -78,11 +78,8 @@ struct AlignedBuffer {
 #if defined(DSV3_GEMM_AVX512)
 
 // ---- AVX-512 BF16 --------------------------------------------------------------------------------------------------
-// Decoding: the low and high bytes of each value's bf16 pattern come from two 128-entry byte tables indexed by the
-// code's 7 magnitude bits (two vpermb per table, which measured faster here than one vpermt2b), the sign bit is or-ed
-// into the high byte, and unpacking the two byte vectors yields 64 bf16 values in a lane-interleaved order:
-// [0-7, 16-23, 32-39, 48-55] then [8-15, 24-31, 40-47, 56-63]. a and b are decoded by the same function, so their
-// pairs line up and the dot products are unchanged by the permutation.
+// a and b are decoded alike (avx512::E4m3Decoder::decode, lane-interleaved order), so their pairs line up and the dot
+// products are unchanged by the permutation.
 //
 // The kernels read the weight one K group (128 bytes) of several rows at a time, too many short streams for the
 // hardware prefetcher; they ask for the lines kPrefetchGroups groups ahead of each row themselves.
@@ -96,49 +93,13 @@ inline void prefetch_group(const uint8_t* row, int64_t k, int64_t g) {
 struct Bf16Kernel {
   using Element = uint16_t;  // bf16 bits
 
-  struct Tables {
-    alignas(64) uint8_t low[128];
-    alignas(64) uint8_t high[128];
-    Tables() {
-      for (int code = 0; code < 128; ++code) {
-        const uint16_t bits = float_to_bf16(e4m3_to_float(static_cast<uint8_t>(code)));  // exact: e4m3 fits in bf16
-        low[code] = static_cast<uint8_t>(bits & 0xFF);
-        high[code] = static_cast<uint8_t>(bits >> 8);
-      }
-    }
-  };
-
-  struct Decoder {
-    __m512i low0, low1, high0, high1, sign;
-    Decoder() {
-      static const Tables tables;
-      low0 = _mm512_load_si512(tables.low);
-      low1 = _mm512_load_si512(tables.low + 64);
-      high0 = _mm512_load_si512(tables.high);
-      high1 = _mm512_load_si512(tables.high + 64);
-      sign = _mm512_set1_epi8(static_cast<char>(0x80));
-    }
+  struct Decoder : avx512::E4m3Decoder {
     // The codes of a chunk: all 64, or the first `count` (< 64) and zeros. Callers keep the two apart, so that whole
     // chunks (all but a row's last when K % 64 != 0) take a plain load: building the mask for every chunk cost as
     // much scalar work as decoding it.
     static __m512i load(const uint8_t* src) { return _mm512_loadu_si512(src); }
     static __m512i load(const uint8_t* src, int64_t count) {
       return _mm512_maskz_loadu_epi8((__mmask64{1} << count) - 1, src);
-    }
-    // Decodes 64 codes into two vectors of 32 bf16 values.
-    void decode(__m512i codes, __m512i& first, __m512i& second) const {
-      // vpermb looks up 64 entries by the low 6 bits; codes with bit 6 set take the upper half of each table. (The
-      // zero-masking forms with a full mask: GCC 12's unmasked vpermb intrinsic trips -Wmaybe-uninitialized.)
-      constexpr __mmask64 kAll = ~__mmask64{0};
-      const __mmask64 upper = _mm512_test_epi8_mask(codes, _mm512_set1_epi8(0x40));
-      const __m512i low =
-          _mm512_mask_permutexvar_epi8(_mm512_maskz_permutexvar_epi8(kAll, codes, low0), upper, codes, low1);
-      const __m512i high =
-          _mm512_mask_permutexvar_epi8(_mm512_maskz_permutexvar_epi8(kAll, codes, high0), upper, codes, high1);
-      // high | (codes & 0x80): ternary-logic truth table 0xF8 for (A | (B & C)).
-      const __m512i signed_high = _mm512_ternarylogic_epi32(high, codes, sign, 0xF8);
-      first = _mm512_unpacklo_epi8(low, signed_high);
-      second = _mm512_unpackhi_epi8(low, signed_high);
     }
     // `count` codes into padded_k(count) values at dst (64-byte aligned), zero-filled past count.
     void row(const uint8_t* src, int64_t count, Element* dst) const {
@@ -265,45 +226,19 @@ using Element = Kernel::Element;
 // weight scale tile since 128 is a multiple of 32) by up to kRows rows of a; per K group it decodes its slice of b
 // into L1 (prefetching the next), runs 2x2 tile products per pair of row tiles of a, and promotes the four C tiles into
 // an fp32 accumulator.
-namespace amx {
+namespace amx_kernel {
 
 // From two rows of a on. For a single row the dot-product kernel is as fast and needs no re-layout of a.
 constexpr int64_t kMinRows = 2;
 
-// DSV3_CPU_NO_AMX=1 keeps the GEMM on AVX-512 (to compare the two, or where AMX state is unwelcome).
-bool disabled_by_environment() {
-  const char* value = std::getenv("DSV3_CPU_NO_AMX");
-  return value != nullptr && value[0] != '\0' && std::strcmp(value, "0") != 0;
-}
-
-constexpr int64_t kTile = 16;         // rows per tile and rows of a per C tile column block
-constexpr int64_t kCols = 2 * kTile;  // rows of b per unit
-constexpr int64_t kRows = 256;        // rows of a per unit: the b slice decoded per group serves all of them
+constexpr int64_t kTile = amx::kTileRows;  // rows per tile and rows of a per C tile column block
+constexpr int64_t kCols = 2 * kTile;       // rows of b per unit
+constexpr int64_t kRows = 256;             // rows of a per unit: the b slice decoded per group serves all of them
 constexpr int64_t kPairsPerGroup = kScaleBlock / 2;
 
-// Linux hands out AMX state only to processes that ask for it (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
-bool usable() {
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-  return granted;
-}
-
-// Palette 1, eight tiles of 16 rows x 64 bytes: tiles 0-3 accumulate C, 4-5 hold b, 6-7 hold a_pairs.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-  TileConfig() {
-    for (int t = 0; t < 8; ++t) {
-      bytes_per_row[t] = 64;
-      rows[t] = kTile;
-    }
-  }
-};
-
 // c[t] (16 rows of b x 16 rows of a) += slice of b (tile) . a_pairs (tile) over one K group of `steps` x 32 values.
-// kTwo: whether a second row tile of a exists (tiles 2-3); b_slice holds kCols rows of 128 decoded values.
+// kTwo: whether a second row tile of a exists (tiles 2-3); b_slice holds kCols rows of 128 decoded values. Tiles 0-3
+// accumulate C, 4-5 hold b, 6-7 hold a_pairs.
 template <bool kTwo>
 void group_products(const uint16_t* b_slice, const uint32_t* pairs0, const uint32_t* pairs1, int64_t steps, float* c) {
   _tile_zero(0);
@@ -387,16 +322,10 @@ void relayout_a(const Fp8GemmJob& job, int64_t item, uint32_t* a_pairs, float* s
 
 // What a thread keeps across its units: the tile configuration and L1-sized buffers.
 struct ThreadState {
+  amx::TileScope tiles;
   AlignedBuffer<uint16_t> b_slice{kCols * kScaleBlock};  // [row of b][128]: one K group, decoded
   AlignedBuffer<float> c{4 * kTile * kTile};
   AlignedBuffer<float> acc{(kRows / kTile) * kCols * kTile};  // [row tile of a][row of b][16 rows of a]
-  ThreadState() {
-    const TileConfig config;
-    _tile_loadconfig(&config);
-  }
-  ~ThreadState() { _tile_release(); }
-  ThreadState(const ThreadState&) = delete;
-  ThreadState& operator=(const ThreadState&) = delete;
 };
 
 int64_t col_units(int64_t n) { return (n + kCols - 1) / kCols; }
@@ -455,7 +384,7 @@ void run_unit(const Fp8GemmParams& p, const uint32_t* a_pairs, const float* sa_t
   }
 }
 
-}  // namespace amx
+}  // namespace amx_kernel
 
 #endif
 
@@ -511,10 +440,9 @@ void run_unit(const Fp8GemmParams& p, const Element* a, const float* sa, int64_t
 
 }  // namespace micro
 
-// Read on every call, so DSV3_CPU_NO_AMX can be switched while a process runs (the tests compare both kernels).
 bool amx_enabled() {
 #if defined(DSV3_GEMM_AMX)
-  return !amx::disabled_by_environment() && amx::usable();
+  return amx::enabled();
 #else
   return false;
 #endif
@@ -522,7 +450,7 @@ bool amx_enabled() {
 
 // How one job of a batch runs: its kernel, its share of the scratch and its ranges of the batch's work items.
 struct JobPlan {
-  bool amx = false;          // AMX tiles (from amx::kMinRows rows on), else the micro-tile kernel
+  bool amx = false;          // AMX tiles (from amx_kernel::kMinRows rows on), else the micro-tile kernel
   int64_t a_offset = 0;      // bytes into the activation scratch (64-byte aligned)
   int64_t scale_offset = 0;  // floats into the scale scratch (16-float aligned)
   int64_t first_prep = 0;    // first item of the activation pass: AMX (row tile, K group), micro-tile rows
@@ -556,12 +484,12 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
     plan.first_unit = unit_items;
     if (p.m == 0 || p.n == 0) continue;  // K = 0 writes zeros: every group loop is empty
 #if defined(DSV3_GEMM_AMX)
-    plan.amx = p.m >= amx::kMinRows && use_amx;
+    plan.amx = p.m >= amx_kernel::kMinRows && use_amx;
     if (plan.amx) {
-      a_bytes += align64(amx::pair_words(p.m, p.k) * 4);
-      scale_floats += align64(amx::scale_words(p.m, p.k) * 4) / 4;
-      prep_items += amx::row_tiles(p.m) * scale_blocks(p.k);
-      unit_items += amx::units(p.m, p.n);
+      a_bytes += align64(amx_kernel::pair_words(p.m, p.k) * 4);
+      scale_floats += align64(amx_kernel::scale_words(p.m, p.k) * 4) / 4;
+      prep_items += amx_kernel::row_tiles(p.m) * scale_blocks(p.k);
+      unit_items += amx_kernel::units(p.m, p.n);
       continue;
     }
 #endif
@@ -587,8 +515,8 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
       const JobPlan& plan = plans[j];
 #if defined(DSV3_GEMM_AMX)
       if (plan.amx) {
-        amx::relayout_a(jobs[j], item - plan.first_prep, reinterpret_cast<uint32_t*>(a_of(plan)), scales_of(plan),
-                        decoder);
+        amx_kernel::relayout_a(jobs[j], item - plan.first_prep, reinterpret_cast<uint32_t*>(a_of(plan)),
+                               scales_of(plan), decoder);
         continue;
       }
 #endif
@@ -599,7 +527,7 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
 
     // Pass 2: the products.
 #if defined(DSV3_GEMM_AMX)
-    std::unique_ptr<amx::ThreadState> state;  // created by a thread's first AMX unit
+    std::unique_ptr<amx_kernel::ThreadState> state;  // created by a thread's first AMX unit
 #endif
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < unit_items; ++item) {
@@ -607,9 +535,9 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
       const JobPlan& plan = plans[j];
 #if defined(DSV3_GEMM_AMX)
       if (plan.amx) {
-        if (!state) state = std::make_unique<amx::ThreadState>();
-        amx::run_unit(jobs[j].gemm, reinterpret_cast<const uint32_t*>(a_of(plan)), scales_of(plan),
-                      item - plan.first_unit, decoder, *state);
+        if (!state) state = std::make_unique<amx_kernel::ThreadState>();
+        amx_kernel::run_unit(jobs[j].gemm, reinterpret_cast<const uint32_t*>(a_of(plan)), scales_of(plan),
+                             item - plan.first_unit, decoder, *state);
         continue;
       }
 #endif
