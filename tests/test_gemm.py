@@ -32,17 +32,6 @@ ATOL_OF_ABS_SUM_CUDA = 2**-12
 E4M3_NAN = 0x7F
 
 
-@pytest.fixture(params=["auto", "no_amx"])
-def cpu_kernel(request, device, monkeypatch) -> str:
-    """Runs a test with the kernel the CPU picks (AMX tiles from 2 rows of a on, where the CPU has them), then again
-    with DSV3_CPU_NO_AMX=1 (AVX-512 dot products for every M). Only the CPU kernels have the choice."""
-    if request.param == "no_amx":
-        if device.type != "cpu":
-            pytest.skip("DSV3_CPU_NO_AMX only concerns the CPU kernels")
-        monkeypatch.setenv("DSV3_CPU_NO_AMX", "1")
-    return request.param
-
-
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference per-token quantization for any K: zero padding to a multiple of 128 leaves every group's amax."""
     m, k = x.shape

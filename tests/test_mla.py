@@ -111,7 +111,7 @@ def test_schedule_hand_example():
 @pytest.mark.parametrize("heads", [16, 32, 64, 128])
 @pytest.mark.parametrize("s_q", [1, 2])
 @pytest.mark.parametrize("causal", [False, True])
-def test_decode_matches_reference(device, heads, s_q, causal):
+def test_decode_matches_reference(device, cpu_kernel, heads, s_q, causal):
     cache, block_table, seqlens = _paged_cache(SEQLENS, device=device)
     q = torch.randn(len(SEQLENS), s_q, heads, ref.HEAD_DIM).to(torch.bfloat16).to(device)
     out, lse = _assert_matches_reference(q, cache, block_table, seqlens, causal, num_parts=5)
@@ -120,14 +120,14 @@ def test_decode_matches_reference(device, heads, s_q, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_decode_fp8_cache_matches_reference(device, causal):
+def test_decode_fp8_cache_matches_reference(device, cpu_kernel, causal):
     cache, block_table, seqlens = _paged_cache(SEQLENS, fp8=True, device=device)
     q = torch.randn(len(SEQLENS), 2, 16, ref.HEAD_DIM).to(torch.bfloat16).to(device)
     out, _ = _assert_matches_reference(q, cache, block_table, seqlens, causal, num_parts=4)
     assert torch.isfinite(out).all()
 
 
-def test_fp8_nan_code_in_a_used_row_reaches_the_output_like_the_reference(device):
+def test_fp8_nan_code_in_a_used_row_reaches_the_output_like_the_reference(device, cpu_kernel):
     # every e4m3 code is read as its value: a NaN code (0x7F) in a row a sequence owns makes that sequence's outputs
     # and lse NaN, as in the reference (a fast widening that reads it as 480 would pass a plausible wrong result on)
     cache, block_table, seqlens = _paged_cache([70, 130], fp8=True)
@@ -140,7 +140,7 @@ def test_fp8_nan_code_in_a_used_row_reaches_the_output_like_the_reference(device
     assert_close(out[0].cpu().float(), r_out[0].float(), atol=8e-3, rtol=8e-3, name="out of the other sequence")
 
 
-def test_fp8_cache_is_within_fp8_tolerance_of_bf16_cache(device):
+def test_fp8_cache_is_within_fp8_tolerance_of_bf16_cache(device, cpu_kernel):
     seqlens = [300, 1000]
     bf16_cache, block_table, lengths = _paged_cache(seqlens, device=device)
     rows = bf16_cache.view(-1, ref.HEAD_DIM).float().nan_to_num(0.0)
@@ -152,14 +152,30 @@ def test_fp8_cache_is_within_fp8_tolerance_of_bf16_cache(device):
     assert_close(lse_fp8.cpu(), lse_bf16.cpu(), atol=0.05, rtol=0.02, name="lse")
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_partial_row_tiles_and_value_widths(device, cpu_kernel, fp8):
+    # 3 x 20 query rows (16-row tiles with a partial last one) and head_dim_v 200 (value columns in 64-wide blocks
+    # with a partial last one): out is the first 200 columns of the full-width result
+    if device.type != "cpu":
+        pytest.skip("edges of the CPU kernels' tiles")
+    cache, block_table, seqlens = _paged_cache([130, 64, 7], fp8=fp8)
+    q = torch.randn(3, 3, 20, ref.HEAD_DIM).to(torch.bfloat16)
+    metadata, num_splits = dsv3.get_mla_metadata(seqlens, 60, 1, num_parts=3)
+    out, lse = dsv3.mla_decode_with_kvcache(q, cache, block_table, seqlens, 200, metadata, num_splits, causal=True)
+    r_out, r_lse = ref.mla_decode_with_kvcache(q, cache, block_table, seqlens, causal=True)
+    assert out.shape == (3, 3, 20, 200)
+    assert_close(out.float(), r_out[..., :200].float(), atol=8e-3, rtol=8e-3, max_diff=1e-5, name="out")
+    assert_close(lse, r_lse, atol=1e-5, rtol=1e-5, name="lse")
+
+
 @pytest.mark.parametrize("num_parts", [1, 3, 64])
-def test_partition_does_not_change_the_result(device, num_parts):
+def test_partition_does_not_change_the_result(device, cpu_kernel, num_parts):
     cache, block_table, seqlens = _paged_cache([700, 2000, 5], device=device)
     q = torch.randn(3, 2, 16, ref.HEAD_DIM).to(torch.bfloat16).to(device)
     _assert_matches_reference(q, cache, block_table, seqlens, True, num_parts=num_parts, softmax_scale=0.1352)
 
 
-def test_causal_query_before_every_key_sees_nothing(device):
+def test_causal_query_before_every_key_sees_nothing(device, cpu_kernel):
     cache, block_table, seqlens = _paged_cache([1, 3], device=device)
     q = torch.randn(2, 2, 16, ref.HEAD_DIM).to(torch.bfloat16).to(device)
     out, lse = _assert_matches_reference(q, cache, block_table, seqlens, True, num_parts=2)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/cpu_ops.h"
+#include "cpu/mla_attend.h"
 #if defined(__AVX512F__)
 #include "cpu/simd_avx512.h"
 #endif
@@ -203,19 +204,19 @@ void for_row_blocks(int64_t rows, Fn&& fn) {
   }
 }
 
-// Attention of all s_q x heads queries of one sequence over KV blocks [first_block, last_block): writes the split's
-// normalized output and lse, either as the final result (the sequence has one split) or into the workspace.
-void attend_split(const MlaDecodeParams& p, int64_t seq, int32_t first_block, int32_t last_block, int32_t split) {
+// The attention step (cpu/mla_attend.h) in fp32 on AVX-512 or portable loops: every query row against every cache row
+// of a page decoded to fp32.
+void attend_fp32(const MlaDecodeParams& p, int64_t seq, int32_t first_block, int32_t last_block,
+                 const MlaSplitState& state) {
   const int64_t rows = p.s_q * p.heads, dv = p.head_dim_v;
   const int32_t seqlen = seqlen_of(p, seq);
-  // Per-thread scratch, grown as needed and reused across splits and calls: only the accumulators need clearing.
-  thread_local std::vector<float> q, acc, scores, keys, running_max, running_sum;
+  // Per-thread scratch, grown as needed and reused across splits and calls.
+  thread_local std::vector<float> q, scores, keys;
   q.resize(rows * kMlaHeadDim);
   scores.resize(rows * kMlaPageSize);
   keys.resize(kMlaPageSize * kMlaHeadDim);
-  acc.assign(rows * dv, 0.0f);
-  running_max.assign(rows, kNegInf);
-  running_sum.assign(rows, 0.0f);
+  float* running_max = state.running_max;
+  float* running_sum = state.running_sum;
   const uint16_t* q_seq = p.q + seq * rows * kMlaHeadDim;  // rows ordered (query token, head)
   bf16_row_to_float(q_seq, rows * kMlaHeadDim, q.data());
 
@@ -246,15 +247,36 @@ void attend_split(const MlaDecodeParams& p, int64_t seq, int32_t first_block, in
       }
       const float new_max = std::max(running_max[r], block_max);
       const float rescale = std::exp(running_max[r] - new_max);  // 0 on the first visible block
-      float* a = acc.data() + r * dv;
+      float* a = state.acc + r * dv;
       for (int64_t c = 0; c < dv; ++c) a[c] *= rescale;
       running_sum[r] = running_sum[r] * rescale + exp_and_sum(s, tokens, new_max);  // scores become weights
       running_max[r] = new_max;
     }
     for_row_blocks(rows, [&](int64_t r, auto count) {
-      accumulate_rows<count()>(scores.data() + r * kMlaPageSize, keys.data(), tokens, dv, acc.data() + r * dv);
+      accumulate_rows<count()>(scores.data() + r * kMlaPageSize, keys.data(), tokens, dv, state.acc + r * dv);
     });
   }
+}
+
+// Attention of all s_q x heads queries of one sequence over KV blocks [first_block, last_block): writes the split's
+// normalized output and lse, either as the final result (the sequence has one split) or into the workspace.
+void attend_split(const MlaDecodeParams& p, int64_t seq, int32_t first_block, int32_t last_block, int32_t split) {
+  const int64_t rows = p.s_q * p.heads, dv = p.head_dim_v;
+  // Per-thread state, grown as needed and reused across splits and calls.
+  thread_local std::vector<float> acc, running_max, running_sum;
+  acc.assign(rows * dv, 0.0f);
+  running_max.assign(rows, kNegInf);
+  running_sum.assign(rows, 0.0f);
+  const MlaSplitState state{acc.data(), running_max.data(), running_sum.data()};
+#if defined(DSV3_MLA_AMX)
+  if (amx::enabled()) {
+    mla_attend_amx(p, seq, first_block, last_block, state);
+  } else {
+    attend_fp32(p, seq, first_block, last_block, state);
+  }
+#else
+  attend_fp32(p, seq, first_block, last_block, state);
+#endif
 
   const bool final_result = p.split_offsets[seq + 1] - p.split_offsets[seq] == 1;
   for (int64_t r = 0; r < rows; ++r) {
