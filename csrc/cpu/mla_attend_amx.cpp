@@ -8,9 +8,9 @@
 //   Online softmax with one vector lane per query row, over the page's tokens.
 //   P·V: O [16 rows, dv] = P [16 rows, 64 tokens] · V [64 tokens, dv], added to the rescaled accumulator. P, rounded to
 //     bf16 as on the GPU, is the "A" operand (the score tile transposed back in 16 x 16 blocks), V the "B" operand,
-//     re-laid per page as pairs of tokens, v_pairs[32][dv rounded up to 64]. With an FP8 cache a value's scale
-//     belongs to its token, the summed side of this product, so it moves onto P: the columns of latent group g use
-//     bf16(P * scale_g(token)).
+//     re-laid as pairs of tokens, v_pairs[32][64], one 64-dim block at a time for every row tile. With an FP8 cache a
+//     value's scale belongs to its token, the summed side of this product, so it moves onto P: the columns of latent
+//     group g use bf16(P * scale_g(token)).
 // Tokens of a page past the sequence's end get zero weight and zero value rows, whatever their cache rows hold.
 
 #include "cpu/mla_attend.h"
@@ -37,6 +37,9 @@ constexpr int kGroupDims = 128;                    // FP8 cache: dims per scale
 constexpr int kGroups = kMlaLatentDim / kGroupDims;
 constexpr int kGroupSteps = kGroupDims / 32;
 constexpr int kDimBlock = 4 * kTile;  // value dims per P·V pass: four C tiles
+// Rows of the re-laid values and of a pass's output: 16 elements more than a block, so that the 16 rows a tile
+// touches do not share L1 sets.
+constexpr int kPairsStride = kDimBlock + kTile;
 constexpr int kTokenPairs = kMlaPageSize / 2;
 constexpr int kPSteps = kMlaPageSize / 32;  // tile steps of 32 tokens over a page
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -52,10 +55,11 @@ struct Scratch {
   std::vector<uint32_t> q_pairs;  // [row tiles][kMlaHeadDim / 2][16]: (q[r, 2i], q[r, 2i + 1]) for the tile's rows r
   std::vector<uint16_t> page;     // FP8 cache: [64][576] bf16, the page's codes decoded and its rope copied
   std::vector<float> scales;      // FP8 cache: [64][4] the page's group scales
-  std::vector<uint32_t> v_pairs;  // [32][dims]: (v[2t, d], v[2t + 1, d])
+  std::vector<uint32_t> v_pairs;  // [32][kPairsStride]: (v[2t, d], v[2t + 1, d]) for one block of value dims
   std::vector<float> scores;      // [64 tokens][16 rows]: Sᵀ, then the softmax weights
-  std::vector<uint16_t> p;        // [kGroups or 1][kPSteps][16 rows][32 tokens] bf16: the P·V "A" tiles
-  std::vector<float> o;           // [16 rows][dims]: this page's P·V
+  std::vector<uint16_t> p;        // [row tiles][kGroups or 1][kPSteps][16 rows][32 tokens] bf16: the P·V "A" tiles
+  std::vector<float> factors;     // [row tiles][16]: each row's accumulator rescale for this page
+  std::vector<float> o;           // [16 rows][kPairsStride]: P·V of one row tile and block of value dims
   std::vector<float> c;           // FP8 scores: [kGroups + 1][16 tokens][16 rows]
 };
 
@@ -88,20 +92,20 @@ void decode_fp8_page(const uint8_t* rows, const avx512::E4m3Decoder& decoder, ui
   }
 }
 
-// v_pairs[t / 2][d] = (v[t, d], v[t + 1, d]) for d < dims (a multiple of 32), rows past `tokens` zero; rows of v
-// are kMlaHeadDim bf16 apart, rows of v_pairs `stride` pairs.
-void relayout_values(const uint16_t* v, int tokens, int dims, int stride, uint32_t* pairs) {
+// v_pairs[t / 2][d] = (v[t, d0 + d], v[t + 1, d0 + d]) for the kDimBlock dims from d0, rows past `tokens` zero;
+// rows of v are kMlaHeadDim bf16 apart, rows of v_pairs kPairsStride pairs.
+void relayout_values(const uint16_t* v, int tokens, int d0, uint32_t* pairs) {
   // word 2i of the result takes word i of the first row, word 2i + 1 word i of the second
   const __m512i lower = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,  //
                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i upper = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,  //
                                          55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
   for (int tp = 0; tp < kTokenPairs; ++tp) {
-    const uint16_t* even = v + (2 * tp) * kMlaHeadDim;
+    const uint16_t* even = v + (2 * tp) * kMlaHeadDim + d0;
     const uint16_t* odd = even + kMlaHeadDim;
     const bool has_even = 2 * tp < tokens, has_odd = 2 * tp + 1 < tokens;
-    uint32_t* dst = pairs + tp * stride;
-    for (int d = 0; d < dims; d += 32) {
+    uint32_t* dst = pairs + tp * kPairsStride;
+    for (int d = 0; d < kDimBlock; d += 32) {
       const __m512i a = has_even ? _mm512_loadu_si512(even + d) : _mm512_setzero_si512();
       const __m512i b = has_odd ? _mm512_loadu_si512(odd + d) : _mm512_setzero_si512();
       _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(a, lower, b));
@@ -240,34 +244,30 @@ void weights_to_tiles(const float* weights, int tokens, const float* token_scale
   }
 }
 
-// o [16 rows][dims] = P · V over the page (tile 4: P, 5-7: value pairs, 0-3: four 16-dim column blocks); rows of
-// v_pairs and o are `stride` elements apart. The "A" tiles of columns [d, d + 64) start at
-// p_tiles + (d / 128) * p_group_stride (FP8: one set per latent group; else the stride is 0).
-void page_values(const uint16_t* p_tiles, int p_group_stride, const uint32_t* v_pairs, int dims, int stride, float* o) {
-  const int v_row_bytes = stride * 4;
-  for (int d0 = 0; d0 < dims; d0 += kDimBlock) {
-    const uint16_t* p = p_tiles + (d0 / kGroupDims) * p_group_stride;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int step = 0; step < kPSteps; ++step) {
-      _tile_loadd(4, p + step * kTile * 32, 64);
-      const uint32_t* v = v_pairs + step * kTile * stride + d0;
-      _tile_loadd(5, v, v_row_bytes);
-      _tile_dpbf16ps(0, 4, 5);
-      _tile_loadd(6, v + kTile, v_row_bytes);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_loadd(7, v + 2 * kTile, v_row_bytes);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(5, v + 3 * kTile, v_row_bytes);
-      _tile_dpbf16ps(3, 4, 5);
-    }
-    _tile_stored(0, o + d0, v_row_bytes);
-    _tile_stored(1, o + d0 + kTile, v_row_bytes);
-    _tile_stored(2, o + d0 + 2 * kTile, v_row_bytes);
-    _tile_stored(3, o + d0 + 3 * kTile, v_row_bytes);
+// o [16 rows][kDimBlock] (rows kPairsStride floats apart) = P · V over the page for one block of value dims (tile
+// 4: P, 5-7: value pairs, 0-3: the block's four 16-dim column tiles).
+void block_values(const uint16_t* p, const uint32_t* v_pairs, float* o) {
+  constexpr int kRowBytes = kPairsStride * 4;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int step = 0; step < kPSteps; ++step) {
+    _tile_loadd(4, p + step * kTile * 32, 64);
+    const uint32_t* v = v_pairs + step * kTile * kPairsStride;
+    _tile_loadd(5, v, kRowBytes);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, v + kTile, kRowBytes);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(7, v + 2 * kTile, kRowBytes);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, v + 3 * kTile, kRowBytes);
+    _tile_dpbf16ps(3, 4, 5);
   }
+  _tile_stored(0, o, kRowBytes);
+  _tile_stored(1, o + kTile, kRowBytes);
+  _tile_stored(2, o + 2 * kTile, kRowBytes);
+  _tile_stored(3, o + 3 * kTile, kRowBytes);
 }
 
 }  // namespace
@@ -276,21 +276,19 @@ void mla_attend_amx(const MlaDecodeParams& p, int64_t seq, int32_t first_block, 
                     const MlaSplitState& state) {
   const int64_t rows = p.s_q * p.heads, dv = p.head_dim_v;
   const int64_t row_tiles = (rows + kTile - 1) / kTile;
-  const int dims = static_cast<int>((dv + kDimBlock - 1) / kDimBlock * kDimBlock);  // value dims computed
-  // Rows of v_pairs and o: a multiple of 16 elements plus 16, so that the 16 rows a tile touches do not share L1 sets.
-  const int stride = dims + kTile;
   const int32_t seqlen = p.cache_seqlens[seq];
   const int p_variants = p.fp8_cache ? kGroups : 1;
-  const int p_variant_elements = kPSteps * kTile * 32;
+  const int p_tile_elements = kPSteps * kTile * 32;  // one set of P·V "A" tiles
 
   thread_local Scratch scratch;
   uint32_t* q_pairs = grown(scratch.q_pairs, row_tiles * (kMlaHeadDim / 2) * kTile);
   uint16_t* decoded = p.fp8_cache ? grown(scratch.page, kMlaPageSize * kMlaHeadDim) : nullptr;
   float* page_scales = p.fp8_cache ? grown(scratch.scales, kMlaPageSize * kGroups) : nullptr;
-  uint32_t* v_pairs = grown(scratch.v_pairs, static_cast<size_t>(kTokenPairs) * stride);
+  uint32_t* v_pairs = grown(scratch.v_pairs, kTokenPairs * kPairsStride);
   float* scores = grown(scratch.scores, kMlaPageSize * kTile);
-  uint16_t* p_tiles = grown(scratch.p, p_variants * p_variant_elements);
-  float* o = grown(scratch.o, static_cast<size_t>(kTile) * stride);
+  uint16_t* p_tiles = grown(scratch.p, row_tiles * p_variants * p_tile_elements);
+  float* factors = grown(scratch.factors, row_tiles * kTile);
+  float* o = grown(scratch.o, kTile * kPairsStride);
   float* c = grown(scratch.c, (kGroups + 1) * kTile * kTile);
 
   const uint16_t* q_seq = p.q + seq * rows * kMlaHeadDim;
@@ -308,8 +306,8 @@ void mla_attend_amx(const MlaDecodeParams& p, int64_t seq, int32_t first_block, 
     } else {
       page = reinterpret_cast<const uint16_t*>(p.kv_cache) + int64_t{page_id} * kMlaPageSize * kMlaHeadDim;
     }
-    relayout_values(page, tokens, dims, stride, v_pairs);
 
+    // Scores and softmax weights of every row tile.
     for (int64_t t = 0; t < row_tiles; ++t) {
       const uint32_t* tile_q = q_pairs + t * (kMlaHeadDim / 2) * kTile;
       if (p.fp8_cache)
@@ -326,26 +324,33 @@ void mla_attend_amx(const MlaDecodeParams& p, int64_t seq, int32_t first_block, 
       }
       const int64_t valid_rows = std::min<int64_t>(kTile, rows - t * kTile);
       const __mmask16 valid = static_cast<__mmask16>((1u << valid_rows) - 1);
-      const __m512 rescale = softmax_page(scores, tokens, _mm512_load_si512(visible), valid, p.softmax_scale,
-                                          state.running_max + t * kTile, state.running_sum + t * kTile);
-
+      _mm512_storeu_ps(factors + t * kTile,
+                       softmax_page(scores, tokens, _mm512_load_si512(visible), valid, p.softmax_scale,
+                                    state.running_max + t * kTile, state.running_sum + t * kTile));
       for (int g = 0; g < p_variants; ++g) {
         weights_to_tiles(scores, tokens, p.fp8_cache ? page_scales + g : nullptr, kGroups,
-                         p_tiles + g * p_variant_elements);
+                         p_tiles + (t * p_variants + g) * p_tile_elements);
       }
-      page_values(p_tiles, p.fp8_cache ? p_variant_elements : 0, v_pairs, dims, stride, o);
+    }
 
-      alignas(64) float factors[kTile];
-      _mm512_store_ps(factors, rescale);
-      for (int64_t l = 0; l < valid_rows; ++l) {
-        float* acc = state.acc + (t * kTile + l) * dv;
-        const float* page_out = o + l * stride;
-        const __m512 factor = _mm512_set1_ps(factors[l]);
-        for (int64_t d = 0; d < dv; d += 16) {
-          const __mmask16 m = dv - d >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (dv - d)) - 1);
-          const __m512 updated = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + d), factor),
-                                               _mm512_maskz_loadu_ps(m, page_out + d));
-          _mm512_mask_storeu_ps(acc + d, m, updated);
+    // P·V block by block of value dims, each block's re-laid values serving every row tile from L1.
+    for (int d0 = 0; d0 < dv; d0 += kDimBlock) {
+      relayout_values(page, tokens, d0, v_pairs);
+      const int group = p.fp8_cache ? d0 / kGroupDims : 0;
+      const int64_t width = std::min<int64_t>(kDimBlock, dv - d0);
+      for (int64_t t = 0; t < row_tiles; ++t) {
+        block_values(p_tiles + (t * p_variants + group) * p_tile_elements, v_pairs, o);
+        const int64_t valid_rows = std::min<int64_t>(kTile, rows - t * kTile);
+        for (int64_t l = 0; l < valid_rows; ++l) {
+          float* acc = state.acc + (t * kTile + l) * dv + d0;
+          const float* block_out = o + l * kPairsStride;
+          const __m512 factor = _mm512_set1_ps(factors[t * kTile + l]);
+          for (int64_t d = 0; d < width; d += 16) {
+            const __mmask16 m = width - d >= 16 ? __mmask16{0xFFFF} : static_cast<__mmask16>((1u << (width - d)) - 1);
+            const __m512 updated = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, acc + d), factor),
+                                                 _mm512_maskz_loadu_ps(m, block_out + d));
+            _mm512_mask_storeu_ps(acc + d, m, updated);
+          }
         }
       }
     }
