@@ -368,19 +368,23 @@ void run_unit(const Fp8GemmParams& p, const uint32_t* a_pairs, const float* sa_t
       }
     }
   }
-  // Each 16-float row of acc is one output column of a row tile: round it to bf16 as a vector, then transpose the
-  // tile's [columns][16] bf16 values into the output rows.
-  alignas(64) uint16_t columns[kCols][kTile];
+  // Each 16-float row of acc is one output column of a row tile. Rounded to bf16, columns 2j and 2j + 1 side by side
+  // make one 32-bit lane per row of a, and a 16 x 16 transpose of those vectors gives the tile's output rows.
+  static_assert(kCols == 2 * kTile, "one 16 x 16 transpose of column pairs per row tile");
+  const __mmask32 columns = n1 - n0 >= kCols ? ~__mmask32{0} : (__mmask32{1} << (n1 - n0)) - 1;
   for (int64_t t = 0; t < tiles; ++t) {
-    const float* acc_t = acc + t * kCols * kTile;
-    for (int64_t n = 0; n < n1 - n0; ++n) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(columns[n]), avx512::to_bf16(_mm512_load_ps(acc_t + n * kTile)));
+    const float* acc_t = acc + t * kCols * kTile;  // columns past n hold zeros
+    __m512i pairs[kTile];
+    for (int64_t j = 0; j < kTile; ++j) {
+      const __m256i even = avx512::to_bf16(_mm512_load_ps(acc_t + 2 * j * kTile));
+      const __m256i odd = avx512::to_bf16(_mm512_load_ps(acc_t + (2 * j + 1) * kTile));
+      pairs[j] =
+          _mm512_or_si512(_mm512_maskz_cvtepu16_epi32(avx512::kAll, even),
+                          _mm512_maskz_slli_epi32(avx512::kAll, _mm512_maskz_cvtepu16_epi32(avx512::kAll, odd), 16));
     }
+    avx512::transpose_16x16_epi32(pairs);  // pairs[i]: the 32 bf16 outputs of row i
     const int64_t first_row = m0 + t * kTile, rows = std::min(kTile, m1 - first_row);
-    for (int64_t i = 0; i < rows; ++i) {
-      uint16_t* out_row = p.out + (first_row + i) * p.n + n0;
-      for (int64_t n = 0; n < n1 - n0; ++n) out_row[n] = columns[n][i];
-    }
+    for (int64_t i = 0; i < rows; ++i) _mm512_mask_storeu_epi16(p.out + (first_row + i) * p.n + n0, columns, pairs[i]);
   }
 }
 
