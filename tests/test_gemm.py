@@ -198,11 +198,13 @@ def test_fp8_linear_matches_reference(device):
 @pytest.mark.parametrize(
     ("m", "n", "k"), [(1, 576, 7168), (5, 256, 128), (33, 2112, 512), (130, 384, 1536), (0, 256, 256)]
 )
-def test_fp8_linear_is_quantization_then_gemm(device, m, n, k):
+def test_fp8_linear_is_quantization_then_gemm(device, cpu_kernel, m, n, k):
     """The fused op equals its two halves bit for bit: per_token_group_quant_fp8, then fp8_gemm_nt."""
     x = torch.randn(m, k, dtype=torch.bfloat16, device=device) * 3
     if m:
         x[0, :128] = 0  # an all-zero group takes the minimum scale
+    if m > 1:
+        x[m - 1, k - 1] = float("nan")  # a NaN group: NaN scale, its row's outputs NaN
     weight = rq.per_block_quant_fp8(torch.randn(n, k, device=device) * 0.05)
     y = dsv3.fp8_linear(x, weight)
     assert y.shape == (m, n) and y.dtype == torch.bfloat16

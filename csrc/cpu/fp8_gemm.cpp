@@ -14,7 +14,8 @@
 //
 // fp8_gemm_batch runs several independent GEMMs (a MoE layer's experts) as one: every GEMM picks its kernel by its own
 // row count, the activation pass and the product pass each share one thread team across all of them, and a GEMM may
-// gather its rows of a through an index list while decoding them. fp8_gemm_nt is a batch of one.
+// gather its rows of a through an index list while decoding them, or quantize them from unquantized activations
+// (fp8_linear). fp8_gemm_nt is a batch of one.
 //
 // Promotion and non-finite values: a group sum is scaled by sa * sb, fused into the accumulation (one FMA), when that
 // product is finite; otherwise as (sum * sa) * sb, so a zero sum stays zero when huge finite scales overflow their
@@ -36,6 +37,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "cpu/fp8_gemm_batch.h"
+#include "cpu/fp8_rows.h"
 #include "cpu/scratch.h"
 #include "dsv3/fp8.h"
 #include "dsv3/half_types.h"
@@ -62,6 +64,19 @@ constexpr int kMicroRows = 4;         // micro-tile: rows of a ...
 constexpr int kMicroCols = 4;         // ... times rows of b, whose dot products share every load
 
 int64_t padded_k(int64_t k) { return (k + kChunk - 1) / kChunk * kChunk; }
+
+// A job with unquantized activations: group g (128 channels) of row r of x as e4m3 codes, returning its scale
+// (per_token_group_quant_fp8's arithmetic).
+float quantize_group(const Fp8GemmJob& job, int64_t r, int64_t g, uint8_t* codes) {
+  float scale = 0.0f;
+  dispatch_float_type(job.x_dtype, [&](auto type) {
+    constexpr DType kType = decltype(type)::value;
+    const auto* x = static_cast<const typename Element<kType>::Storage*>(job.x) + r * job.gemm.k + g * kScaleBlock;
+    scale = scale_from_amax(group_amax<kType>(x, kScaleBlock), false);
+    quantize_row<kType>(x, codes, kScaleBlock, scale);
+  });
+  return scale;
+}
 
 // 64-byte aligned scratch for decoded rows.
 template <typename T>
@@ -213,7 +228,7 @@ using Kernel = PortableKernel;
 
 #endif
 
-using Element = Kernel::Element;
+using Decoded = Kernel::Element;  // a decoded value
 
 #if defined(DSV3_GEMM_AMX)
 
@@ -304,12 +319,18 @@ void relayout_a(const Fp8GemmJob& job, int64_t item, uint32_t* a_pairs, float* s
   alignas(64) uint16_t values[kTile][kScaleBlock];  // the group's 16 rows of a, decoded (zeros past m)
   for (int64_t lane = 0; lane < kTile; ++lane) {
     const int64_t r = tile * kTile + lane;
-    const int64_t src = r >= p.m ? -1 : job.a_rows ? job.a_rows[r] : r;
-    if (src >= 0)
-      decoder.row(p.a + src * p.k + k0, k1 - k0, values[lane]);
-    else
+    if (r >= p.m) {
       std::fill(values[lane], values[lane] + 2 * pairs, uint16_t{0});
-    scales[lane] = src >= 0 ? p.a_scales[src * groups + g] : 0.0f;
+      scales[lane] = 0.0f;
+    } else if (job.x) {
+      alignas(64) uint8_t codes[kScaleBlock];
+      scales[lane] = quantize_group(job, r, g, codes);
+      decoder.row(codes, kScaleBlock, values[lane]);
+    } else {
+      const int64_t src = job.a_rows ? job.a_rows[r] : r;
+      decoder.row(p.a + src * p.k + k0, k1 - k0, values[lane]);
+      scales[lane] = p.a_scales[src * groups + g];
+    }
   }
   // Row lane's pair q goes to dst[q][lane]: 16 x 16 transposes of the pairs as 32-bit elements.
   for (int64_t q0 = 0; q0 < pairs; q0 += kTile) {
@@ -392,7 +413,7 @@ void run_unit(const Fp8GemmParams& p, const uint32_t* a_pairs, const float* sa_t
 
 #endif
 
-using MicroTileFn = void (*)(const Kernel::Decoder&, const Element*, int64_t, const float*, int64_t, const uint8_t*,
+using MicroTileFn = void (*)(const Kernel::Decoder&, const Decoded*, int64_t, const float*, int64_t, const uint8_t*,
                              int64_t, const float* const*, uint16_t*, int64_t);
 
 // micro-tile kernels for every (rows, cols) in [1, kMicroRows] x [1, kMicroCols], for the edges of a tile.
@@ -415,9 +436,18 @@ namespace micro {
 int64_t a_elements(int64_t m, int64_t k) { return m * padded_k(k); }
 int64_t scale_words(int64_t m, int64_t k) { return m * scale_blocks(k); }
 
-void decode_a_row(const Fp8GemmJob& job, int64_t r, Element* a, float* sa, const Kernel::Decoder& decoder) {
+void decode_a_row(const Fp8GemmJob& job, int64_t r, Decoded* a, float* sa, const Kernel::Decoder& decoder) {
   const Fp8GemmParams& p = job.gemm;
-  const int64_t src = job.a_rows ? job.a_rows[r] : r, groups = scale_blocks(p.k);
+  const int64_t groups = scale_blocks(p.k);
+  if (job.x) {  // k is a multiple of 128 (validated), so every group is whole
+    for (int64_t g = 0; g < groups; ++g) {
+      alignas(64) uint8_t codes[kScaleBlock];
+      sa[r * groups + g] = quantize_group(job, r, g, codes);
+      decoder.row(codes, kScaleBlock, a + r * padded_k(p.k) + g * kScaleBlock);
+    }
+    return;
+  }
+  const int64_t src = job.a_rows ? job.a_rows[r] : r;
   decoder.row(p.a + src * p.k, p.k, a + r * padded_k(p.k));
   std::copy(p.a_scales + src * groups, p.a_scales + (src + 1) * groups, sa + r * groups);
 }
@@ -426,7 +456,7 @@ int64_t col_tiles(int64_t n) { return (n + kColsPerTile - 1) / kColsPerTile; }
 int64_t units(int64_t m, int64_t n) { return (m + kRowsPerTile - 1) / kRowsPerTile * col_tiles(n); }
 
 // Tiles are numbered row-tile-major, so consecutive tiles share one block of a.
-void run_unit(const Fp8GemmParams& p, const Element* a, const float* sa, int64_t tile, const Kernel::Decoder& decoder) {
+void run_unit(const Fp8GemmParams& p, const Decoded* a, const float* sa, int64_t tile, const Kernel::Decoder& decoder) {
   const int64_t kp = padded_k(p.k), groups = scale_blocks(p.k);
   const int64_t m0 = (tile / col_tiles(p.n)) * kRowsPerTile, m1 = std::min(p.m, m0 + kRowsPerTile);
   const int64_t n0 = (tile % col_tiles(p.n)) * kColsPerTile, n1 = std::min(p.n, n0 + kColsPerTile);
@@ -480,7 +510,10 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
   int64_t a_bytes = 0, scale_floats = 0, prep_items = 0, unit_items = 0;
   for (int64_t j = 0; j < count; ++j) {
     const Fp8GemmParams& p = jobs[j].gemm;
-    validate(p);
+    if (jobs[j].x)
+      validate(Fp8LinearParams{jobs[j].x, jobs[j].x_dtype, p.b, p.b_scales, p.out, p.m, p.n, p.k});
+    else
+      validate(p);
     JobPlan& plan = plans[j];
     plan.a_offset = a_bytes;
     plan.scale_offset = scale_floats;
@@ -497,7 +530,7 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
       continue;
     }
 #endif
-    a_bytes += align64(micro::a_elements(p.m, p.k) * static_cast<int64_t>(sizeof(Element)));
+    a_bytes += align64(micro::a_elements(p.m, p.k) * static_cast<int64_t>(sizeof(Decoded)));
     scale_floats += align64(micro::scale_words(p.m, p.k) * 4) / 4;
     prep_items += p.m;
     unit_items += micro::units(p.m, p.n);
@@ -524,7 +557,7 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
         continue;
       }
 #endif
-      micro::decode_a_row(jobs[j], item - plan.first_prep, reinterpret_cast<Element*>(a_of(plan)), scales_of(plan),
+      micro::decode_a_row(jobs[j], item - plan.first_prep, reinterpret_cast<Decoded*>(a_of(plan)), scales_of(plan),
                           decoder);
     }
     // (the implied barrier: every unit reads activations another thread may have decoded)
@@ -545,7 +578,7 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
         continue;
       }
 #endif
-      micro::run_unit(jobs[j].gemm, reinterpret_cast<const Element*>(a_of(plan)), scales_of(plan),
+      micro::run_unit(jobs[j].gemm, reinterpret_cast<const Decoded*>(a_of(plan)), scales_of(plan),
                       item - plan.first_unit, decoder);
     }
   }

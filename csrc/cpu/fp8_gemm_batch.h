@@ -15,9 +15,15 @@ struct Fp8GemmJob {
   // [gemm.m]: the row of gemm.a (and of gemm.a_scales) that output row i reads, or null for row i itself. The rows are
   // gathered while a is decoded, so a permuted copy of the activations is never written.
   const int64_t* a_rows;
+  // Unquantized activations [gemm.m, gemm.k] of dtype x_dtype (fp8_linear), or null. When set, a and its scales are
+  // per_token_group_quant_fp8(x) with 128-wide groups, computed while a is decoded: gemm.a, gemm.a_scales and a_rows
+  // are not read, and the codes are never written.
+  const void* x = nullptr;
+  DType x_dtype = DType::kBFloat16;
 };
 
-// Runs every job (each validated like fp8_gemm_nt; an a_rows entry must index a row that exists).
+// Runs every job (each validated like fp8_gemm_nt, or with x like fp8_linear; an a_rows entry must index a row that
+// exists).
 void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count);
 
 }  // namespace dsv3::cpu
