@@ -28,8 +28,6 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <new>
 #include <utility>
@@ -397,11 +395,8 @@ void run_unit(const Fp8GemmParams& p, const uint32_t* a_pairs, const float* sa_t
     const float* acc_t = acc + t * kCols * kTile;  // columns past n hold zeros
     __m512i pairs[kTile];
     for (int64_t j = 0; j < kTile; ++j) {
-      const __m256i even = avx512::to_bf16(_mm512_load_ps(acc_t + 2 * j * kTile));
-      const __m256i odd = avx512::to_bf16(_mm512_load_ps(acc_t + (2 * j + 1) * kTile));
       pairs[j] =
-          _mm512_or_si512(_mm512_maskz_cvtepu16_epi32(avx512::kAll, even),
-                          _mm512_maskz_slli_epi32(avx512::kAll, _mm512_maskz_cvtepu16_epi32(avx512::kAll, odd), 16));
+          avx512::to_bf16_pairs(_mm512_load_ps(acc_t + 2 * j * kTile), _mm512_load_ps(acc_t + (2 * j + 1) * kTile));
     }
     avx512::transpose_16x16_epi32(pairs);  // pairs[i]: the 32 bf16 outputs of row i
     const int64_t first_row = m0 + t * kTile, rows = std::min(kTile, m1 - first_row);

@@ -235,9 +235,7 @@ void weights_to_tiles(const float* weights, int tokens, const float* token_scale
       __m512 even = _mm512_loadu_ps(weights + t * kTile), odd = _mm512_loadu_ps(weights + (t + 1) * kTile);
       if (token_scale && t < tokens) even = _mm512_mul_ps(even, _mm512_set1_ps(token_scale[t * stride]));
       if (token_scale && t + 1 < tokens) odd = _mm512_mul_ps(odd, _mm512_set1_ps(token_scale[(t + 1) * stride]));
-      const __m512i low = _mm512_maskz_cvtepu16_epi32(avx512::kAll, avx512::to_bf16(even));
-      const __m512i high = _mm512_maskz_cvtepu16_epi32(avx512::kAll, avx512::to_bf16(odd));
-      rows[i] = _mm512_or_si512(low, _mm512_maskz_slli_epi32(avx512::kAll, high, 16));
+      rows[i] = avx512::to_bf16_pairs(even, odd);
     }
     avx512::transpose_16x16_epi32(rows);  // rows[r]: row r's 16 token pairs
     for (int r = 0; r < kTile; ++r) _mm512_storeu_si512(tiles + (step * kTile + r) * 32, rows[r]);

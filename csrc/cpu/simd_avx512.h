@@ -42,6 +42,14 @@ inline __m256i to_bf16(__m512 v) {
   return _mm512_maskz_cvtepi32_epi16(kAll, _mm512_mask_mov_epi32(rounded, nan, quiet));
 }
 
+// 16 pairs (bf16(even[i]), bf16(odd[i])) as 32-bit lanes, even in the low half: two rows of bf16 values interleaved,
+// as tile operands pair consecutive K values.
+inline __m512i to_bf16_pairs(__m512 even, __m512 odd) {
+  const __m512i low = _mm512_maskz_cvtepu16_epi32(kAll, to_bf16(even));
+  const __m512i high = _mm512_maskz_cvtepu16_epi32(kAll, to_bf16(odd));
+  return _mm512_or_si512(low, _mm512_maskz_slli_epi32(kAll, high, 16));
+}
+
 // 16 fp32 values encoded to e4m3 exactly as dsv3/fp8.h's float_to_e4m3 (the same branch-free candidates and
 // selections, one lane each): nearest even, finite overflow saturating to +-448, NaN to 0x7F with its sign.
 inline __m128i to_e4m3(__m512 v) {
