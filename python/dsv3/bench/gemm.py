@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv3
-from dsv3.bench.harness import Report, Row, Timer
+from dsv3.bench.harness import Report, Row, Timer, memory_roof_rows
 from dsv3.reference.quant import ceil_div
 
 # (N, K) of DeepSeek-V3's FP8 projections: kv_a (576), q_a (1536), q_b (128 heads x 192), o_proj (128 heads x 128 in),
@@ -43,6 +43,8 @@ def _scaled_mm_us(timer: Timer, a: torch.Tensor, b: torch.Tensor) -> float | Non
 def run(device: torch.device, quick: bool = False, reps: int | None = None) -> Report:
     timer = Timer(device, warmup=2, reps=reps or (5 if quick or device.type == "cpu" else 20))
     report = Report(f"FP8 block-scaled GEMM on {device.type}")
+    for row in memory_roof_rows(timer, device):
+        report.add(row)
     weights: dict[tuple[int, int], tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
     for m, n, k in _cases(device, quick):
         if (n, k) not in weights:

@@ -1,9 +1,12 @@
 """The benchmark harness shared by every suite.
 
 Timing: on the CPU, warm-up calls then `reps` timed calls, the median wall time. On the GPU, CUDA events around each
-call with the L2 cache flushed before it (a write over twice the L2 size), the median. Every row reports time (us),
-effective bandwidth (GB/s), throughput (TFLOP/s or GFLOP/s), the share of the H200 peak when on a GPU, and the ratio to
-a baseline measured in the same run.
+call with the L2 cache emptied of the call's operands before it (a read of twice the L2 size), the median. The flush
+reads rather than writes: a write would leave the L2 full of dirty lines, and the timed call would then pay for
+writing them back to HBM (up to the L2's size of extra traffic, as much as a small GEMM reads). Every row reports time
+(us), effective bandwidth (GB/s), throughput (TFLOP/s or GFLOP/s), the share of the H200 peak when on a GPU, and the
+ratio to a baseline measured in the same run. On a GPU, `memory_roof_rows` measures what plain copies and reads of
+HBM reach on the machine at hand, next to the nominal 4.8 TB/s.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ class Timer:
         self._flush = None
         if device.type == "cuda":
             l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
-            self._flush = torch.empty(2 * l2_bytes // 4 + 1, dtype=torch.int32, device=device)
+            self._flush = torch.zeros(2 * l2_bytes // 4 + 1, dtype=torch.int32, device=device)
 
     def __call__(self, fn: Callable[[], object]) -> float:
         for _ in range(self.warmup):
@@ -89,7 +92,7 @@ class Timer:
             return statistics.median(times) * 1e6
         events = []
         for _ in range(self.reps):
-            self._flush.zero_()
+            self._flush.sum()  # reads only: the L2 is left holding clean lines of this buffer
             # A ~0.1 ms spin keeps the GPU busy while the host queues the call: the interval between the events is
             # then the device's time for fn, not the Python and launch overhead of issuing it.
             torch.cuda._sleep(200_000)
@@ -116,6 +119,23 @@ class Timer:
                 f()
                 samples.append(time.perf_counter() - start)
         return statistics.median(times[0]) * 1e6, statistics.median(times[1]) * 1e6
+
+
+def memory_roof_rows(timer: Timer, device: torch.device, gib: int = 1) -> list[Row]:
+    """On a GPU, the HBM bandwidth that torch's own copy and sum kernels reach over `gib` GiB (timed like every op):
+    the practical ceiling the %HBM column can be read against. Nothing on the CPU."""
+    if device.type != "cuda":
+        return []
+    n = gib << 30
+    source = torch.ones(n, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    words = source.view(torch.int32)
+    copy_us = timer(lambda: target.copy_(source))
+    sum_us = timer(lambda: words.sum())
+    return [
+        Row("HBM roof: copy", f"{gib} GiB -> {gib} GiB", device.type, us=copy_us, bytes=2 * n),
+        Row("HBM roof: sum (read)", f"{gib} GiB int32", device.type, us=sum_us, bytes=n),
+    ]
 
 
 class Report:

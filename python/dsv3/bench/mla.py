@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import dsv3
-from dsv3.bench.harness import Report, Row, Timer
+from dsv3.bench.harness import Report, Row, Timer, memory_roof_rows
 from dsv3.reference import mla as ref
 
 PAGE = ref.PAGE_SIZE
@@ -35,6 +35,8 @@ def _run_gpu(device: torch.device, quick: bool, reps: int | None) -> Report:
     report = Report(f"MLA decode on {device.type}")
     timer = Timer(device, warmup=3, reps=reps or 20)
     baseline_timer = Timer(device, warmup=1, reps=3)  # the reference is slow; few repetitions say enough
+    for row in memory_roof_rows(timer, device):
+        report.add(row)
     # (batch, seqlen, heads, s_q)
     cases = [(128, 4096, 16, 1)] if quick else [(128, 4096, 16, 1), (64, 4096, 16, 2), (64, 4096, 128, 1),
                                                 (32, 4096, 128, 2), (4, 32768, 16, 1)]  # fmt: skip
