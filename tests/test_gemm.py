@@ -217,6 +217,25 @@ def test_fp8_linear_takes_strided_views(device):
     assert_bitwise_equal(dsv3.fp8_linear(x, weight), dsv3.fp8_linear(x.contiguous(), weight), name="y")
 
 
+@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.parametrize("m", [1, 16])
+def test_every_weight_code_decodes_exactly(device, m):
+    """Weight row j holds code j (all 256: zeros, subnormals, normals, NaN) where a is 1 and ordinary codes where a is
+    0, so out[:, j] is code j's value, exact in bf16. Rows of ordinary codes and rows holding a zero, subnormal or NaN
+    code are decoded along different paths on the CPU; both must give every value."""
+    n, k = 256, 256
+    qa = torch.zeros(m, k, dtype=torch.float8_e4m3fn)
+    qa[:, 0] = 1.0
+    filler = torch.tensor([1.5, -3.0, 0.375, 240.0]).repeat(n, k // 4)  # normal codes, times a's zeros
+    qb = filler.to(torch.float8_e4m3fn)
+    qb[:, 0] = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    sa, sb = torch.ones(m, 2), torch.ones(2, 2)
+    out = dsv3.fp8_gemm_nt((qa.to(device), sa.to(device)), (qb.to(device), sb.to(device))).cpu()
+    expected = (qb[:, 0].float() + 0.0).to(torch.bfloat16).expand(m, n)  # a sum from +0: code 0x80 gives +0
+    assert_bitwise_equal(out, ref.fp8_gemm_nt((qa, sa), (qb, sb)), name="out")
+    assert_bitwise_equal(out, expected.contiguous(), name="out vs the codes' values")
+
+
 @pytest.mark.parametrize("m", [1, 3, 16, 40])
 def test_output_rounding_is_exact(device, m):
     """One nonzero product per output, so its fp32 value is exact and only the rounding to bf16 is tested: ties to

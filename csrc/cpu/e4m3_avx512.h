@@ -5,6 +5,7 @@
 // sign bit is or-ed into the high byte, and unpacking the two byte vectors yields the 64 values of a chunk in a
 // lane-interleaved order: [0-7, 16-23, 32-39, 48-55] then [8-15, 24-31, 40-47, 56-63]. A dot product whose operands
 // are both decoded this way can use that order as it is; decode_in_order spends two more shuffles to restore it.
+// E4m3Times256Decoder decodes the weights of a GEMM without tables where it can, to values 2^8 times too large.
 
 #include <immintrin.h>
 
@@ -15,9 +16,11 @@
 
 namespace dsv3::cpu::avx512 {
 
-class E4m3Decoder {
+// Tables of the values times 2^kLog2Scale (exact for every code: a power of two moves only the exponent).
+template <int kLog2Scale>
+class ScaledE4m3Decoder {
  public:
-  E4m3Decoder() {
+  ScaledE4m3Decoder() {
     static const Tables tables;
     low0_ = _mm512_load_si512(tables.low);
     low1_ = _mm512_load_si512(tables.low + 64);
@@ -60,13 +63,63 @@ class E4m3Decoder {
     alignas(64) uint8_t high[128];
     Tables() {
       for (int code = 0; code < 128; ++code) {
-        const uint16_t bits = float_to_bf16(e4m3_to_float(static_cast<uint8_t>(code)));
+        const float scale = static_cast<float>(int64_t{1} << kLog2Scale);
+        const uint16_t bits = float_to_bf16(e4m3_to_float(static_cast<uint8_t>(code)) * scale);
         low[code] = static_cast<uint8_t>(bits & 0xFF);
         high[code] = static_cast<uint8_t>(bits >> 8);
       }
     }
   };
   __m512i low0_, low1_, high0_, high1_;
+};
+
+using E4m3Decoder = ScaledE4m3Decoder<0>;
+
+// The values times 2^8, in decode()'s order, mostly without table look-ups: for a normal code s.eeee.mmm the bf16
+// pattern s.1000eeee.mmm0000 (exponent field 128 + e, against e4m3's bias of 7) is its value times 2^8, and three
+// operations per 32 codes build it: unpack with the code as the high byte, shift right arithmetically by 4 (the sign
+// then fills bits 15-11, the exponent lands in bits 10-7 and the mantissa in 6-4), keep bits 15 and 10-4 and set bit
+// 14. Zero, subnormal and NaN codes do not fit that pattern; a group of codes holding any goes through the tables.
+// Half the decoding cost of the tables' path here, which matters where a GEMM decodes its whole weight per call; the
+// caller scales the products back by kUnscale (exact).
+class E4m3Times256Decoder : public ScaledE4m3Decoder<8> {
+ public:
+  static constexpr float kUnscale = 1.0f / 256;
+
+  // One group of a row: `count` (<= 128) codes -> values at dst (64-byte aligned), zeros up to the next multiple of
+  // 64 values.
+  void group(const uint8_t* src, int64_t count, uint16_t* dst) const {
+    if (count == 128) {
+      const __m512i lower = _mm512_loadu_si512(src), upper = _mm512_loadu_si512(src + 64);
+      if ((needs_tables(lower) | needs_tables(upper)) == 0) {
+        shifted(lower, dst);
+        shifted(upper, dst + 64);
+        return;
+      }
+    }
+    for (int64_t c = 0; c < count; c += 64) {
+      const __m512i codes = c + 64 <= count ? _mm512_loadu_si512(src + c)
+                                            : _mm512_maskz_loadu_epi8((__mmask64{1} << (count - c)) - 1, src + c);
+      __m512i first, second;
+      decode(codes, first, second);
+      _mm512_store_si512(dst + c, first);
+      _mm512_store_si512(dst + c + 32, second);
+    }
+  }
+
+ private:
+  // Flags magnitudes 0x7F (NaN) and 0-14: zero, the subnormals, and (sharing the one test) the smallest normals.
+  static __mmask64 needs_tables(__m512i codes) {
+    return _mm512_testn_epi8_mask(_mm512_add_epi8(codes, _mm512_set1_epi8(1)), _mm512_set1_epi8(0x70));
+  }
+  static void shifted(__m512i codes, uint16_t* dst) {
+    const __m512i keep = _mm512_set1_epi16(static_cast<short>(0x87F0)), exponent_msb = _mm512_set1_epi16(0x4000);
+    const __m512i first = _mm512_srai_epi16(_mm512_unpacklo_epi8(_mm512_setzero_si512(), codes), 4);
+    const __m512i second = _mm512_srai_epi16(_mm512_unpackhi_epi8(_mm512_setzero_si512(), codes), 4);
+    // (a & b) | c: ternary-logic truth table 0xEA
+    _mm512_store_si512(dst, _mm512_ternarylogic_epi32(first, keep, exponent_msb, 0xEA));
+    _mm512_store_si512(dst + 32, _mm512_ternarylogic_epi32(second, keep, exponent_msb, 0xEA));
+  }
 };
 
 }  // namespace dsv3::cpu::avx512

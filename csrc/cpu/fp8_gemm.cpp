@@ -280,15 +280,19 @@ void group_products(const uint16_t* b_slice, const uint32_t* pairs0, const uint3
   }
 }
 
-// acc[i] (row i of b, 16 rows of a) += (c[i] * sa) * sb for one row tile of a.
+// acc[i] (row i of b, 16 rows of a) += (c[i] * sa) * sb for one row tile of a. c holds the sums of products with the
+// weight decoded 2^8 times too large (avx512::E4m3Times256Decoder); scaling them back first is exact, so the result
+// is bit for bit that of the unscaled weight.
 void promote(const float* c_lower, const float* c_upper, const float* sa, float sb, float* acc) {
+  const __m512 unscale = _mm512_set1_ps(avx512::E4m3Times256Decoder::kUnscale);
   const __m512 row_scales = _mm512_loadu_ps(sa);
   const __m512 tile_scale = _mm512_set1_ps(sb);
   const __m512 scales = _mm512_mul_ps(row_scales, tile_scale);
   constexpr int kNonFinite = 0x01 | 0x08 | 0x10 | 0x80;  // fpclass: quiet NaN, +inf, -inf, signaling NaN
   const bool fused = _mm512_fpclass_ps_mask(scales, kNonFinite) == 0;
   for (int64_t i = 0; i < kCols; ++i) {
-    const __m512 c = _mm512_load_ps(i < kTile ? c_lower + i * kTile : c_upper + (i - kTile) * kTile);
+    const __m512 c =
+        _mm512_mul_ps(_mm512_load_ps(i < kTile ? c_lower + i * kTile : c_upper + (i - kTile) * kTile), unscale);
     const __m512 sum = _mm512_load_ps(acc + i * kTile);
     _mm512_store_ps(acc + i * kTile, fused
                                          ? _mm512_fmadd_ps(c, scales, sum)
@@ -342,7 +346,8 @@ void relayout_a(const Fp8GemmJob& job, int64_t item, uint32_t* a_pairs, float* s
 // What a thread keeps across its units: the tile configuration and L1-sized buffers.
 struct ThreadState {
   amx::TileScope tiles;
-  AlignedBuffer<uint16_t> b_slice{kCols * kScaleBlock};  // [row of b][128]: one K group, decoded
+  avx512::E4m3Times256Decoder weight_decoder;
+  AlignedBuffer<uint16_t> b_slice{kCols * kScaleBlock};  // [row of b][128]: one K group, decoded (times 2^8)
   AlignedBuffer<float> c{4 * kTile * kTile};
   AlignedBuffer<float> acc{(kRows / kTile) * kCols * kTile};  // [row tile of a][row of b][16 rows of a]
 };
@@ -351,8 +356,7 @@ int64_t col_units(int64_t n) { return (n + kCols - 1) / kCols; }
 int64_t units(int64_t m, int64_t n) { return (m + kRows - 1) / kRows * col_units(n); }
 
 // Unit `unit` (row-unit-major) of a GEMM whose a was re-laid into a_pairs / sa_t.
-void run_unit(const Fp8GemmParams& p, const uint32_t* a_pairs, const float* sa_t, int64_t unit,
-              const Bf16Kernel::Decoder& decoder, ThreadState& state) {
+void run_unit(const Fp8GemmParams& p, const uint32_t* a_pairs, const float* sa_t, int64_t unit, ThreadState& state) {
   const int64_t kp = padded_k(p.k), groups = scale_blocks(p.k);
   const int64_t m0 = (unit / col_units(p.n)) * kRows, m1 = std::min(p.m, m0 + kRows);
   const int64_t n0 = (unit % col_units(p.n)) * kCols, n1 = std::min(p.n, n0 + kCols);
@@ -369,7 +373,7 @@ void run_unit(const Fp8GemmParams& p, const uint32_t* a_pairs, const float* sa_t
     // stalled on the core's line fill buffers.)
     for (int64_t n = n0; n < n1; ++n) {
       prefetch_group(p.b + n * p.k, p.k, g);
-      decoder.row(p.b + n * p.k + k0, k1 - k0, b_slice + (n - n0) * kScaleBlock);
+      state.weight_decoder.group(p.b + n * p.k + k0, k1 - k0, b_slice + (n - n0) * kScaleBlock);
     }
     const int64_t steps = (std::min(kp, k0 + kScaleBlock) - k0) / 32;
     const float sb = p.b_scales[(n0 / kScaleBlock) * groups + g];
@@ -569,7 +573,7 @@ void fp8_gemm_batch(const Fp8GemmJob* jobs, int64_t count) {
       if (plan.amx) {
         if (!state) state = std::make_unique<amx_kernel::ThreadState>();
         amx_kernel::run_unit(jobs[j].gemm, reinterpret_cast<const uint32_t*>(a_of(plan)), scales_of(plan),
-                             item - plan.first_unit, decoder, *state);
+                             item - plan.first_unit, *state);
         continue;
       }
 #endif
