@@ -25,11 +25,13 @@ def sass() -> dict[str, str]:
 
 
 def test_fp8_gemm_kernels_use_fp8_wgmma_and_tma(sass):
-    # the block-scaled mainloops: three dense variants (128x128, swap-AB 128x64, ping-pong 64x128) and the grouped
-    # (pointer-array) one
+    # the block-scaled mainloops: four dense variants (128x128, swap-AB 128x64, ping-pong 64x128, 128x128 in 1x2
+    # clusters) and the grouped (pointer-array) one
     gemms = {name: code for name, code in sass.items() if "GmmaWarpSpecializedBlockwise" in name}
-    assert len(gemms) == 4, f"expected the four FP8 GEMM kernels, found {len(gemms)}"
+    assert len(gemms) == 5, f"expected the five FP8 GEMM kernels, found {len(gemms)}"
     assert sum("ArrayTmaGmma" in name for name in gemms) == 1
+    # only the clustered variant loads by multicast (its tiles of a reach both CTAs of the cluster in one load)
+    assert sum("UTMALDG.3D.MULTICAST" in code for code in gemms.values()) == 1
     for name, code in gemms.items():
         # sm_90a FP8 warpgroup MMA (QGMMA ... E4M3.E4M3 with fp32 accumulators) and bulk tensor (TMA) loads/stores
         assert re.search(r"\b[HQ]GMMA\.64x\d+x32\.F32\.E4M3\.E4M3\b", code), name

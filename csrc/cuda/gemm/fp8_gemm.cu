@@ -15,8 +15,10 @@ Fp8GemmSchedule schedule_for(int64_t m, int64_t n, int64_t k, int num_sms,
   if (!forced) return choose_fp8_gemm_schedule(m, n, k, num_sms);
   const Fp8GemmSchedule& s = *forced;
   const auto variant = static_cast<int32_t>(s.variant), decomposition = static_cast<int32_t>(s.decomposition);
-  DSV3_CHECK(variant >= 0 && variant <= 2,
-             "schedule: variant must be 0 (128x128), 1 (swap-AB 128x64) or 2 (ping-pong 64x128), got ", variant);
+  DSV3_CHECK(variant >= 0 && variant <= 3,
+             "schedule: variant must be 0 (128x128), 1 (swap-AB 128x64), 2 (ping-pong 64x128) or 3 (128x128 in 1x2 "
+             "clusters), got ",
+             variant);
   DSV3_CHECK(decomposition >= 0 && decomposition <= 2,
              "schedule: decomposition must be 0 (data-parallel), 1 (split-K) or 2 (stream-K), got ", decomposition);
   DSV3_CHECK(s.variant != Fp8GemmVariant::kPingpong64x128 || s.decomposition == Fp8GemmDecomposition::kDataParallel,
@@ -38,6 +40,8 @@ int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms,
       return Fp8GemmKernel<Fp8GemmVariant::kSwapAB128x64>::workspace_bytes(m, n, k, schedule, num_sms);
     case Fp8GemmVariant::kPingpong64x128:
       return Fp8GemmKernel<Fp8GemmVariant::kPingpong64x128>::workspace_bytes(m, n, k, schedule, num_sms);
+    case Fp8GemmVariant::kTile128x128Cluster1x2:
+      return Fp8GemmKernel<Fp8GemmVariant::kTile128x128Cluster1x2>::workspace_bytes(m, n, k, schedule, num_sms);
     default:
       return Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::workspace_bytes(m, n, k, schedule, num_sms);
   }
@@ -66,6 +70,9 @@ void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_
       break;
     case Fp8GemmVariant::kPingpong64x128:
       Fp8GemmKernel<Fp8GemmVariant::kPingpong64x128>::run(params, schedule, workspace_ptr, num_sms, stream);
+      break;
+    case Fp8GemmVariant::kTile128x128Cluster1x2:
+      Fp8GemmKernel<Fp8GemmVariant::kTile128x128Cluster1x2>::run(params, schedule, workspace_ptr, num_sms, stream);
       break;
     default:
       Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::run(params, schedule, workspace_ptr, num_sms, stream);

@@ -4,8 +4,9 @@
 // 128-deep K block, bf16 epilogue through TMA stores. Include only from instantiations/*.cu.
 //
 // Cooperative: both consumer warp groups share one 128-row tile, under the stream-K scheduler (data-parallel, split-K
-// or stream-K). Ping-pong: each consumer warp group owns a 64-row tile and the two alternate, so one promotes its
-// partial sums and runs its epilogue while the other's MMAs run; CUTLASS runs it data-parallel only.
+// or stream-K); with kClusterN = 2, CTAs run in pairs along N that receive each tile of A by one TMA multicast.
+// Ping-pong: each consumer warp group owns a 64-row tile and the two alternate, so one promotes its partial sums and
+// runs its epilogue while the other's MMAs run; CUTLASS runs it data-parallel only.
 //
 // The kernel computes D[M', N'] = A[M', K] B[N', K]^T with A and B K-major:
 //   normal   A = a (tokens), SFA = a_scales, one per row           B = b (weight), SFB = b_scales, per 128 rows
@@ -53,7 +54,7 @@ CUTE_HOST_DEVICE Stride packed_stride(int64_t rows, int64_t cols) {
   return stride;
 }
 
-template <int kTileN, bool kSwapAB, bool kPingpong = false>
+template <int kTileN, bool kSwapAB, bool kPingpong = false, int kClusterN = 1>
 struct CutlassFp8Gemm {
   using ElementAB = cutlass::float_e4m3_t;
   using ElementD = cutlass::bfloat16_t;
@@ -64,7 +65,7 @@ struct CutlassFp8Gemm {
   static constexpr int kAlignmentD = 8;
 
   using TileShape = cute::Shape<cute::Int<kPingpong ? 64 : 128>, cute::Int<kTileN>, cute::_128>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using ClusterShape = cute::Shape<cute::_1, cute::Int<kClusterN>, cute::_1>;
   // granularity (rows of A per scale, rows of B per scale, K per scale)
   using ScaleConfig = cutlass::detail::Sm90BlockwiseScaleConfig<kSwapAB ? 128 : 1, kSwapAB ? 1 : 128, 128,
                                                                 cute::GMMA::Major::K, cute::GMMA::Major::K>;
@@ -108,7 +109,9 @@ struct CutlassFp8Gemm {
     cutlass::KernelHardwareInfo info;
     DSV3_CUDA_CHECK(cudaGetDevice(&info.device_id));
     info.sm_count = num_sms;
-    info.max_active_clusters = num_sms;  // 1x1 clusters, one CTA per SM (the pipeline fills shared memory)
+    // 1x1 clusters: one CTA per SM (the pipeline fills shared memory). Larger clusters: 0 lets CUTLASS size the grid
+    // from the SMs per GPC, where a cluster's CTAs must sit together.
+    info.max_active_clusters = kClusterN == 1 ? num_sms : 0;
     return info;
   }
 
