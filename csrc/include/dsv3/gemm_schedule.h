@@ -17,9 +17,9 @@ enum class Fp8GemmVariant : int32_t {
   // epilogue overlap the other's MMAs; data-parallel only
   kPingpong64x128 = 2,
   // kTile128x128 in clusters of two CTAs side by side along N, which share each 128 x 128 tile of a through TMA
-  // multicast: a quarter less traffic from L2 into the SMs. At M = 4096 the 128x128 tiles move ~9 TB/s from L2 at
-  // 59% of the FP8 peak, about what an H100-class L2 delivers, which multicast relieves. Not chosen by the heuristic
-  // until benchmarks/sweep_gemm_schedule.py has measured it on a GPU.
+  // multicast: a quarter less traffic from L2 into the SMs. At M = 4096 the 128x128 tiles at 59% of the FP8 peak
+  // already move ~9 TB/s from L2 (32 KB per 128x128x128 block), a likely limit that multicast relieves. Not chosen
+  // by the heuristic until benchmarks/sweep_gemm_schedule.py has measured it on a GPU.
   kTile128x128Cluster1x2 = 3,
 };
 
