@@ -239,6 +239,19 @@ def test_unpermute_sums_in_slot_order_from_positive_zero(device):
     assert torch.equal(out[2:].view(torch.int32), torch.zeros(2, 2, dtype=torch.int32))  # +0.0, not -0.0
 
 
+@pytest.mark.parametrize("dtype,hidden", [(torch.bfloat16, 7168), (torch.float32, 1000)])
+def test_unpermute_with_more_slots_than_loads_in_flight(device, dtype, hidden):
+    """11 slots a token (a GPU thread loads 8 at a time), some empty, over rows wider than one block of threads."""
+    topk_idx = _skewed(30, k=11, seed=2)
+    layout = dsv3.moe_contiguous_layout(topk_idx.to(device), E, alignment=8)
+    expected_layout = ref.moe_contiguous_layout(topk_idx, E, 8)
+    rows = expected_layout.num_rows
+    y = torch.randn(layout.m_indices.shape[0], hidden).to(dtype)
+    weights = torch.rand(30, 11)
+    out = dsv3.unpermute_tokens(y.to(device), layout, weights.to(device)).cpu()
+    assert_bitwise_equal(out, ref.unpermute_tokens(y[:rows], expected_layout, weights), "unpermuted")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_permute_unpermute_masked_bitwise(device, dtype):
     topk_idx = _skewed(40, seed=1)
