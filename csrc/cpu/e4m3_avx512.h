@@ -80,8 +80,9 @@ using E4m3Decoder = ScaledE4m3Decoder<0>;
 // operations per 32 codes build it: unpack with the code as the high byte, shift right arithmetically by 4 (the sign
 // then fills bits 15-11, the exponent lands in bits 10-7 and the mantissa in 6-4), keep bits 15 and 10-4 and set bit
 // 14. Zero, subnormal and NaN codes do not fit that pattern; a group of codes holding any goes through the tables.
-// Half the decoding cost of the tables' path here, which matters where a GEMM decodes its whole weight per call; the
-// caller scales the products back by kUnscale (exact).
+// A group of 128 codes decodes in ~30% less time than through the tables (4.0 against 5.7 reference cycles per 64
+// codes here), which matters where a GEMM decodes its whole weight per call; the caller scales the products back by
+// kUnscale (exact).
 class E4m3Times256Decoder : public ScaledE4m3Decoder<8> {
  public:
   static constexpr float kUnscale = 1.0f / 256;
