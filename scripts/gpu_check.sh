@@ -55,7 +55,7 @@ echo "bench exit $?"
 
 stage "GEMM schedule sweep"
 sweep=${result%.json}-gemm-schedules.json
-timeout "${SWEEP_LIMIT:-90}" $python benchmarks/sweep_gemm_schedule.py --json "$sweep" >"$logs/sweep.log" 2>&1
+timeout "${SWEEP_LIMIT:-120}" $python benchmarks/sweep_gemm_schedule.py --json "$sweep" >"$logs/sweep.log" 2>&1
 echo "sweep exit $?"; tail -n 45 "$logs/sweep.log"
 [ -f "$sweep" ] && [ "$logs" != build ] && cp "$sweep" "$logs"/
 
