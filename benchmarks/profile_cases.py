@@ -5,7 +5,8 @@
 
 (scripts/gpu_check.sh runs this when ncu is on the PATH). The cases are the benchmark's target rows: MLA decode at
 h=16 b=128 seq 4096 (bf16 and FP8 cache), h=128, and b=4 seq 32768 (many splits to combine), the decode-sized and the
-large FP8 GEMM, and the masked grouped GEMM at 64 tokens per expert. Each case prints its name before its range, so
+large FP8 GEMM (the large one also forced onto the 1x2-cluster variant), and the masked grouped GEMM at 64 tokens
+per expert. Each case prints its name before its range, so
 the profiled kernels, in launch order, map to the printed cases."""
 
 from __future__ import annotations
@@ -33,11 +34,19 @@ def _mla(batch: int, heads: int, fp8: bool, seqlen: int = 4096) -> None:
         dsv3.mla_decode_with_kvcache(q, cache, block_table, seqlens, 512, metadata, num_splits, causal=True)
 
 
-def _gemm(m: int, n: int, k: int) -> None:
+def _gemm(m: int, n: int, k: int, forced: tuple[int, int, int] | None = None) -> None:
+    """The heuristic's schedule, or a forced (variant, decomposition, splits) one (codes of dsv3/gemm_schedule.h)."""
+    from dsv3.ops.extension import _C, num_sms
+
     a = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
     b = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda") * 0.02)
-    with _profiled(f"fp8_gemm_nt M={m} N={n} K={k}"):
-        dsv3.fp8_gemm_nt(a, b)
+    out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+    sms = num_sms(torch.cuda.current_device())
+    workspace = torch.empty(max(_C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, forced), 1), dtype=torch.uint8,
+                            device="cuda")  # fmt: skip
+    with _profiled(f"fp8_gemm_nt M={m} N={n} K={k}" + (f" schedule {forced}" if forced else "")):
+        _C.cuda.fp8_gemm_nt(a[0].data_ptr(), a[1].data_ptr(), b[0].data_ptr(), b[1].data_ptr(), out.data_ptr(), m, n,
+                            k, workspace.data_ptr(), sms, torch.cuda.current_stream().cuda_stream, forced)  # fmt: skip
 
 
 def _masked(groups: int, tokens: int, n: int, k: int) -> None:
@@ -57,6 +66,7 @@ def main() -> None:
     _mla(4, 16, fp8=False, seqlen=32768)  # ~33 splits a sequence: the decode kernel and the combine apart
     _gemm(64, 7168, 16384)
     _gemm(4096, 7168, 16384)
+    _gemm(4096, 7168, 16384, forced=(3, 0, 1))  # 128x128 tiles in 1x2 clusters (TMA multicast of a)
     _masked(32, 64, 4096, 7168)
     torch.cuda.synchronize()
 
