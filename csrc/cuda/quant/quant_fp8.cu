@@ -69,6 +69,55 @@ __global__ void token_group_quant_kernel(const T* __restrict__ x, uint8_t* __res
 
 constexpr int kThreads = 256;
 
+// The common layout of one 16-byte vector per lane (kLanes * kVec == group_size, e.g. 128-channel groups of 16-bit
+// or 32-bit values): a warp takes kUnrollSteps steps of 32 / kLanes groups at once, issuing all their loads before
+// the first reduction waits on them, and keeps the values in registers for the second pass. (Step by step, a warp
+// had one load in flight and read each group twice.)
+constexpr int kUnrollSteps = 4;
+template <typename T, int kVec, int kLanes>
+__global__ void token_group_quant_unrolled_kernel(const T* __restrict__ x, uint8_t* __restrict__ q,
+                                                  float* __restrict__ scales, int64_t total_groups, bool ue8m0) {
+  constexpr int kGroupsPerStep = kWarpSize / kLanes;
+  constexpr int kGroupSize = kLanes * kVec;
+  using InVector = AlignedVector<T, kVec>;
+  using OutVector = AlignedVector<uint8_t, kVec>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int sub_lane = lane % kLanes;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
+  constexpr int kGroupsPerIteration = kGroupsPerStep * kUnrollSteps;
+
+  // The loop bound depends on the warp only, so every lane reaches the shuffles together.
+  for (int64_t first = warp * kGroupsPerIteration; first < total_groups; first += warps * kGroupsPerIteration) {
+    InVector in[kUnrollSteps];
+#pragma unroll
+    for (int u = 0; u < kUnrollSteps; ++u) {
+      const int64_t group = first + u * kGroupsPerStep + lane / kLanes;
+      if (group < total_groups) {
+        in[u] = reinterpret_cast<const InVector*>(x + group * kGroupSize)[sub_lane];
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) in[u].values[i] = from_float<T>(0.0f);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnrollSteps; ++u) {
+      const int64_t group = first + u * kGroupsPerStep + lane / kLanes;
+      float amax = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) amax = nan_max(amax, fabsf(to_float(in[u].values[i])));
+      amax = warp_nan_max(amax, kLanes);  // every lane takes part, its group past the end or not
+      if (group >= total_groups) continue;
+      const float scale = scale_from_amax(amax, ue8m0);
+      OutVector out;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) out.values[i] = float_to_e4m3(scale_and_clamp(to_float(in[u].values[i]), scale));
+      reinterpret_cast<OutVector*>(q + group * kGroupSize)[sub_lane] = out;
+      if (sub_lane == 0) scales[group] = scale;
+    }
+  }
+}
+
 int64_t grid_for(int64_t work_items, int64_t items_per_block) {
   return std::max<int64_t>(1, std::min<int64_t>((work_items + items_per_block - 1) / items_per_block, 1 << 20));
 }
@@ -79,9 +128,19 @@ void launch_token_group_quant(const TokenGroupQuantParams& p, cudaStream_t strea
   int lanes = 1;
   while (lanes * 2 <= std::min(vectors, kWarpSize)) lanes *= 2;
   const int64_t groups = p.rows * (p.k / p.group_size);
+  const auto* x = static_cast<const T*>(p.x);
+  if (vectors == lanes && (lanes == 16 || lanes == 32)) {  // one vector per lane
+    const int64_t groups_per_block = (kThreads / kWarpSize) * (kWarpSize / lanes) * kUnrollSteps;
+    const dim3 grid(static_cast<unsigned>(grid_for(groups, groups_per_block)));
+    if (lanes == 16) {
+      token_group_quant_unrolled_kernel<T, kVec, 16><<<grid, kThreads, 0, stream>>>(x, p.q, p.scales, groups, p.ue8m0);
+    } else {
+      token_group_quant_unrolled_kernel<T, kVec, 32><<<grid, kThreads, 0, stream>>>(x, p.q, p.scales, groups, p.ue8m0);
+    }
+    return;
+  }
   const int64_t groups_per_block = (kThreads / kWarpSize) * (kWarpSize / lanes);
   const dim3 grid(static_cast<unsigned>(grid_for(groups, groups_per_block)));
-  const auto* x = static_cast<const T*>(p.x);
   const int group_size = static_cast<int>(p.group_size);
   switch (lanes) {
     case 1:
