@@ -66,8 +66,8 @@ def main() -> None:
     _mla(4, 16, fp8=False, seqlen=32768)  # ~33 splits a sequence: the decode kernel and the combine apart
     _gemm(64, 7168, 16384)
     _gemm(4096, 7168, 16384)
-    _gemm(4096, 7168, 16384, forced=(3, 0, 1))  # 128x128 tiles in 1x2 clusters (TMA multicast of a)
     _masked(32, 64, 4096, 7168)
+    _gemm(4096, 7168, 16384, forced=(3, 0, 1))  # 128x128 tiles in 1x2 clusters (TMA multicast of a); last, untried
     torch.cuda.synchronize()
 
 
