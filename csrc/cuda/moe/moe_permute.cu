@@ -10,14 +10,13 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/element_types.cuh"
+#include "cuda/quant/group_quant.cuh"
 #include "dsv3/fp8.h"
 #include "dsv3/moe_params.h"
 
 namespace dsv3::cuda {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullMask = 0xFFFFFFFFu;
 constexpr int kThreads = 128;
 
 // One CTA per output row; Vector is the widest unit (16, 8, 4 or 2 bytes) that divides a row.
@@ -31,12 +30,6 @@ __global__ void __launch_bounds__(kThreads)
   const Vector* src = x + (valid ? token : 0) * vectors_per_row;
   Vector* dst = out + row * vectors_per_row;
   for (int64_t v = threadIdx.x; v < vectors_per_row; v += kThreads) dst[v] = valid ? src[v] : Vector{};
-}
-
-__device__ __forceinline__ float group_nan_max(float value, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2)
-    value = nan_max(value, __shfl_xor_sync(kFullMask, value, offset));
-  return value;
 }
 
 // One warp per output row. A 128-channel group is kLanes lanes x kVec elements (one 16-byte load per lane), so a
@@ -74,15 +67,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int group = first + u * kGroupsPerStep + lane / kLanes;
-      float amax = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) amax = nan_max(amax, fabsf(to_float(in[u].values[i])));
-      amax = group_nan_max(amax, kLanes);  // every lane takes part, its group past the row's end or not
-      if (group >= groups) continue;
-      const float scale = scale_from_amax(amax, ue8m0);
       OutVector out;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) out.values[i] = float_to_e4m3(scale_and_clamp(to_float(in[u].values[i]), scale));
+      const float scale = quantize_lane_vector<T, kVec, kLanes>(in[u], ue8m0, out);  // every lane, past the end or not
+      if (group >= groups) continue;
       *reinterpret_cast<OutVector*>(q + row * hidden + group * kMoeQuantGroup + sub_lane * kVec) = out;
       if (sub_lane == 0) scales[row * groups + group] = scale;
     }

@@ -9,20 +9,11 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/element_types.cuh"
+#include "cuda/quant/group_quant.cuh"
 #include "dsv3/fp8.h"
 
 namespace dsv3::cuda {
 namespace {
-
-constexpr int kWarpSize = 32;
-constexpr unsigned kFullMask = 0xFFFFFFFFu;
-
-__device__ __forceinline__ float warp_nan_max(float value, int lanes) {
-  // xor offsets below `lanes` (a power of two) stay inside an aligned group of `lanes` lanes
-  for (int offset = lanes / 2; offset > 0; offset /= 2)
-    value = nan_max(value, __shfl_xor_sync(kFullMask, value, offset));
-  return value;
-}
 
 // One group of group_size values is handled by kLanes consecutive lanes of a warp, each lane loading kVec elements
 // (16 bytes when the group allows it) at a time, so a warp covers 32 / kLanes groups per step and every load is
@@ -52,7 +43,7 @@ __global__ void token_group_quant_kernel(const T* __restrict__ x, uint8_t* __res
         for (int i = 0; i < kVec; ++i) amax = nan_max(amax, fabsf(to_float(in.values[i])));
       }
     }
-    amax = warp_nan_max(amax, kLanes);
+    amax = lanes_nan_max(amax, kLanes);
     if (!active) continue;
     const float scale = scale_from_amax(amax, ue8m0);
     uint8_t* group_q = q + group * group_size;
@@ -103,15 +94,9 @@ __global__ void token_group_quant_unrolled_kernel(const T* __restrict__ x, uint8
 #pragma unroll
     for (int u = 0; u < kUnrollSteps; ++u) {
       const int64_t group = first + u * kGroupsPerStep + lane / kLanes;
-      float amax = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) amax = nan_max(amax, fabsf(to_float(in[u].values[i])));
-      amax = warp_nan_max(amax, kLanes);  // every lane takes part, its group past the end or not
-      if (group >= total_groups) continue;
-      const float scale = scale_from_amax(amax, ue8m0);
       OutVector out;
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) out.values[i] = float_to_e4m3(scale_and_clamp(to_float(in[u].values[i]), scale));
+      const float scale = quantize_lane_vector<T, kVec, kLanes>(in[u], ue8m0, out);  // every lane, past the end or not
+      if (group >= total_groups) continue;
       reinterpret_cast<OutVector*>(q + group * kGroupSize)[sub_lane] = out;
       if (sub_lane == 0) scales[group] = scale;
     }
@@ -171,13 +156,13 @@ void launch_token_group_quant(const TokenGroupQuantParams& p, cudaStream_t strea
 }
 
 __device__ float block_nan_max(float value, float* shared) {
-  value = warp_nan_max(value, kWarpSize);
+  value = lanes_nan_max(value, kWarpSize);
   const int warp = threadIdx.x / kWarpSize;
   if (threadIdx.x % kWarpSize == 0) shared[warp] = value;
   __syncthreads();
   if (warp == 0) {
     value = threadIdx.x < blockDim.x / kWarpSize ? shared[threadIdx.x] : 0.0f;
-    value = warp_nan_max(value, kWarpSize);
+    value = lanes_nan_max(value, kWarpSize);
     if (threadIdx.x == 0) shared[0] = value;
   }
   __syncthreads();
