@@ -7,10 +7,14 @@
 // use N = 16 instead of padding them to 64:
 //   Sᵀ [64 tokens, N] = K [64 tokens, 576] · Qᵀ      A = K  (K-major: a token's 576 values are contiguous)
 //   Oᵀ [512, N]      += Vᵀ [512, 64 tokens] · Pᵀ     A = Vᵀ (M-major: the same K tile, read transposed)
-// Two consumer warpgroups share the work: warpgroup w computes Sᵀ and the online softmax for query columns
-// [w N/2, (w+1) N/2), writes its bf16 Pᵀ columns to shared memory, and accumulates Oᵀ rows [256 w, 256 w + 256)
-// (the V columns 0..255 or 256..511) for all N columns. Each column's softmax statistics live in the warpgroup that
-// owns it; the per-page rescale factors and the final sums reach the other warpgroup through shared memory.
+// Two consumer warpgroups share the work: warpgroup w runs the online softmax for query columns [w N/2, (w+1) N/2),
+// writes its bf16 Pᵀ columns to shared memory, and accumulates Oᵀ rows [256 w, 256 w + 256) (the V columns 0..255
+// or 256..511) for all N columns. Each column's softmax statistics live in the warpgroup that owns it; the per-page
+// rescale factors and the final sums reach the other warpgroup through shared memory. Sᵀ: for N <= 32 warpgroup w
+// multiplies latent chunks 4w..4w+3 (and w = 0 the rope chunk) by all N columns and the two swap the partial sums
+// of each other's columns, so each K tile is read from shared memory once (an m64nNk16 wgmma costs about what an
+// m64n(N/2)k16 one does: reading its 64-row A operand dominates); at N = 64 each computes its own columns over all
+// chunks (the whole-tile accumulators would not fit in registers next to Oᵀ).
 //
 // Shared memory (every big buffer starts on a 1024-byte boundary, one 128-byte swizzle atom of 8 rows):
 //   Q      9 chunks of [N rows][64 dims] bf16, 128-byte rows, 128B-swizzled (TMA)              N * 1152 bytes
@@ -20,6 +24,7 @@
 //   Pᵀ     [N rows][64 tokens] bf16, 128B-swizzled (the K-major B operand of P·V)                N * 128 bytes
 //          FP8 cache: four of them, P * scale_g(token) for latent group g                       4 * N * 128
 //   scales FP8 cache: the page's [64 tokens][4] fp32 group scales                               1024 bytes
+//   swap   bf16 cache, N <= 32: the partial scores the warpgroups exchange (FP8: in the Pᵀ buffers)  N * 256 bytes
 //   small  cross-warp reductions, per-column rescale factors / sums / maxima, mbarriers
 //
 // FP8 cache: scales stay out of the tensor-core inputs, so keys are used at full precision, as the fp32 reference
@@ -62,7 +67,13 @@ struct DecodeLayout {
   static constexpr int kPBufferBytes = N * 128;
   static constexpr int kPBytes = kPBufferBytes * (kFp8 ? 4 : 1);
   static constexpr int kScaleBytes = kFp8 ? kMlaPageSize * 4 * 4 : 0;  // FP8: the page's [64 tokens][4] scales
-  static constexpr int kFixedBytes = kQBytes + kPBytes + kScaleBytes + kSmallBytes + 1024 /* alignment slack */;
+  // N <= 32: the warpgroups split Q·Kᵀ by chunks and swap partial sums, [2 warpgroups][N / 4][128 threads] fp32; the
+  // FP8 layout passes them through its Pᵀ buffers (not in use at that point), the bf16 one has room of its own.
+  static constexpr bool kSplitScores = N <= 32;
+  static constexpr int kExchangeBytes = kSplitScores && !kFp8 ? 2 * (N / 4) * 128 * 4 : 0;
+  static_assert(!kSplitScores || !kFp8 || kPBytes >= 2 * (N / 4) * 128 * 4, "the exchange fits in the Pᵀ buffers");
+  static constexpr int kFixedBytes =
+      kQBytes + kPBytes + kScaleBytes + kExchangeBytes + kSmallBytes + 1024 /* alignment slack */;
   // FP8: as many raw stages as fit (up to 3) next to the one unpacked tile; bf16: two TMA tile stages.
   static constexpr int kFp8Stages = (kSharedMemoryLimit - kFixedBytes - kTileBytes) / kRawPageBytes > 3
                                         ? 3
@@ -74,7 +85,8 @@ struct DecodeLayout {
   static constexpr int kRingOffset = kTileOffset + (kFp8 ? kTileBytes : 0);
   static constexpr int kPOffset = kRingOffset + kStages * kStageBytes;
   static constexpr int kScaleOffset = kPOffset + kPBytes;
-  static constexpr int kSmallOffset = kScaleOffset + kScaleBytes;
+  static constexpr int kExchangeOffset = kScaleOffset + kScaleBytes;
+  static constexpr int kSmallOffset = kExchangeOffset + kExchangeBytes;
   static constexpr int kBytes = kSmallOffset + kSmallBytes + 1024;
   static_assert(kStages >= 1 && kBytes <= kSharedMemoryLimit, "shared memory budget");
   static_assert(kQBytes % 1024 == 0 && kPBytes % 1024 == 0, "1024-byte aligned buffers");
@@ -248,6 +260,28 @@ __device__ __forceinline__ void zero_tail_rows(uint8_t* tile, int valid) {
   }
 }
 
+// Sᵀ columns of q_descriptor's kCols rows (a tile of N rows per chunk) over chunks [kFirst, kFirst + kCount):
+// acc = (or += with kAccumulate) K · Qᵀ. K-major operands: a 16-wide k-step is 32 bytes along the 128-byte rows.
+template <int kCols, int N, int kFirst, int kCount, bool kAccumulate>
+__device__ __forceinline__ void score_chunks(float (&acc)[kCols / 2], uint64_t k_descriptor, uint64_t q_descriptor) {
+  static_for<kCount * 4>([&](auto step) {
+    constexpr int c = kFirst + decltype(step)::value / 4, kk = decltype(step)::value % 4;
+    const uint64_t a = advance_descriptor<c * kChunkBytes + kk * 32>(k_descriptor);
+    const uint64_t b = advance_descriptor<c * N * 128 + kk * 32>(q_descriptor);
+    Wgmma<kCols>::template mma<0>(acc, a, b, kAccumulate || decltype(step)::value != 0);
+  });
+}
+
+// FP8 cache: s += scale_g(token) * group, the token being the accumulator's row.
+template <int kCount>
+__device__ __forceinline__ void add_scaled_group(float (&s)[kCount], const float (&group)[kCount],
+                                                 const float* page_scales, int g, int warp, int lane) {
+  const float scale_low = page_scales[(warp * 16 + lane / 4) * 4 + g];
+  const float scale_high = page_scales[(warp * 16 + lane / 4 + 8) * 4 + g];
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) s[i] += ((i / 2) % 2 ? scale_high : scale_low) * group[i];
+}
+
 template <int N, bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1)
     mla_decode_kernel(const __grid_constant__ CUtensorMap q_map, const __grid_constant__ CUtensorMap cache_map,
@@ -376,60 +410,91 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
 
-      // ---- Sᵀ = K · Qᵀ for this warpgroup's columns: 9 chunks x 4 k-steps of 16 ----
+      // ---- Sᵀ = K · Qᵀ: 9 chunks x 4 k-steps of 16; s holds this warpgroup's kHalf columns ----
       float s[kHalf / 2];
-#pragma unroll
-      for (int i = 0; i < kHalf / 2; ++i) s[i] = 0.0f;
       const uint32_t tile_address = smem_address(tile);
       const uint64_t k_descriptor = sw128_descriptor(tile_address, 16, 1024);
-      const uint64_t q_descriptor = sw128_descriptor(smem_address(q_smem) + wg * kHalf * 128, 16, 1024);
-      if constexpr (!kFp8) {
-        wgmma_fence();
-        static_for<kChunks * 4>([&](auto step) {
-          // K-major operands: a 16-wide k-step is 32 bytes further along the 128-byte rows of chunk c
-          constexpr int c = decltype(step)::value / 4, kk = decltype(step)::value % 4;
-          const uint64_t a = advance_descriptor<c * kChunkBytes + kk * 32>(k_descriptor);
-          const uint64_t b = advance_descriptor<c * N * 128 + kk * 32>(q_descriptor);
-          Wgmma<kHalf>::template mma<0>(s, a, b, decltype(step)::value != 0);
-        });
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_registers(s);
+      if constexpr (Layout::kSplitScores) {
+        // Warpgroup w multiplies latent chunks 4w..4w+3 (w = 0 also the rope chunk) by all N columns of Q, so the
+        // K tile is read from shared memory once; each then adds the other's partial sums for its own columns.
+        float partial[N / 2];
+        const uint64_t q_descriptor = sw128_descriptor(smem_address(q_smem), 16, 1024);
+        const auto multiply = [&](auto first_chunk) {
+          constexpr int kFirst = decltype(first_chunk)::value;
+          if constexpr (!kFp8) {
+            wgmma_fence();
+            score_chunks<N, N, kFirst, 4, false>(partial, k_descriptor, q_descriptor);
+            if constexpr (kFirst == 0) score_chunks<N, N, kChunks - 1, 1, true>(partial, k_descriptor, q_descriptor);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(partial);
+          } else {
+            float group[2][N / 2];
+#pragma unroll
+            for (int i = 0; i < N / 2; ++i) partial[i] = 0.0f;
+            wgmma_fence();
+            if constexpr (kFirst == 0) score_chunks<N, N, kChunks - 1, 1, false>(partial, k_descriptor, q_descriptor);
+            score_chunks<N, N, kFirst, 2, false>(group[0], k_descriptor, q_descriptor);
+            score_chunks<N, N, kFirst + 2, 2, false>(group[1], k_descriptor, q_descriptor);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(partial);
+            fence_registers(group[0]);
+            fence_registers(group[1]);
+            add_scaled_group(partial, group[0], page_scales, kFirst / 2, warp, lane);
+            add_scaled_group(partial, group[1], page_scales, kFirst / 2 + 1, warp, lane);
+          }
+        };
+        if (wg == 0) {
+          multiply(std::integral_constant<int, 0>{});
+        } else {
+          multiply(std::integral_constant<int, 4>{});
+        }
+        // partial[i] with i / (kHalf / 2) == w belongs to warpgroup w's columns; the rest goes through `exchange`
+        // ([writer][accumulator][thread], conflict-free), compile-time indices only so partial stays in registers.
+        float* exchange = reinterpret_cast<float*>(smem + (kFp8 ? Layout::kPOffset : Layout::kExchangeOffset));
+        const int t = thread % 128;
+#pragma unroll
+        for (int i = 0; i < kHalf / 2; ++i) {
+          exchange[(wg * (kHalf / 2) + i) * 128 + t] = wg == 0 ? partial[kHalf / 2 + i] : partial[i];
+        }
+        named_barrier(1, kThreads);
+#pragma unroll
+        for (int i = 0; i < kHalf / 2; ++i) {
+          s[i] = (wg == 0 ? partial[i] : partial[kHalf / 2 + i]) + exchange[((1 - wg) * (kHalf / 2) + i) * 128 + t];
+        }
+        if constexpr (kFp8) named_barrier(1, kThreads);  // the exchange is read before Pᵀ overwrites it
       } else {
-        // the rope chunk (bf16, unscaled) straight into s, then each latent group through `group` and its scales
-        wgmma_fence();
-        static_for<4>([&](auto kk) {
-          constexpr int kOffset = (kChunks - 1) * kChunkBytes + decltype(kk)::value * 32;
-          const uint64_t a = advance_descriptor<kOffset>(k_descriptor);
-          const uint64_t b = advance_descriptor<(kChunks - 1) * N * 128 + decltype(kk)::value * 32>(q_descriptor);
-          Wgmma<kHalf>::template mma<0>(s, a, b, decltype(kk)::value != 0);
-        });
-        wgmma_commit();
-        // the groups' MMAs go out together (one wait instead of four); at N = 64 two at a time, for registers
-        constexpr int kGroupsAtOnce = N == 64 ? 2 : 4;
-        static_for<4 / kGroupsAtOnce>([&](auto batch) {
-          float group[kGroupsAtOnce][kHalf / 2];
+        // each warpgroup its own kHalf columns over all chunks
+#pragma unroll
+        for (int i = 0; i < kHalf / 2; ++i) s[i] = 0.0f;
+        const uint64_t q_descriptor = sw128_descriptor(smem_address(q_smem) + wg * kHalf * 128, 16, 1024);
+        if constexpr (!kFp8) {
           wgmma_fence();
-          static_for<kGroupsAtOnce * 8>([&](auto step) {
-            constexpr int j = decltype(step)::value / 8, g = decltype(batch)::value * kGroupsAtOnce + j;
-            constexpr int c = 2 * g + (decltype(step)::value % 8) / 4, kk = decltype(step)::value % 4;
-            const uint64_t a = advance_descriptor<c * kChunkBytes + kk * 32>(k_descriptor);
-            const uint64_t b = advance_descriptor<c * N * 128 + kk * 32>(q_descriptor);
-            Wgmma<kHalf>::template mma<0>(group[j], a, b, decltype(step)::value % 8 != 0);
-          });
+          score_chunks<kHalf, N, 0, kChunks, false>(s, k_descriptor, q_descriptor);
           wgmma_commit();
           wgmma_wait<0>();
           fence_registers(s);
-#pragma unroll
-          for (int j = 0; j < kGroupsAtOnce; ++j) {
-            fence_registers(group[j]);
-            const int g = decltype(batch)::value * kGroupsAtOnce + j;
-            const float scale_low = page_scales[(warp * 16 + lane / 4) * 4 + g];
-            const float scale_high = page_scales[(warp * 16 + lane / 4 + 8) * 4 + g];
-#pragma unroll
-            for (int i = 0; i < kHalf / 2; ++i) s[i] += ((i / 2) % 2 ? scale_high : scale_low) * group[j][i];
-          }
-        });
+        } else {
+          // the rope chunk (bf16, unscaled) straight into s, then the latent groups two at a time (registers)
+          wgmma_fence();
+          score_chunks<kHalf, N, kChunks - 1, 1, false>(s, k_descriptor, q_descriptor);
+          wgmma_commit();
+          static_for<2>([&](auto batch) {
+            constexpr int kFirstGroup = 2 * decltype(batch)::value;
+            float group[2][kHalf / 2];
+            wgmma_fence();
+            score_chunks<kHalf, N, 2 * kFirstGroup, 2, false>(group[0], k_descriptor, q_descriptor);
+            score_chunks<kHalf, N, 2 * kFirstGroup + 2, 2, false>(group[1], k_descriptor, q_descriptor);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_registers(s);
+            fence_registers(group[0]);
+            fence_registers(group[1]);
+            add_scaled_group(s, group[0], page_scales, kFirstGroup, warp, lane);
+            add_scaled_group(s, group[1], page_scales, kFirstGroup + 1, warp, lane);
+          });
+        }
       }
       // ---- online softmax over the 64 tokens (rows) of each column, log2 domain ----
       float block_max[kColsS];
