@@ -19,11 +19,11 @@
 // Shared memory (every big buffer starts on a 1024-byte boundary, one 128-byte swizzle atom of 8 rows):
 //   Q      9 chunks of [N rows][64 dims] bf16, 128-byte rows, 128B-swizzled (TMA)              N * 1152 bytes
 //   tiles  bf16 cache: 2 stages of 9 chunks of [64 tokens][64 dims], 128B-swizzled (TMA)       2 * 73728 bytes
-//          FP8 cache:  kStages raw pages of 64 x 656 bytes (one bulk copy each) + one bf16 tile that the
-//                      consumers fill by widening the e4m3 codes (exact in bf16; same layout as a TMA tile)
+//          FP8 cache:  kStages raw pages of 64 x 656 bytes (one bulk copy each) + one bf16 tile (two at N = 16)
+//                      that the consumers fill by widening the e4m3 codes (exact in bf16; a TMA tile's layout)
 //   Pᵀ     [N rows][64 tokens] bf16, 128B-swizzled (the K-major B operand of P·V)                N * 128 bytes
 //          FP8 cache: four of them, P * scale_g(token) for latent group g                       4 * N * 128
-//   scales FP8 cache: the page's [64 tokens][4] fp32 group scales                               1024 bytes
+//   scales FP8 cache: each tile's [64 tokens][4] fp32 group scales                         1024 bytes each
 //   swap   bf16 cache, N <= 32: the partial scores the warpgroups exchange (FP8: in the Pᵀ buffers)  N * 256 bytes
 //   small  cross-warp reductions, per-column rescale factors / sums / maxima, mbarriers
 //
@@ -32,7 +32,8 @@
 // is scaled per row (a row is a token) and added in fp32. Values: V_g = E_g · scale_g(token) with the scale on the
 // K side of P·V, so it moves onto P: Oᵀ rows of group g use Pᵀ_g = Pᵀ * scale_g(token) (rounded to bf16 like P).
 // Thread 0 issues all copies; a page's stage is refilled once both warpgroups are done with it (a named barrier
-// after P·V, or after unpacking for FP8), so loads of the next stages overlap the math of this one.
+// after P·V, or after unpacking for FP8), so loads of the next stages overlap the math of this one. FP8 at N = 16
+// also overlaps the unpacking: while page k's Q·Kᵀ wgmmas run, the threads widen page k + 1 into the other tile.
 //
 // Invalid input never leads to an out-of-bounds access: a page id outside the cache is not loaded, block indices
 // are clamped to the block table, a sequence range outside the batch ends the part, and a split whose id does not
@@ -66,23 +67,28 @@ struct DecodeLayout {
   // Pᵀ: one [N][64 tokens] bf16 buffer; FP8: one per latent group g, holding P * scale_g(token) (see below).
   static constexpr int kPBufferBytes = N * 128;
   static constexpr int kPBytes = kPBufferBytes * (kFp8 ? 4 : 1);
-  static constexpr int kScaleBytes = kFp8 ? kMlaPageSize * 4 * 4 : 0;  // FP8: the page's [64 tokens][4] scales
   // N <= 32: the warpgroups split Q·Kᵀ by chunks and swap partial sums, [2 warpgroups][N / 4][128 threads] fp32; the
   // FP8 layout passes them through its Pᵀ buffers (not in use at that point), the bf16 one has room of its own.
   static constexpr bool kSplitScores = N <= 32;
+  // FP8 at N = 16: two unpacked tiles (and their scales) fit next to one raw stage, so the next page is unpacked
+  // while this one's Q·Kᵀ runs; the other FP8 tiles unpack each page into the one tile before using it.
+  static constexpr bool kPipelined = kFp8 && N == 16;
+  static constexpr int kTiles = kFp8 ? (kPipelined ? 2 : 1) : 0;
+  static_assert(!kPipelined || kSplitScores, "the unpacking overlaps the split Q·Kᵀ");
+  static constexpr int kScaleBytes = kTiles * kMlaPageSize * 4 * 4;  // FP8: each tile's [64 tokens][4] scales
   static constexpr int kExchangeBytes = kSplitScores && !kFp8 ? 2 * (N / 4) * 128 * 4 : 0;
   static_assert(!kSplitScores || !kFp8 || kPBytes >= 2 * (N / 4) * 128 * 4, "the exchange fits in the Pᵀ buffers");
   static constexpr int kFixedBytes =
       kQBytes + kPBytes + kScaleBytes + kExchangeBytes + kSmallBytes + 1024 /* alignment slack */;
-  // FP8: as many raw stages as fit (up to 3) next to the one unpacked tile; bf16: two TMA tile stages.
-  static constexpr int kFp8Stages = (kSharedMemoryLimit - kFixedBytes - kTileBytes) / kRawPageBytes > 3
+  // FP8: as many raw stages as fit (up to 3) next to the unpacked tiles; bf16: two TMA tile stages.
+  static constexpr int kFp8Stages = (kSharedMemoryLimit - kFixedBytes - kTiles * kTileBytes) / kRawPageBytes > 3
                                         ? 3
-                                        : (kSharedMemoryLimit - kFixedBytes - kTileBytes) / kRawPageBytes;
+                                        : (kSharedMemoryLimit - kFixedBytes - kTiles * kTileBytes) / kRawPageBytes;
   static constexpr int kStages = kFp8 ? kFp8Stages : 2;
   static constexpr int kStageBytes = kFp8 ? kRawPageBytes : kTileBytes;
   static constexpr int kQOffset = 0;
-  static constexpr int kTileOffset = kQOffset + kQBytes;  // the unpacked tile (FP8 only)
-  static constexpr int kRingOffset = kTileOffset + (kFp8 ? kTileBytes : 0);
+  static constexpr int kTileOffset = kQOffset + kQBytes;  // the unpacked tiles (FP8 only)
+  static constexpr int kRingOffset = kTileOffset + kTiles * kTileBytes;
   static constexpr int kPOffset = kRingOffset + kStages * kStageBytes;
   static constexpr int kScaleOffset = kPOffset + kPBytes;
   static constexpr int kExchangeOffset = kScaleOffset + kScaleBytes;
@@ -298,9 +304,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* q_smem = smem + Layout::kQOffset;
   uint8_t* ring = smem + Layout::kRingOffset;
   uint8_t* p_smem = smem + Layout::kPOffset;
-  float* page_scales = reinterpret_cast<float*>(smem + Layout::kScaleOffset);  // FP8: [64 tokens][4 groups]
-  float* reduction = reinterpret_cast<float*>(smem + Layout::kSmallOffset);    // [2 warpgroups][4 warps][32 columns]
-  float* column_alpha = reduction + 2 * 4 * 32;                                // [N] per-page rescale factors
+  float* scale_buffers = reinterpret_cast<float*>(smem + Layout::kScaleOffset);  // FP8: [tiles][64 tokens][4]
+  float* reduction = reinterpret_cast<float*>(smem + Layout::kSmallOffset);      // [2 warpgroups][4 warps][32 columns]
+  float* column_alpha = reduction + 2 * 4 * 32;                                  // [N] per-page rescale factors
   float* column_max = column_alpha;       // [N] final maxima (log2 domain), in the epilogue when the factors are done
   float* column_sum = column_alpha + 64;  // [N] final softmax denominators
   int* visible_end = reinterpret_cast<int*>(column_sum + 64);      // [N] keys each column sees
@@ -330,6 +336,33 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages && !loader.done(); ++s, loader.advance()) {
       issue_page_load<N, kFp8>(p, &cache_map, loader, ring + s * Layout::kStageBytes, &full[s]);
     }
+  }
+
+  // FP8 at N = 16: `unpacker` walks the pages one ahead of `cursor`, widening page u into tile u % 2 as soon as its
+  // raw stage has arrived; the stage is refilled after the next barrier every thread passes.
+  PartCursor unpacker = cursor;
+  int unpacked = 0;
+  const auto unpack_next = [&]() {
+    const int slot = unpacked % kStages;
+    const int64_t keys = static_cast<int64_t>(p.cache_seqlens[unpacker.seq]) - int64_t{unpacker.block} * kMlaPageSize;
+    mbarrier_wait(&full[slot], (unpacked / kStages) & 1);
+    unpack_page(ring + slot * Layout::kStageBytes, smem + Layout::kTileOffset + (unpacked % 2) * kTileBytes,
+                scale_buffers + (unpacked % 2) * kMlaPageSize * 4, static_cast<int>(keys < 0 ? 0 : keys));
+    fence_proxy_async();
+    ++unpacked;
+    unpacker.advance();
+  };
+  const auto refill = [&]() {  // after a barrier that follows unpack_next in every thread
+    if (thread == 0 && !loader.done()) {
+      issue_page_load<N, kFp8>(p, &cache_map, loader, ring + ((unpacked - 1) % kStages) * Layout::kStageBytes,
+                               &full[(unpacked - 1) % kStages]);
+      loader.advance();
+    }
+  };
+  if constexpr (Layout::kPipelined) {
+    unpack_next();
+    named_barrier(1, kThreads);
+    refill();
   }
 
   const int64_t max_splits = mla_max_splits(p.batch, p.num_parts);
@@ -389,12 +422,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       poisoned |= page < 0 || page >= p.num_blocks;
       const int valid = seqlen - block * kMlaPageSize < kMlaPageSize ? seqlen - block * kMlaPageSize : kMlaPageSize;
       uint8_t* stage = ring + slot * Layout::kStageBytes;
-      mbarrier_wait(&full[slot], phase);
+      const float* page_scales = scale_buffers + (Layout::kPipelined ? (consumed % 2) * kMlaPageSize * 4 : 0);
+      // FP8 at N = 16: page `consumed` was unpacked during the previous page (or before the first)
+      if (!Layout::kPipelined) mbarrier_wait(&full[slot], phase);
 
       uint8_t* tile;
-      if constexpr (kFp8) {
+      if constexpr (Layout::kPipelined) {
+        tile = smem + Layout::kTileOffset + (consumed % 2) * kTileBytes;
+      } else if constexpr (kFp8) {
         tile = smem + Layout::kTileOffset;
-        unpack_page(stage, tile, page_scales, valid);
+        unpack_page(stage, tile, scale_buffers, valid);
         fence_proxy_async();
         named_barrier(1, kThreads);
         if (thread == 0 && !loader.done()) {  // the raw stage is consumed: refill it now
@@ -437,6 +474,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             score_chunks<N, N, kFirst, 2, false>(group[0], k_descriptor, q_descriptor);
             score_chunks<N, N, kFirst + 2, 2, false>(group[1], k_descriptor, q_descriptor);
             wgmma_commit();
+            if (Layout::kPipelined && !unpacker.done()) unpack_next();  // touches no accumulator
             wgmma_wait<0>();
             fence_registers(partial);
             fence_registers(group[0]);
@@ -459,6 +497,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           exchange[(wg * (kHalf / 2) + i) * 128 + t] = wg == 0 ? partial[kHalf / 2 + i] : partial[i];
         }
         named_barrier(1, kThreads);
+        if constexpr (Layout::kPipelined) refill();
 #pragma unroll
         for (int i = 0; i < kHalf / 2; ++i) {
           s[i] = (wg == 0 ? partial[i] : partial[kHalf / 2 + i]) + exchange[((1 - wg) * (kHalf / 2) + i) * 128 + t];
