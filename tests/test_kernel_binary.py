@@ -60,6 +60,7 @@ def test_mla_decode_kernels_use_bf16_wgmma_and_bulk_copies(sass):
         assert "UTMALDG.2D" in code, name
         assert ("UBLKCP" in code) == fp8_cache, name
         assert "SYNCS.PHASECHK.TRANS64" in code, name  # mbarrier waits on the copies' transaction counts
+        assert "UBLKPF.L2" in code, name  # pages asked of the L2 ahead of their stage loads
 
 
 def test_mla_kernels_keep_everything_in_registers():

@@ -66,6 +66,12 @@ __device__ __forceinline__ void bulk_load(void* destination, const void* source,
                : "memory");
 }
 
+// Asks the L2 for contiguous bytes (a multiple of 16, 16-byte aligned) without waiting for them.
+__device__ __forceinline__ void prefetch_l2(const void* source, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(reinterpret_cast<uint64_t>(source)), "r"(bytes)
+               : "memory");
+}
+
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
