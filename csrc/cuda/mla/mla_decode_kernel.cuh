@@ -382,11 +382,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                   &full[(unpacked - 1) % kStages]);
     }
   };
-  if constexpr (Layout::kPipelined) {
-    unpack_next();
-    named_barrier(1, kThreads);
-    refill();
-  }
 
   const int64_t max_splits = mla_max_splits(p.batch, p.num_parts);
   int split = meta[4];
@@ -446,11 +441,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int valid = seqlen - block * kMlaPageSize < kMlaPageSize ? seqlen - block * kMlaPageSize : kMlaPageSize;
       uint8_t* stage = ring + slot * Layout::kStageBytes;
       const float* page_scales = scale_buffers + (Layout::kPipelined ? (consumed % 2) * kMlaPageSize * 4 : 0);
-      // FP8 at N = 16: page `consumed` was unpacked during the previous page (or before the first)
       if (!Layout::kPipelined) mbarrier_wait(&full[slot], phase);
 
       uint8_t* tile;
       if constexpr (Layout::kPipelined) {
+        if (unpacked == consumed) {  // the first page; every later one was unpacked during the page before it
+          unpack_next();
+          named_barrier(1, kThreads);
+          refill();
+        }
         tile = smem + Layout::kTileOffset + (consumed % 2) * kTileBytes;
       } else if constexpr (kFp8) {
         tile = smem + Layout::kTileOffset;
