@@ -119,10 +119,12 @@ def test_decode_matches_reference(device, cpu_kernel, heads, s_q, causal):
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()  # no NaN from unused pages or page tails
 
 
+@pytest.mark.parametrize("s_q", [1, 2])
 @pytest.mark.parametrize("causal", [False, True])
-def test_decode_fp8_cache_matches_reference(device, cpu_kernel, causal):
+def test_decode_fp8_cache_matches_reference(device, cpu_kernel, s_q, causal):
+    # 16 heads: query tiles of 16 rows (s_q = 1; on a GPU the kernel that unpacks one page ahead) and 32
     cache, block_table, seqlens = _paged_cache(SEQLENS, fp8=True, device=device)
-    q = torch.randn(len(SEQLENS), 2, 16, ref.HEAD_DIM).to(torch.bfloat16).to(device)
+    q = torch.randn(len(SEQLENS), s_q, 16, ref.HEAD_DIM).to(torch.bfloat16).to(device)
     out, _ = _assert_matches_reference(q, cache, block_table, seqlens, causal, num_parts=4)
     assert torch.isfinite(out).all()
 
@@ -183,10 +185,10 @@ def test_causal_query_before_every_key_sees_nothing(device, cpu_kernel):
     assert torch.all(out[0, 0] == 0) and torch.all(lse[0, :, 0] == float("inf")) and torch.isfinite(lse[0, :, 1]).all()
 
 
-def _bad_input_case(device, seqlens):
+def _bad_input_case(device, seqlens, fp8=False):
     """(cache, block_table, seqlens, q, num_splits, decode): decode(**changes) runs the op with some arguments
     replaced."""
-    cache, block_table, seqlens = _paged_cache(seqlens, device=device)
+    cache, block_table, seqlens = _paged_cache(seqlens, fp8=fp8, device=device)
     q = torch.randn(len(seqlens), 1, 16, ref.HEAD_DIM).to(torch.bfloat16).to(device)
     metadata, num_splits = dsv3.get_mla_metadata(seqlens, 16, 1, num_parts=2)
 

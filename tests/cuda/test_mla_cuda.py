@@ -19,10 +19,12 @@ CUDA = torch.device("cuda")
 # ---- overrides: where the GPU contract differs from the CPU one ----------------------------------------------------
 
 
-def test_decode_rejects_bad_contents(device):
+@pytest.mark.parametrize("fp8", [False, True])
+def test_decode_rejects_bad_contents(device, fp8):
     # Errors in tensor contents cannot raise without a host sync, so the kernel turns exactly the affected sequence's
-    # results into NaN (and never reads out of bounds).
-    cache, block_table, _, _, _, decode = _bad_input_case(device, [100, 70, 130])
+    # results into NaN (and never reads out of bounds). 16 heads: the FP8 kernel that unpacks one page ahead, across
+    # the sequences of a part, so a page it could not load must poison its own sequence only.
+    cache, block_table, _, _, _, decode = _bad_input_case(device, [100, 70, 130], fp8=fp8)
     good_out, good_lse = decode()
 
     def assert_only_sequence_poisoned(result, seq, same_schedule=True):
@@ -166,7 +168,8 @@ def test_fp8_cache_matches_reference_and_cpu(heads, s_q):
     assert_close(lse.cpu(), cpu_lse, atol=1e-5, rtol=1e-5, name="lse vs CPU")
 
 
-def test_nan_everywhere_outside_the_sequences_never_reaches_the_output():
+@pytest.mark.parametrize(("heads", "s_q"), [(16, 1), (16, 2), (64, 2)])  # query tiles of 16, 32 and 64 rows
+def test_nan_everywhere_outside_the_sequences_never_reaches_the_output(heads, s_q):
     # every row past each sequence's length is NaN, including the tails of partial pages and whole unused pages
     for fp8 in (False, True):
         lengths = [1, 2, 33, 63, 65, 127]
@@ -174,7 +177,7 @@ def test_nan_everywhere_outside_the_sequences_never_reaches_the_output():
         for seq, length in enumerate(lengths):  # unused table entries pointing at real pages change nothing either
             if length <= 64:
                 block_table[seq, 1] = block_table[5, 0]
-        q = torch.randn(6, 2, 64, ref.HEAD_DIM).to(torch.bfloat16).to(CUDA)
+        q = torch.randn(6, s_q, heads, ref.HEAD_DIM).to(torch.bfloat16).to(CUDA)
         for causal in (False, True):
             out, lse = _decode(q, cache, block_table, seqlens, causal, num_parts=4)
             assert torch.isfinite(out).all() and not torch.isnan(lse).any()
