@@ -4,14 +4,15 @@
         python benchmarks/profile_cases.py
 
 (scripts/gpu_check.sh runs this when ncu is on the PATH). The cases are the benchmark's target rows: MLA decode at
-h=16 b=128 seq 4096 (bf16 and FP8 cache), h=128, and b=4 seq 32768 (many splits to combine), the decode-sized and the
-large FP8 GEMM (the large one also forced onto the 1x2-cluster variant), and the masked grouped GEMM at 64 tokens
-per expert. Each case prints its name before its range, so
-the profiled kernels, in launch order, map to the printed cases."""
+h=16 b=128 seq 4096 (bf16 and FP8 cache), h=128 (also with DSV3_MLA_KERNEL=rows), and b=4 seq 32768 (many splits to
+combine), the decode-sized and the large FP8 GEMM (the large one also forced onto the 1x2-cluster variant), and the
+masked grouped GEMM at 64 tokens per expert. Each case prints its name before its range, so the profiled kernels,
+in launch order, map to the printed cases. The untried kernels run last, so that an error stops no other case."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -26,12 +27,16 @@ def _profiled(case: str):
         yield
 
 
-def _mla(batch: int, heads: int, fp8: bool, seqlen: int = 4096) -> None:
+def _mla(batch: int, heads: int, fp8: bool, seqlen: int = 4096, kernel: str | None = None) -> None:
     cache, block_table, seqlens = _cache(batch, seqlen, fp8, torch.device("cuda"))
     q = (torch.randn(batch, 1, heads, 576, device="cuda") * 0.1).bfloat16()
     metadata, num_splits = dsv3.get_mla_metadata(seqlens, heads, 1)
-    with _profiled(f"mla b={batch} seq={seqlen} h={heads} {'fp8' if fp8 else 'bf16'}"):
+    if kernel:
+        os.environ["DSV3_MLA_KERNEL"] = kernel
+    name = f"mla b={batch} seq={seqlen} h={heads} {'fp8' if fp8 else 'bf16'}" + (f" {kernel} kernel" if kernel else "")
+    with _profiled(name):
         dsv3.mla_decode_with_kvcache(q, cache, block_table, seqlens, 512, metadata, num_splits, causal=True)
+    os.environ.pop("DSV3_MLA_KERNEL", None)
 
 
 def _gemm(m: int, n: int, k: int, forced: tuple[int, int, int] | None = None) -> None:
@@ -67,7 +72,8 @@ def main() -> None:
     _gemm(64, 7168, 16384)
     _gemm(4096, 7168, 16384)
     _masked(32, 64, 4096, 7168)
-    _gemm(4096, 7168, 16384, forced=(3, 0, 1))  # 1x2 clusters (TMA multicast of a), last: an error stops no other
+    _gemm(4096, 7168, 16384, forced=(3, 0, 1))  # 1x2 clusters (TMA multicast of a)
+    _mla(64, 128, fp8=False, kernel="rows")
     torch.cuda.synchronize()
 
 

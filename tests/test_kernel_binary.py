@@ -63,9 +63,19 @@ def test_mla_decode_kernels_use_bf16_wgmma_and_bulk_copies(sass):
         assert "UBLKPF.L2" in code, name  # pages asked of the L2 ahead of their stage loads
 
 
+def test_mla_rows_kernel_uses_wide_wgmma_with_p_from_registers(sass):
+    # DSV3_MLA_KERNEL=rows: S = Q·Kᵀ as 64x64 tiles, P·V as 64x256 with V read N-major (tnspB), once with P in
+    # registers (warpgroup 0) and once from shared memory (warpgroup 1); pages by TMA, prefetched into the L2
+    (code,) = [code for name, code in sass.items() if "mla_decode_rows_kernel" in name]
+    assert set(re.findall(r"\bHGMMA\.64x(\d+)x16\.F32\.BF16\b", code)) == {"64", "256"}
+    assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, R\d+, gdesc\[UR\d+\]\.tnspB", code), "P from registers"
+    assert re.search(r"HGMMA\.64x256x16\.F32\.BF16 R\d+, gdesc\[UR\d+\]\.tnspB", code), "P from shared memory"
+    assert "UTMALDG.2D" in code and "UBLKPF.L2" in code and "SYNCS.PHASECHK.TRANS64" in code
+
+
 def test_mla_kernels_keep_everything_in_registers():
     usage = cuda_binary.resource_usage()
     mla = {name: u for name, u in usage.items() if "mla_" in name}
-    assert len(mla) >= 9, sorted(mla)  # decode x6, combine, schedule, append
+    assert len(mla) >= 10, sorted(mla)  # decode x6 and the rows kernel, combine, schedule, append
     for name, u in mla.items():
         assert u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0, (name, u)

@@ -198,6 +198,77 @@ def test_results_do_not_depend_on_page_placement():
     assert torch.equal(out, out2) and torch.equal(lse, lse2)
 
 
+# ---- the opt-in kernel for 64-row query tiles with the query rows as the MMAs' M side (DSV3_MLA_KERNEL=rows) ----
+
+
+@pytest.fixture
+def rows_kernel(monkeypatch):
+    monkeypatch.setenv("DSV3_MLA_KERNEL", "rows")
+
+
+@pytest.mark.parametrize("heads", [64, 96, 128])
+@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("num_parts", [1, 13, None])
+def test_rows_kernel_matches_reference_and_default_kernel(rows_kernel, monkeypatch, heads, s_q, causal, num_parts):
+    # mixed lengths (empty, page-sized, partial pages, thousands), splits across and within sequences, and 96 heads:
+    # a partial second tile of query rows
+    cache, block_table, seqlens = _paged_cache(LONG_SEQLENS, num_blocks_extra=9, device=CUDA)
+    q = torch.randn(len(LONG_SEQLENS), s_q, heads, ref.HEAD_DIM).to(torch.bfloat16).to(CUDA)
+    out, lse = _assert_matches_reference(q, cache, block_table, seqlens, causal, num_parts=num_parts)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("inf"))
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+    monkeypatch.delenv("DSV3_MLA_KERNEL")
+    default_out, default_lse = _decode(q, cache, block_table, seqlens, causal, num_parts=num_parts)
+    assert_close(out.float(), default_out.float(), atol=8e-3, rtol=8e-3, max_diff=1e-5, name="out vs default kernel")
+    assert_close(lse, default_lse, atol=1e-5, rtol=1e-5, name="lse vs default kernel")
+
+
+@pytest.mark.parametrize("head_dim_v", [512, 256, 100, 7])
+def test_rows_kernel_narrower_values(rows_kernel, head_dim_v):
+    cache, block_table, seqlens = _paged_cache([700, 65], device=CUDA)
+    q = torch.randn(2, 1, 128, ref.HEAD_DIM).to(torch.bfloat16).to(CUDA)
+    metadata, num_splits = dsv3.get_mla_metadata(seqlens, 128, 1, num_parts=3)
+    out, lse = dsv3.mla_decode_with_kvcache(q, cache, block_table, seqlens, head_dim_v, metadata, num_splits)
+    r_out, r_lse = ref.mla_decode_with_kvcache(q.cpu(), cache.cpu(), block_table.cpu(), seqlens.cpu())
+    assert out.shape == (2, 1, 128, head_dim_v)
+    assert_close(out.cpu().float(), r_out[..., :head_dim_v].float(), atol=8e-3, rtol=8e-3, max_diff=1e-5, name="out")
+    assert_close(lse.cpu(), r_lse, atol=1e-5, rtol=1e-5, name="lse")
+
+
+def test_rows_kernel_never_lets_nan_outside_the_sequences_through(rows_kernel):
+    lengths = [1, 2, 33, 63, 65, 127]
+    cache, block_table, seqlens = _paged_cache(lengths, num_blocks_extra=20, device=CUDA)
+    for seq, length in enumerate(lengths):
+        if length <= 64:
+            block_table[seq, 1] = block_table[5, 0]
+    q = torch.randn(6, 2, 64, ref.HEAD_DIM).to(torch.bfloat16).to(CUDA)
+    for causal in (False, True):
+        out, lse = _decode(q, cache, block_table, seqlens, causal, num_parts=4)
+        assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+
+
+def test_rows_kernel_poisons_only_the_sequence_with_a_bad_page(rows_kernel):
+    cache, block_table, seqlens = _paged_cache([100, 70, 130], device=CUDA)
+    q = torch.randn(3, 1, 128, ref.HEAD_DIM).to(torch.bfloat16).to(CUDA)
+    good_out, good_lse = _decode(q, cache, block_table, seqlens, False, num_parts=2)
+    bad_table = block_table.clone()
+    bad_table[1, 1] = cache.shape[0]
+    out, lse = _decode(q, cache, bad_table, seqlens, False, num_parts=2)
+    assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all()
+    assert torch.equal(out[[0, 2]], good_out[[0, 2]]) and torch.equal(lse[[0, 2]], good_lse[[0, 2]])
+
+
+def test_rows_kernel_is_not_used_for_the_fp8_cache(rows_kernel, monkeypatch):
+    # the FP8 cache keeps the default kernel at every width: the same bits with or without the variable
+    cache, block_table, seqlens = _paged_cache([300, 1000], fp8=True, device=CUDA)
+    q = torch.randn(2, 1, 128, ref.HEAD_DIM).to(torch.bfloat16).to(CUDA)
+    out, lse = _decode(q, cache, block_table, seqlens, False, num_parts=5)
+    monkeypatch.delenv("DSV3_MLA_KERNEL")
+    default_out, default_lse = _decode(q, cache, block_table, seqlens, False, num_parts=5)
+    assert torch.equal(out, default_out) and torch.equal(lse, default_lse)
+
+
 def test_decode_and_schedule_capture_in_a_cuda_graph():
     cache, block_table, seqlens = _paged_cache([700, 64, 1500], device=CUDA)
     q = torch.randn(3, 2, 16, ref.HEAD_DIM).to(torch.bfloat16).to(CUDA)

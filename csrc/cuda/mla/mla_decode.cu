@@ -1,11 +1,15 @@
 // Launcher of the sm_90a MLA decode: tensor maps for q and the bf16 cache, the decode kernel for the query-tile
 // width that fits s_q * heads, then the combine step. No host synchronization: everything is enqueued on `stream`.
+// DSV3_MLA_KERNEL=rows runs 64-row tiles over the bf16 cache with the query rows on the MMAs' M side
+// (mla_decode_rows_kernel.cuh) instead of the page; it stays opt-in until a GPU run has timed it against the default.
 
 #include <cuda.h>
 #include <cuda_runtime_api.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -13,6 +17,7 @@
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/mla/mla_decode_kernel.cuh"
+#include "cuda/mla/mla_decode_rows_kernel.cuh"
 
 namespace dsv3::cuda {
 namespace {
@@ -73,12 +78,30 @@ void launch_decode(const CUtensorMap& q_map, const CUtensorMap& cache_map, const
   DSV3_CUDA_CHECK(cudaGetLastError());
 }
 
+void launch_rows_decode(const CUtensorMap& q_map, const CUtensorMap& cache_map, const MlaDecodeParams& p, int tiles,
+                        cudaStream_t stream) {
+  constexpr int kBytes = mla::RowsLayout::kBytes;
+  auto* kernel = &mla::mla_decode_rows_kernel;
+  DSV3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const dim3 grid(static_cast<unsigned>(p.num_parts), static_cast<unsigned>(tiles));
+  kernel<<<grid, mla::kThreads, kBytes, stream>>>(q_map, cache_map, p, scale_log2);
+  DSV3_CUDA_CHECK(cudaGetLastError());
+}
+
+bool rows_kernel_requested() {
+  const char* value = std::getenv("DSV3_MLA_KERNEL");
+  return value != nullptr && std::strcmp(value, "rows") == 0;
+}
+
 template <bool kFp8>
 void launch_decode_for_rows(int64_t rows, const CUtensorMap& q_map, const CUtensorMap& cache_map,
                             const MlaDecodeParams& p, cudaStream_t stream) {
   if (rows <= 16) return launch_decode<16, kFp8>(q_map, cache_map, p, 1, stream);
   if (rows <= 32) return launch_decode<32, kFp8>(q_map, cache_map, p, 1, stream);
-  launch_decode<64, kFp8>(q_map, cache_map, p, static_cast<int>((rows + 63) / 64), stream);
+  const int tiles = static_cast<int>((rows + 63) / 64);
+  if (!kFp8 && rows_kernel_requested()) return launch_rows_decode(q_map, cache_map, p, tiles, stream);
+  launch_decode<64, kFp8>(q_map, cache_map, p, tiles, stream);
 }
 
 int query_tile_rows(int64_t rows) { return rows <= 16 ? 16 : (rows <= 32 ? 32 : 64); }
