@@ -291,6 +291,68 @@ __device__ __forceinline__ void zero_tail_rows(uint8_t* tile, int valid) {
   }
 }
 
+// What a split (one sequence's pages [cursor.block, cursor.hi) in a part) knows before its first page.
+struct SplitState {
+  int seq;
+  bool poisoned;  // inputs that contradict each other (a bad page id adds to it later): out and lse become NaN
+  bool writable;  // the split id belongs to the sequence (a stale or forged schedule writes nothing)
+  bool direct;    // the sequence's only split: results go to out and lse, with no combine
+  int seqlen;     // keys the queries may see (all of the part's pages when poisoned)
+};
+
+__device__ __forceinline__ SplitState begin_split(const MlaDecodeParams& p, const PartCursor& cursor, int split) {
+  SplitState s;
+  s.seq = cursor.seq;
+  const int32_t seqlen = p.cache_seqlens[s.seq];
+  const int32_t split_lo = p.split_offsets[s.seq], split_hi = p.split_offsets[s.seq + 1];
+  s.poisoned = seqlen < 0 || seqlen > p.max_blocks * kMlaPageSize ||
+               (s.seq == cursor.begin_seq && cursor.begin_block < 0) ||
+               (s.seq == cursor.end_seq && cursor.end_block > mla_blocks(seqlen)) || p.split_offsets[0] != 0;
+  s.writable = split >= split_lo && split < split_hi && split_hi <= mla_max_splits(p.batch, p.num_parts);
+  s.direct = split_hi - split_lo == 1;
+  s.seqlen = s.poisoned ? cursor.hi * kMlaPageSize : seqlen;
+  return s;
+}
+
+// Keys that query row `row` of its sequence (of `rows` = s_q * heads; padding rows count as the last token) sees:
+// with causal masking, those up to its own position among the s_q new tokens.
+__device__ __forceinline__ int visible_keys(const MlaDecodeParams& p, int row, int rows, int seqlen) {
+  const int query_token = row < rows ? row / static_cast<int>(p.heads) : static_cast<int>(p.s_q) - 1;
+  const int causal_end = seqlen - static_cast<int>(p.s_q) + query_token + 1;
+  return p.causal && causal_end < seqlen ? causal_end : seqlen;
+}
+
+// Rows [row0, row0 + kRows) of the sequence's queries into kChunks 128B-swizzled chunks of [kRows][64] (thread 0).
+template <int kRows>
+__device__ __forceinline__ void load_query_tile(const CUtensorMap* q_map, uint8_t* q_smem, int row0, uint64_t* q_full) {
+  mbarrier_arrive_expect_tx(q_full, kRows * kChunks * 128);
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c) tma_load_2d(q_smem + c * kRows * 128, q_map, c * 64, row0, q_full);
+}
+
+// The lse of query row `row` (natural log) from its maximum (log2 domain) and softmax sum, to lse or partial_lse.
+__device__ __forceinline__ void write_lse(const MlaDecodeParams& p, const SplitState& state, int split, int row,
+                                          float max, float sum) {
+  const int heads = static_cast<int>(p.heads), s_q = static_cast<int>(p.s_q);
+  const int token = row / heads, head = row % heads;
+  // an empty split's -inf makes the combine skip it, so a NaN sum must stay NaN here
+  float lse = sum > 0.0f    ? (max + log2f(sum)) * 0.69314718055994531f
+              : sum == 0.0f ? (state.direct ? INFINITY : -INFINITY)
+                            : NAN;
+  if (state.poisoned) lse = NAN;
+  if (state.direct) {
+    p.lse[(static_cast<int64_t>(state.seq) * heads + head) * s_q + token] = lse;
+  } else {
+    p.partial_lse[(static_cast<int64_t>(split) * heads + head) * s_q + token] = lse;
+  }
+}
+
+// 1 / sum for a query row's outputs: 0 when it saw nothing (out 0), NaN when poisoned or when a NaN key or value
+// met the row (which must reach the output).
+__device__ __forceinline__ float output_scale(const SplitState& state, float sum) {
+  return state.poisoned ? NAN : (sum > 0.0f ? 1.0f / sum : (sum == 0.0f ? 0.0f : NAN));
+}
+
 // Sᵀ columns of q_descriptor's kCols rows (a tile of N rows per chunk) over chunks [kFirst, kFirst + kCount):
 // acc = (or += with kAccumulate) K · Qᵀ. K-major operands: a 16-wide k-step is 32 bytes along the 128-byte rows.
 template <int kCols, int N, int kFirst, int kCount, bool kAccumulate>
@@ -383,29 +445,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
 
-  const int64_t max_splits = mla_max_splits(p.batch, p.num_parts);
   int split = meta[4];
   int consumed = 0;
   uint32_t q_phase = 0;
   while (!cursor.done()) {
     // ---- a split: one sequence's pages [cursor.block, cursor.hi) in this part ----
-    const int seq = cursor.seq;
-    const int32_t seqlen_raw = p.cache_seqlens[seq];
-    const int32_t split_lo = p.split_offsets[seq], split_hi = p.split_offsets[seq + 1];
-    bool poisoned = seqlen_raw < 0 || seqlen_raw > p.max_blocks * kMlaPageSize ||
-                    (seq == cursor.begin_seq && cursor.begin_block < 0) ||
-                    (seq == cursor.end_seq && cursor.end_block > mla_blocks(seqlen_raw)) || p.split_offsets[0] != 0;
-    const bool writable = split >= split_lo && split < split_hi && split_hi <= max_splits;
-    const bool direct = split_hi - split_lo == 1;
-    const int seqlen = poisoned ? cursor.hi * kMlaPageSize : seqlen_raw;
-
-    if (thread == 0) {
-      mbarrier_arrive_expect_tx(q_full, Layout::kQBytes);
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        tma_load_2d(q_smem + c * N * 128, &q_map, c * 64, seq * rows + tile_row0, q_full);
-      }
-    }
+    SplitState state = begin_split(p, cursor, split);
+    const int seq = state.seq, seqlen = state.seqlen;
+    if (thread == 0) load_query_tile<N>(&q_map, q_smem, seq * rows + tile_row0, q_full);
 
     // Per thread: Sᵀ columns j (0..kColsS) are local column 8 (j / 2) + 2 (lane % 4) + j % 2 of this warpgroup.
     float running_max[kColsS], partial_sum[kColsS];
@@ -415,12 +462,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       partial_sum[j] = 0.0f;
     }
     // How many of the sequence's keys each query column sees (kept in shared memory: registers are scarce at N = 64).
-    if (thread < N) {
-      const int row = tile_row0 + thread;
-      const int query_token = row < rows ? row / static_cast<int>(p.heads) : static_cast<int>(p.s_q) - 1;
-      const int causal_end = seqlen - static_cast<int>(p.s_q) + query_token + 1;
-      visible_end[thread] = p.causal && causal_end < seqlen ? causal_end : seqlen;
-    }
+    if (thread < N) visible_end[thread] = visible_keys(p, tile_row0 + thread, rows, seqlen);
     float o[4][N / 2];
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt) {
@@ -437,7 +479,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int slot = consumed % kStages;
       const uint32_t phase = (consumed / kStages) & 1;
       const int32_t page = p.block_table[static_cast<int64_t>(seq) * p.max_blocks + block];
-      poisoned |= page < 0 || page >= p.num_blocks;
+      state.poisoned |= page < 0 || page >= p.num_blocks;
       const int valid = seqlen - block * kMlaPageSize < kMlaPageSize ? seqlen - block * kMlaPageSize : kMlaPageSize;
       uint8_t* stage = ring + slot * Layout::kStageBytes;
       const float* page_scales = scale_buffers + (Layout::kPipelined ? (consumed % 2) * kMlaPageSize * 4 : 0);
@@ -679,23 +721,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     named_barrier(1, kThreads);
 
-    if (writable) {
-      const int heads = static_cast<int>(p.heads), s_q = static_cast<int>(p.s_q);
+    if (state.writable) {
       const int64_t dv = p.head_dim_v;
 #pragma unroll
       for (int i = 0; i < N / 2; ++i) {
         const int n = (i / 4) * 8 + 2 * (lane % 4) + i % 2;
         const int row = tile_row0 + n;
         if (row >= rows) continue;
-        const float sum = column_sum[n];
-        // sum 0: nothing visible (out 0); NaN: a NaN key or value met this column, which must reach the output
-        const float inverse = poisoned ? NAN : (sum > 0.0f ? 1.0f / sum : (sum == 0.0f ? 0.0f : NAN));
+        const float inverse = output_scale(state, column_sum[n]);
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt) {
           const int64_t d = wg * 256 + mt * 64 + warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
           if (d >= dv) continue;
           const float value = o[mt][i] * inverse;
-          if (direct) {
+          if (state.direct) {
             p.out[(static_cast<int64_t>(seq) * rows + row) * dv + d] = __bfloat16_as_ushort(__float2bfloat16_rn(value));
           } else {
             p.partial_out[(static_cast<int64_t>(split) * rows + row) * dv + d] = value;
@@ -703,18 +742,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       if (thread < N && tile_row0 + thread < rows) {
-        const int row = tile_row0 + thread, token = row / heads, head = row % heads;
-        const float sum = column_sum[thread];
-        // an empty split's -inf makes the combine skip it, so a NaN sum must stay NaN here
-        float lse = sum > 0.0f    ? (column_max[thread] + log2f(sum)) * 0.69314718055994531f
-                    : sum == 0.0f ? (direct ? INFINITY : -INFINITY)
-                                  : NAN;
-        if (poisoned) lse = NAN;
-        if (direct) {
-          p.lse[(static_cast<int64_t>(seq) * heads + head) * s_q + token] = lse;
-        } else {
-          p.partial_lse[(static_cast<int64_t>(split) * heads + head) * s_q + token] = lse;
-        }
+        write_lse(p, state, split, tile_row0 + thread, column_max[thread], column_sum[thread]);
       }
     }
     named_barrier(1, kThreads);  // column statistics and reductions are reused by the next split

@@ -94,30 +94,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int s = 0; s < kStages && !loader.done(); ++s) loader.load(p, &cache_map, ring + s * kTileBytes, &full[s]);
   }
 
-  const int64_t max_splits = mla_max_splits(p.batch, p.num_parts);
   int split = meta[4];
   int consumed = 0;        // pages of this CTA done so far, across splits
   int pending_stage = -1;  // warpgroup 0: the stage whose P·V was issued last and not yet known complete
   uint32_t q_phase = 0;
   while (!cursor.done()) {
     // ---- a split: one sequence's pages [cursor.block, cursor.hi) in this part ----
-    const int seq = cursor.seq;
-    const int32_t seqlen_raw = p.cache_seqlens[seq];
-    const int32_t split_lo = p.split_offsets[seq], split_hi = p.split_offsets[seq + 1];
-    bool poisoned = seqlen_raw < 0 || seqlen_raw > p.max_blocks * kMlaPageSize ||
-                    (seq == cursor.begin_seq && cursor.begin_block < 0) ||
-                    (seq == cursor.end_seq && cursor.end_block > mla_blocks(seqlen_raw)) || p.split_offsets[0] != 0;
-    const bool writable = split >= split_lo && split < split_hi && split_hi <= max_splits;
-    const bool direct = split_hi - split_lo == 1;
-    const int seqlen = poisoned ? cursor.hi * kMlaPageSize : seqlen_raw;
-
-    if (thread == 0) {  // only warpgroup 0 reads Q, and its last S of the previous split is complete
-      mbarrier_arrive_expect_tx(q_full, Layout::kQBytes);
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        tma_load_2d(q_smem + c * Layout::kRows * 128, &q_map, c * 64, seq * rows + tile_row0, q_full);
-      }
-    }
+    SplitState state = begin_split(p, cursor, split);
+    const int seq = state.seq, seqlen = state.seqlen;
+    // only warpgroup 0 reads Q, and its last S of the previous split is complete
+    if (thread == 0) load_query_tile<Layout::kRows>(&q_map, q_smem, seq * rows + tile_row0, q_full);
 
     float o[128];
 #pragma unroll
@@ -125,14 +111,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // warpgroup 0: the online softmax state of rows row0 (index 0) and row0 + 8 (index 1); sums are this thread's
     // share of the row (its 16 of the 64 columns), added across the quad at the end of the split
     float running_max[2] = {kNegInf, kNegInf}, partial_sum[2] = {0.0f, 0.0f};
-    int visible_end[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = tile_row0 + row0 + 8 * h;
-      const int query_token = row < rows ? row / static_cast<int>(p.heads) : static_cast<int>(p.s_q) - 1;
-      const int causal_end = seqlen - static_cast<int>(p.s_q) + query_token + 1;
-      visible_end[h] = p.causal && causal_end < seqlen ? causal_end : seqlen;
-    }
+    const int visible_end[2] = {visible_keys(p, tile_row0 + row0, rows, seqlen),
+                                visible_keys(p, tile_row0 + row0 + 8, rows, seqlen)};
     if (wg == 0) {
       mbarrier_wait(q_full, q_phase);
     }
@@ -143,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int stage_index = consumed % kStages;
       const uint32_t phase = (consumed / kStages) & 1;
       const int32_t page = p.block_table[static_cast<int64_t>(seq) * p.max_blocks + block];
-      poisoned |= page < 0 || page >= p.num_blocks;
+      state.poisoned |= page < 0 || page >= p.num_blocks;
       const int valid = seqlen - block * kMlaPageSize < kMlaPageSize ? seqlen - block * kMlaPageSize : kMlaPageSize;
       uint8_t* tile = ring + stage_index * kTileBytes;
       const uint32_t tile_address = smem_address(tile);
@@ -292,23 +272,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     named_barrier(bar::kAll, kThreads);
 
-    if (writable) {
-      const int heads = static_cast<int>(p.heads), s_q = static_cast<int>(p.s_q);
+    if (state.writable) {
       const int64_t dv = p.head_dim_v;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = tile_row0 + row0 + 8 * h;
         if (row >= rows) continue;
-        const float sum = row_sum[row0 + 8 * h];
-        // sum 0: nothing visible (out 0); NaN: a NaN key or value met this row, which must reach the output
-        const float inverse = poisoned ? NAN : (sum > 0.0f ? 1.0f / sum : (sum == 0.0f ? 0.0f : NAN));
+        const float inverse = output_scale(state, row_sum[row0 + 8 * h]);
 #pragma unroll
         for (int i = 0; i < 128; i += 4) {  // o[i + 2 h], o[i + 2 h + 1]: columns 8 (i / 4) + 2 quad_lane and + 1
           const int64_t d = wg * 256 + 8 * (i / 4) + 2 * quad_lane;
           if (d >= dv) continue;
           const float first = o[i + 2 * h] * inverse, second = o[i + 2 * h + 1] * inverse;
           const bool pair = d + 1 < dv;
-          if (direct) {
+          if (state.direct) {
             uint16_t* out = p.out + (static_cast<int64_t>(seq) * rows + row) * dv + d;
             if (pair && dv % 2 == 0) {
               *reinterpret_cast<uint32_t*>(out) = pack_bf16x2(first, second);
@@ -327,19 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = tile_row0 + row0 + 8 * h;
-          if (row >= rows) continue;
-          const int token = row / heads, head = row % heads;
-          const float sum = row_sum[row0 + 8 * h];
-          // an empty split's -inf makes the combine skip it, so a NaN sum must stay NaN here
-          float lse = sum > 0.0f    ? (row_max[row0 + 8 * h] + log2f(sum)) * 0.69314718055994531f
-                      : sum == 0.0f ? (direct ? INFINITY : -INFINITY)
-                                    : NAN;
-          if (poisoned) lse = NAN;
-          if (direct) {
-            p.lse[(static_cast<int64_t>(seq) * heads + head) * s_q + token] = lse;
-          } else {
-            p.partial_lse[(static_cast<int64_t>(split) * heads + head) * s_q + token] = lse;
-          }
+          if (row < rows) write_lse(p, state, split, row, row_max[row0 + 8 * h], row_sum[row0 + 8 * h]);
         }
       }
     }
