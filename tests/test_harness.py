@@ -73,3 +73,25 @@ def test_a_failing_suite_is_reported_and_the_others_still_run(monkeypatch, tmp_p
     reports = json.loads(path.read_text())["reports"]
     assert [r["error"] for r in reports] == ["RuntimeError: kernel launch failed", None]
     assert len(reports[1]["rows"]) == 1
+
+
+def test_a_run_cut_short_keeps_the_suites_it_finished(monkeypatch, tmp_path):
+    # a suite that never returns (a hung kernel, killed by a time limit) must not cost the JSON of the ones before it
+    import json
+
+    import dsv3.bench as bench
+
+    def working(device, quick, reps):
+        report = Report("working suite")
+        report.add(Row("op", "case", device.type, us=1.0))
+        return report
+
+    def killed(device, quick, reps):
+        raise KeyboardInterrupt  # as a signal would end it: not an error the harness catches
+
+    monkeypatch.setattr(bench, "SUITES", {"working": working, "killed": killed})
+    path = tmp_path / "out.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["all", "--device", "cpu", "--json", str(path)])
+    reports = json.loads(path.read_text())["reports"]
+    assert [r["title"] for r in reports] == ["working suite"] and len(reports[0]["rows"]) == 1

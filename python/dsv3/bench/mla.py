@@ -5,9 +5,12 @@ and 16 heads (8-way tensor parallel).
 On a GPU the cases are decode batches of the sizes the targets are set for: 16 heads at batch 128 and 4096 tokens is
 memory bound (the % HBM column is the one that matters, target 90%), 128 heads is compute bound (% of the BF16 peak,
 target 70%). Each case runs with the bf16 and the FP8 cache; `fp8_speedup` is the bf16 time over the FP8 time of
-the same case (target 1.6 when memory bound). Cases of 64 or more query rows a sequence also time the bf16 cache with
-DSV3_MLA_KERNEL=rows (the kernel with the query rows on the MMAs' M side), `vs_default` being the default kernel's time
-over its time. Bytes count the cache rows read, q and out; FLOPs 2 * h * s_q * seqlen * (576 + 512) a sequence."""
+the same case (target 1.6 when memory bound). Bytes count the cache rows read, q and out; FLOPs 2 * h * s_q * seqlen
+* (576 + 512) a sequence.
+
+`run_rows_kernel` (suite `mla_rows`, run last by `dsv3 bench all`) times the cases of 64 or more query rows a
+sequence with DSV3_MLA_KERNEL=rows, the opt-in kernel with the query rows on the MMAs' M side, against the default
+kernel in the same run (the `x base` column: the default's time over its time)."""
 
 from __future__ import annotations
 
@@ -58,30 +61,48 @@ def _run_gpu(device: torch.device, quick: bool, reps: int | None) -> Report:
                 baseline_us = baseline_timer(lambda q=q, c=cache, t=block_table, s=seqlens:
                                              ref.mla_decode_with_kvcache(q, c, t, s, causal=True))  # fmt: skip
             times[fp8] = us
-            case = f"b={batch} seq={seqlen} h={heads} s_q={s_q}"
-            flops = 2 * batch * heads * s_q * seqlen * (ref.HEAD_DIM + ref.LATENT_DIM)
             report.add(
                 Row(
-                    "mla_decode_with_kvcache", f"{case} {'fp8' if fp8 else 'bf16'}", device.type, us=us, bytes=moved,
-                    flops=flops, peak="bf16_flops", baseline="reference" if baseline_us else None,
-                    baseline_us=baseline_us, extra={"fp8_speedup": times[False] / us} if fp8 else {},
+                    "mla_decode_with_kvcache", f"b={batch} seq={seqlen} h={heads} s_q={s_q} {'fp8' if fp8 else 'bf16'}",
+                    device.type, us=us, bytes=moved,
+                    flops=2 * batch * heads * s_q * seqlen * (ref.HEAD_DIM + ref.LATENT_DIM), peak="bf16_flops",
+                    baseline="reference" if baseline_us else None, baseline_us=baseline_us,
+                    extra={"fp8_speedup": times[False] / us} if fp8 else {},
                 )
             )  # fmt: skip
-            if not fp8 and s_q * heads >= 64:
-                os.environ["DSV3_MLA_KERNEL"] = "rows"
-                try:
-                    rows_us = timer(lambda q=q, c=cache, t=block_table, s=seqlens, m=metadata, n=num_splits:
-                                    dsv3.mla_decode_with_kvcache(q, c, t, s, 512, m, n, causal=True))  # fmt: skip
-                finally:
-                    del os.environ["DSV3_MLA_KERNEL"]
-                report.add(
-                    Row(
-                        "mla_decode_with_kvcache", f"{case} bf16 rows kernel", device.type, us=rows_us, bytes=moved,
-                        flops=flops, peak="bf16_flops", extra={"vs_default": us / rows_us},
-                    )
-                )  # fmt: skip
             del cache, block_table, q
         torch.cuda.empty_cache()
+    return report
+
+
+def run_rows_kernel(device: torch.device, quick: bool = False, reps: int | None = None) -> Report:
+    report = Report(f"MLA decode, DSV3_MLA_KERNEL=rows vs the default kernel, on {device.type}")
+    if device.type != "cuda":
+        return report  # a kernel of the sm_90a build only
+    timer = Timer(device, warmup=3, reps=reps or 20)
+    for batch, seqlen, heads, s_q in [(64, 4096, 128, 1)] if quick else [(64, 4096, 128, 1), (32, 4096, 128, 2)]:
+        cache, block_table, seqlens = _cache(batch, seqlen, False, device)
+        q = (torch.randn(batch, s_q, heads, ref.HEAD_DIM, device=device) * 0.1).to(torch.bfloat16)
+        metadata, num_splits = dsv3.get_mla_metadata(seqlens, s_q * heads, 1)
+
+        def decode(q=q, c=cache, t=block_table, s=seqlens, m=metadata, n=num_splits):
+            return dsv3.mla_decode_with_kvcache(q, c, t, s, 512, m, n, causal=True)
+
+        default_us = timer(decode)
+        os.environ["DSV3_MLA_KERNEL"] = "rows"
+        try:
+            us = timer(decode)
+        finally:
+            del os.environ["DSV3_MLA_KERNEL"]
+        report.add(
+            Row(
+                "mla_decode_with_kvcache", f"b={batch} seq={seqlen} h={heads} s_q={s_q} bf16 rows", device.type, us=us,
+                bytes=batch * seqlen * 2 * ref.HEAD_DIM + q.numel() * 2 + batch * s_q * heads * ref.LATENT_DIM * 2,
+                flops=2 * batch * heads * s_q * seqlen * (ref.HEAD_DIM + ref.LATENT_DIM), peak="bf16_flops",
+                baseline="default kernel", baseline_us=default_us,
+            )
+        )  # fmt: skip
+        del cache, block_table, q
     return report
 
 
