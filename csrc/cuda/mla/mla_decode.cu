@@ -10,60 +10,20 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
-#include <stdexcept>
-#include <string>
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/mla/mla_decode_kernel.cuh"
 #include "cuda/mla/mla_decode_rows_kernel.cuh"
+#include "cuda/tensor_map.h"
 
 namespace dsv3::cuda {
 namespace {
 
-using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-// cuTensorMapEncodeTiled through the runtime's driver entry point: the module never links libcuda.
-EncodeTiled encode_tiled() {
-  static EncodeTiled function = nullptr;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    void* address = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-#if CUDART_VERSION >= 12050
-    const cudaError_t error =
-        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &address, 12000, cudaEnableDefault, &status);
-#else
-    const cudaError_t error = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &address, cudaEnableDefault, &status);
-#endif
-    if (error == cudaSuccess && status == cudaDriverEntryPointSuccess) {
-      function = reinterpret_cast<EncodeTiled>(address);
-    } else {
-      cudaGetLastError();
-    }
-  });
-  if (function == nullptr) throw std::runtime_error("cuTensorMapEncodeTiled is not available from the CUDA driver");
-  return function;
-}
-
 // Row-major bf16 [rows, 576] (row stride 1152 bytes) read in boxes of 64 columns x box_rows rows, 128B-swizzled.
 CUtensorMap bf16_rows_map(const void* base, uint64_t rows, uint32_t box_rows) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(kMlaHeadDim), rows};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(kMlaHeadDim) * 2};
-  const cuuint32_t box[2] = {64, box_rows};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult result =
-      encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box,
-                     element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (result != CUDA_SUCCESS) {
-    throw std::runtime_error("cuTensorMapEncodeTiled failed for an MLA operand (error " + std::to_string(result) + ")");
-  }
-  return map;
+  return swizzled_rows_map(CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, kMlaHeadDim, rows, kMlaHeadDim * 2, 64, box_rows,
+                           "an MLA operand");
 }
 
 template <int N, bool kFp8>
