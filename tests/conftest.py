@@ -10,15 +10,30 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def _choose_kernel(choice: str, device: torch.device, monkeypatch: pytest.MonkeyPatch) -> str:
+    if choice == "no_amx":
+        if device.type != "cpu":
+            pytest.skip("DSV3_CPU_NO_AMX only concerns the CPU kernels")
+        monkeypatch.setenv("DSV3_CPU_NO_AMX", "1")
+    elif choice == "overlap":
+        if device.type != "cuda":
+            pytest.skip("DSV3_FP8_GEMM_KERNEL only concerns the CUDA kernels")
+        monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "overlap")
+    return choice
+
+
 @pytest.fixture(params=["auto", "no_amx"])
 def cpu_kernel(request, device, monkeypatch) -> str:
     """Runs a test with the kernels the CPU picks (AMX tiles where the CPU has them), then again with
     DSV3_CPU_NO_AMX=1 (AVX-512 only). Only the CPU kernels have the choice."""
-    if request.param == "no_amx":
-        if device.type != "cpu":
-            pytest.skip("DSV3_CPU_NO_AMX only concerns the CPU kernels")
-        monkeypatch.setenv("DSV3_CPU_NO_AMX", "1")
-    return request.param
+    return _choose_kernel(request.param, device, monkeypatch)
+
+
+@pytest.fixture(params=["auto", "no_amx", "overlap"])
+def gemm_kernel(request, device, monkeypatch) -> str:
+    """The FP8 GEMM's kernel choices: what the device picks; on the CPU again with DSV3_CPU_NO_AMX=1, on a GPU again
+    with DSV3_FP8_GEMM_KERNEL=overlap (every shape on the hand-written sm_90a kernel)."""
+    return _choose_kernel(request.param, device, monkeypatch)
 
 
 @pytest.fixture(autouse=True)

@@ -92,7 +92,7 @@ def test_deepseek_v3_shapes_match_reference(device, n, k, m):
     assert calc_diff(out, unquantized) < 1e-3
 
 
-@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 @pytest.mark.parametrize("m,n,k", [(3, 576, 640), (65, 576, 640), (5, 300, 200), (70, 128, 200), (9, 1, 129)])
 def test_partial_k_groups_and_n_tiles(device, m, n, k):
     x, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
@@ -112,7 +112,7 @@ def test_empty_m(device, n):
     assert out.shape == (0, n) and out.dtype == torch.bfloat16
 
 
-@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 @pytest.mark.parametrize("m", [1, 20])
 def test_all_zero_blocks_contribute_nothing(device, m):
     x, w = torch.randn(m, 512, device=device), torch.randn(384, 512, device=device)
@@ -125,7 +125,7 @@ def test_all_zero_blocks_contribute_nothing(device, m):
     assert torch.all(out[:, 128:256] == 0)
 
 
-@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 @pytest.mark.parametrize("m", [2, 33])
 def test_extreme_codes_and_large_scales(device, m):
     k, n = 1024, 256
@@ -146,7 +146,7 @@ def test_extreme_codes_and_large_scales(device, m):
     assert torch.all(out[:, : n // 2] == float("inf")) and torch.all(out[:, n // 2 :] == -float("inf"))
 
 
-@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 @pytest.mark.parametrize("m", [1, 20])
 def test_scale_products_beyond_fp32_range(device, m):
     """sa * sb overflows fp32 while every dequantized value is finite: a group of zero codes still adds exactly 0
@@ -163,7 +163,7 @@ def test_scale_products_beyond_fp32_range(device, m):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 @pytest.mark.parametrize("m", [3, 40])
 def test_nan_and_inf_propagate_like_the_reference(device, m):
     k, n = 768, 384
@@ -198,7 +198,7 @@ def test_fp8_linear_matches_reference(device):
 @pytest.mark.parametrize(
     ("m", "n", "k"), [(1, 576, 7168), (5, 256, 128), (33, 2112, 512), (130, 384, 1536), (0, 256, 256)]
 )
-def test_fp8_linear_is_quantization_then_gemm(device, cpu_kernel, m, n, k):
+def test_fp8_linear_is_quantization_then_gemm(device, gemm_kernel, m, n, k):
     """The fused op equals its two halves bit for bit: per_token_group_quant_fp8, then fp8_gemm_nt."""
     x = torch.randn(m, k, dtype=torch.bfloat16, device=device) * 3
     if m:
@@ -217,7 +217,7 @@ def test_fp8_linear_takes_strided_views(device):
     assert_bitwise_equal(dsv3.fp8_linear(x, weight), dsv3.fp8_linear(x.contiguous(), weight), name="y")
 
 
-@pytest.mark.usefixtures("cpu_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 @pytest.mark.parametrize("m", [1, 16])
 def test_every_weight_code_decodes_exactly(device, m):
     """Weight row j holds code j (all 256: zeros, subnormals, normals, NaN) where a is 1 and ordinary codes where a is
@@ -236,6 +236,7 @@ def test_every_weight_code_decodes_exactly(device, m):
     assert_bitwise_equal(out, expected.contiguous(), name="out vs the codes' values")
 
 
+@pytest.mark.usefixtures("gemm_kernel")
 @pytest.mark.parametrize("m", [1, 3, 16, 40])
 def test_output_rounding_is_exact(device, m):
     """One nonzero product per output, so its fp32 value is exact and only the rounding to bf16 is tested: ties to

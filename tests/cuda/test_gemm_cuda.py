@@ -22,7 +22,15 @@ def exact_fp32_matmul():
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.mark.usefixtures("exact_fp32_matmul")
+@pytest.fixture(params=["auto", "overlap"])
+def cuda_gemm_kernel(request, monkeypatch) -> str:
+    """The heuristic's schedules, then every shape on the hand-written kernel (DSV3_FP8_GEMM_KERNEL=overlap)."""
+    if request.param == "overlap":
+        monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "overlap")
+    return request.param
+
+
+@pytest.mark.usefixtures("exact_fp32_matmul", "cuda_gemm_kernel")
 @pytest.mark.parametrize("n,k", DSV3_SHAPES, ids=lambda v: str(v))
 def test_real_shapes_match_reference(n, k):
     w = torch.randn(n, k, device="cuda") * 0.02
@@ -37,7 +45,7 @@ def test_real_shapes_match_reference(n, k):
         assert diff <= 1e-5, f"M={m} N={n} K={k}: calc_diff {diff:.3e}"
 
 
-@pytest.mark.usefixtures("exact_fp32_matmul")
+@pytest.mark.usefixtures("exact_fp32_matmul", "cuda_gemm_kernel")
 def test_captured_in_cuda_graph():
     m, n, k = 64, 576, 7168
     a_q, a_s = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
@@ -80,7 +88,7 @@ def test_every_forced_schedule_computes_the_same_product(m, n, k):
     stream = torch.cuda.current_stream().cuda_stream
     variants = (0, 1, 3) if m <= 64 else (0, 3)
     schedules = [(v, d, 1) for v in variants for d in (0, 2)] + [(v, 1, s) for v in variants for s in (2, 5, 16)]
-    for forced in [*schedules, (2, 0, 1)]:  # and the ping-pong variant, data-parallel
+    for forced in [*schedules, (2, 0, 1), (4, 0, 1)]:  # and the ping-pong and overlap variants, data-parallel
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
         workspace = torch.empty(max(_C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, forced), 1), dtype=torch.uint8,
                                 device="cuda")  # fmt: skip
@@ -88,10 +96,11 @@ def test_every_forced_schedule_computes_the_same_product(m, n, k):
                             k, workspace.data_ptr(), sms, stream, forced)  # fmt: skip
         assert calc_diff(out, expected) <= 1e-5, f"schedule {forced}"
     for bad, message in [
-        ((4, 0, 1), "variant"),
+        ((5, 0, 1), "variant"),
         ((0, 3, 1), "decomposition"),
         ((0, 0, 2), "splits"),
-        ((2, 1, 2), "ping-pong"),
+        ((2, 1, 2), "data-parallel only"),
+        ((4, 2, 1), "data-parallel only"),
     ]:
         with pytest.raises(ValueError, match=message):
             _C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, bad)

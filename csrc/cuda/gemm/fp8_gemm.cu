@@ -2,6 +2,9 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
 #include "cuda/gemm/fp8_gemm_variants.h"
@@ -10,19 +13,33 @@ namespace dsv3::cuda {
 
 namespace {
 
+// DSV3_FP8_GEMM_KERNEL=overlap: the hand-written kernel instead of the heuristic's choice, for every shape.
+bool overlap_kernel_requested() {
+  const char* value = std::getenv("DSV3_FP8_GEMM_KERNEL");
+  return value != nullptr && std::strcmp(value, "overlap") == 0;
+}
+
 Fp8GemmSchedule schedule_for(int64_t m, int64_t n, int64_t k, int num_sms,
                              const std::optional<Fp8GemmSchedule>& forced) {
-  if (!forced) return choose_fp8_gemm_schedule(m, n, k, num_sms);
+  if (!forced) {
+    if (overlap_kernel_requested()) {
+      return {Fp8GemmVariant::kTile128x128Overlap, Fp8GemmDecomposition::kDataParallel, 1,
+              (m + 127) / 128 * ((n + 127) / 128)};
+    }
+    return choose_fp8_gemm_schedule(m, n, k, num_sms);
+  }
   const Fp8GemmSchedule& s = *forced;
   const auto variant = static_cast<int32_t>(s.variant), decomposition = static_cast<int32_t>(s.decomposition);
-  DSV3_CHECK(variant >= 0 && variant <= 3,
-             "schedule: variant must be 0 (128x128), 1 (swap-AB 128x64), 2 (ping-pong 64x128) or 3 (128x128 in 1x2 "
-             "clusters), got ",
+  DSV3_CHECK(variant >= 0 && variant <= 4,
+             "schedule: variant must be 0 (128x128), 1 (swap-AB 128x64), 2 (ping-pong 64x128), 3 (128x128 in 1x2 "
+             "clusters) or 4 (hand-written 128x128, overlapped promotion), got ",
              variant);
   DSV3_CHECK(decomposition >= 0 && decomposition <= 2,
              "schedule: decomposition must be 0 (data-parallel), 1 (split-K) or 2 (stream-K), got ", decomposition);
-  DSV3_CHECK(s.variant != Fp8GemmVariant::kPingpong64x128 || s.decomposition == Fp8GemmDecomposition::kDataParallel,
-             "schedule: the ping-pong variant runs data-parallel only (decomposition 0), got ", decomposition);
+  DSV3_CHECK((s.variant != Fp8GemmVariant::kPingpong64x128 && s.variant != Fp8GemmVariant::kTile128x128Overlap) ||
+                 s.decomposition == Fp8GemmDecomposition::kDataParallel,
+             "schedule: the ping-pong and overlap variants run data-parallel only (decomposition 0), got ",
+             decomposition);
   DSV3_CHECK(s.splits == 1 ||
                  (s.decomposition == Fp8GemmDecomposition::kSplitK && s.splits >= 2 && s.splits <= (k + 127) / 128),
              "schedule: splits must be 1, or 2..K/128 with split-K, got ", s.splits);
@@ -42,6 +59,8 @@ int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms,
       return Fp8GemmKernel<Fp8GemmVariant::kPingpong64x128>::workspace_bytes(m, n, k, schedule, num_sms);
     case Fp8GemmVariant::kTile128x128Cluster1x2:
       return Fp8GemmKernel<Fp8GemmVariant::kTile128x128Cluster1x2>::workspace_bytes(m, n, k, schedule, num_sms);
+    case Fp8GemmVariant::kTile128x128Overlap:
+      return Fp8GemmKernel<Fp8GemmVariant::kTile128x128Overlap>::workspace_bytes(m, n, k, schedule, num_sms);
     default:
       return Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::workspace_bytes(m, n, k, schedule, num_sms);
   }
@@ -73,6 +92,9 @@ void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_
       break;
     case Fp8GemmVariant::kTile128x128Cluster1x2:
       Fp8GemmKernel<Fp8GemmVariant::kTile128x128Cluster1x2>::run(params, schedule, workspace_ptr, num_sms, stream);
+      break;
+    case Fp8GemmVariant::kTile128x128Overlap:
+      Fp8GemmKernel<Fp8GemmVariant::kTile128x128Overlap>::run(params, schedule, workspace_ptr, num_sms, stream);
       break;
     default:
       Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::run(params, schedule, workspace_ptr, num_sms, stream);

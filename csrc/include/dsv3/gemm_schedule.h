@@ -21,6 +21,11 @@ enum class Fp8GemmVariant : int32_t {
   // already move ~9 TB/s from L2 (32 KB per 128x128x128 block), a likely limit that multicast relieves. Not chosen
   // by the heuristic until benchmarks/sweep_gemm_schedule.py has measured it on a GPU.
   kTile128x128Cluster1x2 = 3,
+  // hand-written 128x128 kernel (not CUTLASS) whose consumer warp groups keep two sets of accumulators, so that one
+  // 128-deep K block's scale promotion overlaps the next block's MMAs instead of draining the tensor cores after
+  // every block; data-parallel only. Not chosen by the heuristic until a GPU sweep has measured it;
+  // DSV3_FP8_GEMM_KERNEL=overlap runs every GEMM on it.
+  kTile128x128Overlap = 4,
 };
 
 enum class Fp8GemmDecomposition : int32_t {

@@ -1,0 +1,226 @@
+#pragma once
+// Hand-written sm_90a FP8 block-scaled GEMM, out[m, n] = (a * a_scales) @ (b * b_scales)^T in bf16: 128 x 128
+// output tiles over a persistent grid, one producer thread filling a ring of kStages (a, b) tile pairs by TMA, and
+// two consumer warpgroups of 64 rows each running FP8 wgmma (m64n128k32) and promoting every 128-deep K block's
+// partial sums into fp32 results with a_scales * b_scales, as the CUTLASS blockwise kernels do.
+//
+// What is different: a consumer keeps two sets of MMA accumulators and queues block j + 1's wgmmas before it waits
+// for block j's, so block j's promotion (and the ring slot's release) overlaps block j + 1 on the tensor cores. The
+// CUTLASS kernels wait for every block's wgmmas to drain before promoting, which leaves the tensor cores idle for the
+// promotion of each block in turn (both consumer warpgroups promote at the same time).
+//
+// Edges: TMA zero-fills the parts of a tile past M, N or K; scale loads are clamped to existing rows and the stores
+// to rows < M and columns < N, so nothing outside the operands is read or written. Needs K % 16 == 0 (TMA row
+// pitch) and N % 2 == 0 (column pairs are stored together).
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "cuda/sm90_ptx.cuh"
+
+namespace dsv3::cuda::fp8_gemm_overlap {
+
+using namespace sm90;
+
+constexpr int kTile = 128;                    // rows of a (tokens) and of b (weight rows) per tile, and K per block
+constexpr int kStages = 6;                    // (a, b) tile pairs in flight
+constexpr int kOperandBytes = kTile * kTile;  // one e4m3 128 x 128 tile
+constexpr int kStageBytes = 2 * kOperandBytes;
+constexpr int kThreads = 384;  // warpgroup 0: the producer (one thread); 1 and 2: the consumers
+constexpr int kSharedBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // ring, barriers, alignment slack
+constexpr int kGroupTilesM = 8;  // tiles run in bands of 8 tile rows, all N tiles of a band in turn
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // 128 * (40 + 2 * 232) <= 65536
+
+struct Arguments {
+  const float* a_scales;  // [m, k_blocks]
+  const float* b_scales;  // [ceil(n / 128), k_blocks]
+  uint16_t* out;          // [m, n] bf16
+  int m, n, k_blocks, m_tiles, n_tiles;
+};
+
+// D[64 x 128] (+)= A[64 x 32] * B[32 x 128], e4m3 inputs from 128-byte-swizzled K-major shared memory, fp32
+// accumulators (the fragment layout of sm90's wgmma .m64nNk16 D, N = 128: 64 per thread).
+__device__ __forceinline__ void wgmma_64x128x32_e4m3(float (&d)[64], uint64_t a, uint64_t b, uint32_t accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, "
+      "%11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, "
+      "%31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, "
+      "%51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+        "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+        "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// Position in the ring; producer and consumers walk the same sequence of (tile, K block) fills.
+struct RingPosition {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// Tile index -> (tile row, tile column): bands of kGroupTilesM tile rows, column-major inside a band, so the tiles
+// running at once share few distinct rows of a and of b (their K blocks are read from HBM once, then from the L2).
+__device__ __forceinline__ void tile_coordinates(int tile, const Arguments& args, int& m_tile, int& n_tile) {
+  const int band = tile / (kGroupTilesM * args.n_tiles);
+  const int first = band * kGroupTilesM;
+  const int rows = min(args.m_tiles - first, kGroupTilesM);
+  const int local = tile - band * kGroupTilesM * args.n_tiles;
+  m_tile = first + local % rows;
+  n_tile = local / rows;
+}
+
+// The scales of one K block for a thread's two accumulator rows, loaded when the block's wgmmas are issued and
+// multiplied when its partial sums are promoted (by then the loads have long arrived).
+struct BlockScales {
+  float row0, row1, column;
+};
+
+// Issues one K block: four k32 wgmmas into `accumulators` (the first overwrites them) as one commit group.
+__device__ __forceinline__ void issue_block(float (&accumulators)[64], uint32_t a_address, uint32_t b_address) {
+  const uint64_t a = sw128_descriptor(a_address, 16, 1024);
+  const uint64_t b = sw128_descriptor(b_address, 16, 1024);
+  wgmma_fence();
+  static_for<kTile / 32>([&](auto kk) {
+    constexpr uint32_t kOffset = decltype(kk)::value * 32;
+    wgmma_64x128x32_e4m3(accumulators, advance_descriptor<kOffset>(a), advance_descriptor<kOffset>(b),
+                         decltype(kk)::value > 0 ? 1u : 0u);
+  });
+  wgmma_commit();
+}
+
+// Waits until at most kPending commit groups (the block issued after this one) are in flight, frees the block's ring
+// slot (one arrival per warp) and adds its partial sums times its scales into the results.
+template <int kPending>
+__device__ __forceinline__ void retire_block(float (&accumulators)[64], float (&results)[64], const BlockScales& scales,
+                                             uint64_t* empty, int lane) {
+  wgmma_wait<kPending>();
+  fence_registers(accumulators);
+  if (lane == 0) mbarrier_arrive(empty);
+  const float scale0 = scales.row0 * scales.column, scale1 = scales.row1 * scales.column;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) results[i] = fmaf(accumulators[i], (i & 2) ? scale1 : scale0, results[i]);
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    fp8_gemm_overlap_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap b_map,
+                            const Arguments args) {
+  extern __shared__ uint8_t shared_raw[];
+  uint8_t* ring = shared_raw + ((1024 - (smem_address(shared_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(ring + kStages * kStageBytes);  // [kStages] tiles landed
+  uint64_t* empty = full + kStages;                                            // [kStages] slot read by both consumers
+
+  const int thread = threadIdx.x, lane = thread % 32;
+  // broadcast from lane 0 so that the compiler sees the warpgroup warp-uniform (no divergence around wgmmas)
+  const int wg = __shfl_sync(0xFFFFFFFFu, thread / 128, 0);
+  const int tiles = args.m_tiles * args.n_tiles;
+
+  if (thread == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full[s], 1);
+      mbarrier_init(&empty[s], 8);  // lane 0 of each consumer warp
+    }
+    fence_barrier_init();
+    prefetch_tensor_map(&a_map);
+    prefetch_tensor_map(&b_map);
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---- producer ----
+    set_max_registers_dec<kProducerRegisters>();
+    if (thread != 0) return;
+    RingPosition ring_position;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      int m_tile, n_tile;
+      tile_coordinates(tile, args, m_tile, n_tile);
+      for (int block = 0; block < args.k_blocks; ++block) {
+        const int stage = ring_position.stage;
+        mbarrier_wait(&empty[stage], ring_position.phase ^ 1);  // a fresh barrier passes parity 1 at once
+        uint8_t* slot = ring + stage * kStageBytes;
+        mbarrier_arrive_expect_tx(&full[stage], kStageBytes);
+        tma_load_2d(slot, &a_map, block * kTile, m_tile * kTile, &full[stage]);
+        tma_load_2d(slot + kOperandBytes, &b_map, block * kTile, n_tile * kTile, &full[stage]);
+        ring_position.advance();
+      }
+    }
+    return;
+  }
+
+  // ---- consumers: warpgroup 1 takes rows 0-63 of each tile, warpgroup 2 rows 64-127 ----
+  set_max_registers_inc<kConsumerRegisters>();
+  const int warp = (thread % 128) / 32;
+  const int tile_row = (wg - 1) * 64 + 16 * warp + lane / 4;  // this thread's accumulator rows: tile_row, tile_row + 8
+  const uint32_t ring_address = smem_address(ring);
+  const uint32_t a_offset = (wg - 1) * 64 * kTile;  // this warpgroup's 64 rows of the a tile
+  RingPosition ring_position;
+
+  float results[64], first[64], second[64];
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    int m_tile, n_tile;
+    tile_coordinates(tile, args, m_tile, n_tile);
+    const int row0 = m_tile * kTile + tile_row;
+    // rows past M read row M - 1's scales (their results are never stored)
+    const float* row0_scales = args.a_scales + static_cast<int64_t>(min(row0, args.m - 1)) * args.k_blocks;
+    const float* row1_scales = args.a_scales + static_cast<int64_t>(min(row0 + 8, args.m - 1)) * args.k_blocks;
+    const float* column_scales = args.b_scales + static_cast<int64_t>(n_tile) * args.k_blocks;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) results[i] = 0.0f;
+
+    // Loads block `block`'s scales, waits for its tiles and issues its wgmmas into `accumulators`; returns its stage.
+    auto issue = [&](int block, float (&accumulators)[64], BlockScales& scales) {
+      scales = {__ldg(row0_scales + block), __ldg(row1_scales + block), __ldg(column_scales + block)};
+      const int stage = ring_position.stage;
+      mbarrier_wait(&full[stage], ring_position.phase);
+      const uint32_t slot = ring_address + stage * kStageBytes;
+      issue_block(accumulators, slot + a_offset, slot + kOperandBytes);
+      ring_position.advance();
+      return stage;
+    };
+
+    BlockScales first_scales, second_scales;
+    int previous_stage = issue(0, first, first_scales);
+    int block = 1;
+    for (; block + 1 < args.k_blocks; block += 2) {
+      int stage = issue(block, second, second_scales);
+      retire_block<1>(first, results, first_scales, &empty[previous_stage], lane);
+      previous_stage = stage;
+      stage = issue(block + 1, first, first_scales);
+      retire_block<1>(second, results, second_scales, &empty[previous_stage], lane);
+      previous_stage = stage;
+    }
+    if (block < args.k_blocks) {  // an even number of blocks: the last one goes to the second set
+      const int stage = issue(block, second, second_scales);
+      retire_block<1>(first, results, first_scales, &empty[previous_stage], lane);
+      retire_block<0>(second, results, second_scales, &empty[stage], lane);
+    } else {
+      retire_block<0>(first, results, first_scales, &empty[previous_stage], lane);
+    }
+
+    // bf16 results straight from registers: thread (warp, lane) holds columns 8 * (i / 4) + 2 * (lane % 4) + {0, 1}
+    // of rows row0 (i % 4 < 2) and row0 + 8
+    const int column0 = n_tile * kTile + 2 * (lane % 4);
+#pragma unroll
+    for (int i = 0; i < 64; i += 2) {
+      const int row = row0 + ((i & 2) ? 8 : 0), column = column0 + 8 * (i / 4);
+      if (row < args.m && column < args.n) {
+        *reinterpret_cast<__nv_bfloat162*>(args.out + static_cast<int64_t>(row) * args.n + column) =
+            __floats2bfloat162_rn(results[i], results[i + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace dsv3::cuda::fp8_gemm_overlap
