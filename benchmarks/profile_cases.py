@@ -5,7 +5,7 @@
 
 (scripts/gpu_check.sh runs this when ncu is on the PATH). The cases are the benchmark's target rows: MLA decode at
 h=16 b=128 seq 4096 (bf16 and FP8 cache), h=128 (also with DSV3_MLA_KERNEL=rows), and b=4 seq 32768 (many splits to
-combine), the decode-sized and the large FP8 GEMM (the large one also forced onto the 1x2-cluster and the overlap
+combine), the decode-sized and the large FP8 GEMM (the large one also forced onto the 1x2-cluster and the two overlap
 variants), and the masked grouped GEMM at 64 tokens per expert. Each case prints its name before its range, so the
 profiled kernels, in launch order, map to the printed cases. The untried kernels run last, so that an error stops no
 other case."""
@@ -75,6 +75,7 @@ def main() -> None:
     _masked(32, 64, 4096, 7168)
     _gemm(4096, 7168, 16384, forced=(3, 0, 1))  # 1x2 clusters (TMA multicast of a)
     _gemm(4096, 7168, 16384, forced=(4, 0, 1))  # the hand-written kernel, promotion overlapped with the MMAs
+    _gemm(4096, 7168, 16384, forced=(5, 0, 1))  # the same in 1x2 clusters
     _mla(64, 128, fp8=False, kernel="rows")
     torch.cuda.synchronize()
 

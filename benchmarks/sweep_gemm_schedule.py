@@ -15,7 +15,14 @@ from dsv3.bench.gemm import SHAPES
 from dsv3.bench.harness import Timer
 from dsv3.ops.extension import _C, num_sms
 
-VARIANTS = ["tile128x128", "swapab128x64", "pingpong64x128", "tile128x128_cluster1x2", "tile128x128_overlap"]
+VARIANTS = [
+    "tile128x128",
+    "swapab128x64",
+    "pingpong64x128",
+    "tile128x128_cluster1x2",
+    "tile128x128_overlap",
+    "tile128x128_overlap_cluster1x2",
+]
 DECOMPOSITIONS = ["data_parallel", "split_k", "stream_k"]
 SPLITS = (2, 3, 4, 6, 8, 12, 16)
 
@@ -23,9 +30,9 @@ SPLITS = (2, 3, 4, 6, 8, 12, 16)
 def candidates(m: int, k: int) -> list[tuple[int, int, int]]:
     """(variant, decomposition, splits) codes worth timing: swap-AB only where the tokens fit its 64-wide side,
     ping-pong data-parallel only, the 1x2 clusters from 128 tokens on (they share tiles of the tokens), the
-    hand-written overlap kernel (data-parallel only) from 128 tokens on."""
+    hand-written overlap kernels (data-parallel only, alone and in 1x2 clusters) from 128 tokens on."""
     k_blocks = (k + 127) // 128
-    out = [(2, 0, 1)] + ([(4, 0, 1)] if m >= 128 else [])
+    out = [(2, 0, 1)] + ([(4, 0, 1), (5, 0, 1)] if m >= 128 else [])
     for variant in (0, 1) if m <= 64 else (0, 3) if m >= 128 else (0,):
         out += [(variant, 0, 1), (variant, 2, 1)] + [(variant, 1, s) for s in SPLITS if s <= k_blocks]
     return out

@@ -377,8 +377,9 @@ PYBIND11_MODULE(_C, m) {
       "fp8_gemm_schedule",
       [](int64_t m, int64_t n, int64_t k, int num_sms) {
         const dsv3::Fp8GemmSchedule schedule = dsv3::choose_fp8_gemm_schedule(m, n, k, num_sms);
-        static const char* variants[] = {"tile128x128", "swapab128x64", "pingpong64x128", "tile128x128_cluster1x2",
-                                         "tile128x128_overlap"};
+        static const char* variants[] = {"tile128x128",         "swapab128x64",
+                                         "pingpong64x128",      "tile128x128_cluster1x2",
+                                         "tile128x128_overlap", "tile128x128_overlap_cluster1x2"};
         static const char* decompositions[] = {"data_parallel", "split_k", "stream_k"};
         py::dict out;
         out["variant"] = variants[static_cast<int>(schedule.variant)];

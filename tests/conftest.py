@@ -15,10 +15,10 @@ def _choose_kernel(choice: str, device: torch.device, monkeypatch: pytest.Monkey
         if device.type != "cpu":
             pytest.skip("DSV3_CPU_NO_AMX only concerns the CPU kernels")
         monkeypatch.setenv("DSV3_CPU_NO_AMX", "1")
-    elif choice == "overlap":
+    elif choice.startswith("overlap"):
         if device.type != "cuda":
             pytest.skip("DSV3_FP8_GEMM_KERNEL only concerns the CUDA kernels")
-        monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "overlap")
+        monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", choice)
     return choice
 
 
@@ -29,10 +29,11 @@ def cpu_kernel(request, device, monkeypatch) -> str:
     return _choose_kernel(request.param, device, monkeypatch)
 
 
-@pytest.fixture(params=["auto", "no_amx", "overlap"])
+@pytest.fixture(params=["auto", "no_amx", "overlap", "overlap_cluster"])
 def gemm_kernel(request, device, monkeypatch) -> str:
     """The FP8 GEMM's kernel choices: what the device picks; on the CPU again with DSV3_CPU_NO_AMX=1, on a GPU again
-    with DSV3_FP8_GEMM_KERNEL=overlap (every shape on the hand-written sm_90a kernel)."""
+    with DSV3_FP8_GEMM_KERNEL=overlap and =overlap_cluster (every shape on the hand-written sm_90a kernel, alone and
+    in 1x2 clusters)."""
     return _choose_kernel(request.param, device, monkeypatch)
 
 

@@ -35,6 +35,18 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* barrier) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(barrier)) : "memory");
 }
 
+// Arrives on the barrier at the same shared-memory offset in CTA `cta` of this cluster (this CTA's rank included).
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* barrier, uint32_t cta) {
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+      "}\n" ::"r"(smem_address(barrier)),
+      "r"(cta)
+      : "memory");
+}
+
 __device__ __forceinline__ void mbarrier_wait(uint64_t* barrier, uint32_t phase) {
   asm volatile(
       "{\n"
@@ -57,6 +69,31 @@ __device__ __forceinline__ void tma_load_2d(void* destination, const CUtensorMap
           smem_address(destination)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem_address(barrier))
       : "memory");
+}
+
+// tma_load_2d into the same shared-memory offset of every CTA of the cluster in `cta_mask`, completing on the barrier
+// at the same offset in each of them.
+__device__ __forceinline__ void tma_load_2d_multicast(void* destination, const CUtensorMap* map, int32_t inner,
+                                                      int32_t outer, uint64_t* barrier, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, "
+      "%3}], [%4], %5;" ::"r"(smem_address(destination)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(inner), "r"(outer), "r"(smem_address(barrier)), "h"(cta_mask)
+      : "memory");
+}
+
+// ---- thread block clusters -----------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t cluster_cta_rank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  return rank;
+}
+
+// Every thread of every CTA of the cluster arrives and waits: orders barrier initialization before any CTA's copies
+// reach its peers, and keeps a CTA's shared memory alive until its peers are done with it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
 // Contiguous bytes (a multiple of 16, both addresses 16-byte aligned).

@@ -22,11 +22,12 @@ def exact_fp32_matmul():
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.fixture(params=["auto", "overlap"])
+@pytest.fixture(params=["auto", "overlap", "overlap_cluster"])
 def cuda_gemm_kernel(request, monkeypatch) -> str:
-    """The heuristic's schedules, then every shape on the hand-written kernel (DSV3_FP8_GEMM_KERNEL=overlap)."""
-    if request.param == "overlap":
-        monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "overlap")
+    """The heuristic's schedules, then every shape on the hand-written kernel (DSV3_FP8_GEMM_KERNEL), alone and in
+    1x2 clusters."""
+    if request.param != "auto":
+        monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", request.param)
     return request.param
 
 
@@ -88,7 +89,7 @@ def test_every_forced_schedule_computes_the_same_product(m, n, k):
     stream = torch.cuda.current_stream().cuda_stream
     variants = (0, 1, 3) if m <= 64 else (0, 3)
     schedules = [(v, d, 1) for v in variants for d in (0, 2)] + [(v, 1, s) for v in variants for s in (2, 5, 16)]
-    for forced in [*schedules, (2, 0, 1), (4, 0, 1)]:  # and the ping-pong and overlap variants, data-parallel
+    for forced in [*schedules, (2, 0, 1), (4, 0, 1), (5, 0, 1)]:  # and ping-pong and overlap, data-parallel
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
         workspace = torch.empty(max(_C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, forced), 1), dtype=torch.uint8,
                                 device="cuda")  # fmt: skip
@@ -96,11 +97,12 @@ def test_every_forced_schedule_computes_the_same_product(m, n, k):
                             k, workspace.data_ptr(), sms, stream, forced)  # fmt: skip
         assert calc_diff(out, expected) <= 1e-5, f"schedule {forced}"
     for bad, message in [
-        ((5, 0, 1), "variant"),
+        ((6, 0, 1), "variant"),
         ((0, 3, 1), "decomposition"),
         ((0, 0, 2), "splits"),
         ((2, 1, 2), "data-parallel only"),
         ((4, 2, 1), "data-parallel only"),
+        ((5, 1, 2), "data-parallel only"),
     ]:
         with pytest.raises(ValueError, match=message):
             _C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, bad)

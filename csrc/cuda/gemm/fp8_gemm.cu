@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 #include "cuda/cuda_check.h"
 #include "cuda/cuda_ops.h"
@@ -13,30 +14,33 @@ namespace dsv3::cuda {
 
 namespace {
 
-// DSV3_FP8_GEMM_KERNEL=overlap: the hand-written kernel instead of the heuristic's choice, for every shape.
-bool overlap_kernel_requested() {
+// DSV3_FP8_GEMM_KERNEL=overlap (or overlap_cluster): the hand-written kernel instead of the heuristic's choice, for
+// every shape.
+std::optional<Fp8GemmVariant> requested_variant() {
   const char* value = std::getenv("DSV3_FP8_GEMM_KERNEL");
-  return value != nullptr && std::strcmp(value, "overlap") == 0;
+  if (value == nullptr) return std::nullopt;
+  if (std::strcmp(value, "overlap") == 0) return Fp8GemmVariant::kTile128x128Overlap;
+  if (std::strcmp(value, "overlap_cluster") == 0) return Fp8GemmVariant::kTile128x128OverlapCluster1x2;
+  return std::nullopt;
 }
 
 Fp8GemmSchedule schedule_for(int64_t m, int64_t n, int64_t k, int num_sms,
                              const std::optional<Fp8GemmSchedule>& forced) {
   if (!forced) {
-    if (overlap_kernel_requested()) {
-      return {Fp8GemmVariant::kTile128x128Overlap, Fp8GemmDecomposition::kDataParallel, 1,
-              (m + 127) / 128 * ((n + 127) / 128)};
+    if (const std::optional<Fp8GemmVariant> variant = requested_variant()) {
+      return {*variant, Fp8GemmDecomposition::kDataParallel, 1, (m + 127) / 128 * ((n + 127) / 128)};
     }
     return choose_fp8_gemm_schedule(m, n, k, num_sms);
   }
   const Fp8GemmSchedule& s = *forced;
   const auto variant = static_cast<int32_t>(s.variant), decomposition = static_cast<int32_t>(s.decomposition);
-  DSV3_CHECK(variant >= 0 && variant <= 4,
+  DSV3_CHECK(variant >= 0 && variant <= 5,
              "schedule: variant must be 0 (128x128), 1 (swap-AB 128x64), 2 (ping-pong 64x128), 3 (128x128 in 1x2 "
-             "clusters) or 4 (hand-written 128x128, overlapped promotion), got ",
+             "clusters), 4 (hand-written 128x128, overlapped promotion) or 5 (4 in 1x2 clusters), got ",
              variant);
   DSV3_CHECK(decomposition >= 0 && decomposition <= 2,
              "schedule: decomposition must be 0 (data-parallel), 1 (split-K) or 2 (stream-K), got ", decomposition);
-  DSV3_CHECK((s.variant != Fp8GemmVariant::kPingpong64x128 && s.variant != Fp8GemmVariant::kTile128x128Overlap) ||
+  DSV3_CHECK((variant < 4 && s.variant != Fp8GemmVariant::kPingpong64x128) ||
                  s.decomposition == Fp8GemmDecomposition::kDataParallel,
              "schedule: the ping-pong and overlap variants run data-parallel only (decomposition 0), got ",
              decomposition);
@@ -61,6 +65,8 @@ int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms,
       return Fp8GemmKernel<Fp8GemmVariant::kTile128x128Cluster1x2>::workspace_bytes(m, n, k, schedule, num_sms);
     case Fp8GemmVariant::kTile128x128Overlap:
       return Fp8GemmKernel<Fp8GemmVariant::kTile128x128Overlap>::workspace_bytes(m, n, k, schedule, num_sms);
+    case Fp8GemmVariant::kTile128x128OverlapCluster1x2:
+      return Fp8GemmKernel<Fp8GemmVariant::kTile128x128OverlapCluster1x2>::workspace_bytes(m, n, k, schedule, num_sms);
     default:
       return Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::workspace_bytes(m, n, k, schedule, num_sms);
   }
@@ -95,6 +101,10 @@ void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_
       break;
     case Fp8GemmVariant::kTile128x128Overlap:
       Fp8GemmKernel<Fp8GemmVariant::kTile128x128Overlap>::run(params, schedule, workspace_ptr, num_sms, stream);
+      break;
+    case Fp8GemmVariant::kTile128x128OverlapCluster1x2:
+      Fp8GemmKernel<Fp8GemmVariant::kTile128x128OverlapCluster1x2>::run(params, schedule, workspace_ptr, num_sms,
+                                                                        stream);
       break;
     default:
       Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::run(params, schedule, workspace_ptr, num_sms, stream);

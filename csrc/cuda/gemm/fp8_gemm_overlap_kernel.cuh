@@ -9,6 +9,11 @@
 // CUTLASS kernels wait for every block's wgmmas to drain before promoting, which leaves the tensor cores idle for the
 // promotion of each block in turn (both consumer warpgroups promote at the same time).
 //
+// With kCluster = 2 the CTAs run in pairs along N (clusters of two taking tiles (m, 2j) and (m, 2j + 1)): each CTA
+// loads one half of their shared 128-row tile of a and multicasts it into both, so a CTA reads 24 KB instead of
+// 32 KB from the L2 per K block (at 80% of the FP8 peak, 128 x 128 tiles alone would pull ~12 TB/s from the L2). A
+// ring slot is then refilled only once the consumers of both CTAs have released it.
+//
 // Edges: TMA zero-fills the parts of a tile past M, N or K; scale loads are clamped to existing rows and the stores
 // to rows < M and columns < N, so nothing outside the operands is read or written. Needs K % 16 == 0 (TMA row
 // pitch) and N % 2 == 0 (column pairs are stored together).
@@ -38,6 +43,7 @@ struct Arguments {
   const float* b_scales;  // [ceil(n / 128), k_blocks]
   uint16_t* out;          // [m, n] bf16
   int m, n, k_blocks, m_tiles, n_tiles;
+  int n_units;  // ceil(n_tiles / kCluster): a cluster's CTAs take the kCluster tiles of a unit, side by side along N
 };
 
 // D[64 x 128] (+)= A[64 x 32] * B[32 x 128], e4m3 inputs from 128-byte-swizzled K-major shared memory, fp32
@@ -60,7 +66,7 @@ __device__ __forceinline__ void wgmma_64x128x32_e4m3(float (&d)[64], uint64_t a,
       : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// Position in the ring; producer and consumers walk the same sequence of (tile, K block) fills.
+// Position in the ring; producer and consumers walk the same sequence of (unit, K block) fills.
 struct RingPosition {
   int stage = 0;
   uint32_t phase = 0;
@@ -72,15 +78,15 @@ struct RingPosition {
   }
 };
 
-// Tile index -> (tile row, tile column): bands of kGroupTilesM tile rows, column-major inside a band, so the tiles
+// Unit index -> (tile row, unit column): bands of kGroupTilesM tile rows, column-major inside a band, so the units
 // running at once share few distinct rows of a and of b (their K blocks are read from HBM once, then from the L2).
-__device__ __forceinline__ void tile_coordinates(int tile, const Arguments& args, int& m_tile, int& n_tile) {
-  const int band = tile / (kGroupTilesM * args.n_tiles);
+__device__ __forceinline__ void unit_coordinates(int unit, const Arguments& args, int& m_tile, int& n_unit) {
+  const int band = unit / (kGroupTilesM * args.n_units);
   const int first = band * kGroupTilesM;
   const int rows = min(args.m_tiles - first, kGroupTilesM);
-  const int local = tile - band * kGroupTilesM * args.n_tiles;
+  const int local = unit - band * kGroupTilesM * args.n_units;
   m_tile = first + local % rows;
-  n_tile = local / rows;
+  n_unit = local / rows;
 }
 
 // The scales of one K block for a thread's two accumulator rows, loaded when the block's wgmmas are issued and
@@ -103,90 +109,86 @@ __device__ __forceinline__ void issue_block(float (&accumulators)[64], uint32_t 
 }
 
 // Waits until at most kPending commit groups (the block issued after this one) are in flight, frees the block's ring
-// slot (one arrival per warp) and adds its partial sums times its scales into the results.
-template <int kPending>
+// slot (one arrival per warp, on that slot in every CTA of the cluster: each of them holds part of this CTA's tile of
+// a) and adds the block's partial sums times its scales into the results.
+template <int kCluster, int kPending>
 __device__ __forceinline__ void retire_block(float (&accumulators)[64], float (&results)[64], const BlockScales& scales,
                                              uint64_t* empty, int lane) {
   wgmma_wait<kPending>();
   fence_registers(accumulators);
-  if (lane == 0) mbarrier_arrive(empty);
+  if (lane == 0) {
+    if constexpr (kCluster == 1) {
+      mbarrier_arrive(empty);
+    } else {
+#pragma unroll
+      for (uint32_t cta = 0; cta < kCluster; ++cta) mbarrier_arrive_cluster(empty, cta);
+    }
+  }
   const float scale0 = scales.row0 * scales.column, scale1 = scales.row1 * scales.column;
 #pragma unroll
   for (int i = 0; i < 64; ++i) results[i] = fmaf(accumulators[i], (i & 2) ? scale1 : scale0, results[i]);
 }
 
-__global__ void __launch_bounds__(kThreads, 1)
-    fp8_gemm_overlap_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap b_map,
-                            const Arguments args) {
-  extern __shared__ uint8_t shared_raw[];
-  uint8_t* ring = shared_raw + ((1024 - (smem_address(shared_raw) & 1023)) & 1023);
-  uint64_t* full = reinterpret_cast<uint64_t*>(ring + kStages * kStageBytes);  // [kStages] tiles landed
-  uint64_t* empty = full + kStages;                                            // [kStages] slot read by both consumers
-
-  const int thread = threadIdx.x, lane = thread % 32;
-  // broadcast from lane 0 so that the compiler sees the warpgroup warp-uniform (no divergence around wgmmas)
-  const int wg = __shfl_sync(0xFFFFFFFFu, thread / 128, 0);
-  const int tiles = args.m_tiles * args.n_tiles;
-
-  if (thread == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 1);
-      mbarrier_init(&empty[s], 8);  // lane 0 of each consumer warp
-    }
-    fence_barrier_init();
-    prefetch_tensor_map(&a_map);
-    prefetch_tensor_map(&b_map);
-  }
-  __syncthreads();
-
-  if (wg == 0) {  // ---- producer ----
-    set_max_registers_dec<kProducerRegisters>();
-    if (thread != 0) return;
-    RingPosition ring_position;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      int m_tile, n_tile;
-      tile_coordinates(tile, args, m_tile, n_tile);
-      for (int block = 0; block < args.k_blocks; ++block) {
-        const int stage = ring_position.stage;
-        mbarrier_wait(&empty[stage], ring_position.phase ^ 1);  // a fresh barrier passes parity 1 at once
-        uint8_t* slot = ring + stage * kStageBytes;
-        mbarrier_arrive_expect_tx(&full[stage], kStageBytes);
-        tma_load_2d(slot, &a_map, block * kTile, m_tile * kTile, &full[stage]);
-        tma_load_2d(slot + kOperandBytes, &b_map, block * kTile, n_tile * kTile, &full[stage]);
-        ring_position.advance();
+// One thread fills the ring: per K block, this CTA's tile of b and its tile of a (with clusters, its share of the
+// tile of a, multicast into every CTA of the cluster; a_map's boxes are then kTile / kCluster rows).
+template <int kCluster>
+__device__ __forceinline__ void produce(const CUtensorMap* a_map, const CUtensorMap* b_map, const Arguments& args,
+                                        uint8_t* ring, uint64_t* full, uint64_t* empty, int rank, int first_unit,
+                                        int unit_stride) {
+  constexpr int kShareRows = kTile / kCluster;
+  RingPosition position;
+  for (int unit = first_unit; unit < args.m_tiles * args.n_units; unit += unit_stride) {
+    int m_tile, n_unit;
+    unit_coordinates(unit, args, m_tile, n_unit);
+    const int n_tile = n_unit * kCluster + rank;  // == n_tiles for an odd count: b's box is then all zero-fill
+    for (int block = 0; block < args.k_blocks; ++block) {
+      const int stage = position.stage;
+      mbarrier_wait(&empty[stage], position.phase ^ 1);  // a fresh barrier passes parity 1 at once
+      uint8_t* slot = ring + stage * kStageBytes;
+      mbarrier_arrive_expect_tx(&full[stage], kStageBytes);
+      if constexpr (kCluster == 1) {
+        tma_load_2d(slot, a_map, block * kTile, m_tile * kTile, &full[stage]);
+      } else {
+        tma_load_2d_multicast(slot + rank * kShareRows * kTile, a_map, block * kTile,
+                              m_tile * kTile + rank * kShareRows, &full[stage], (1u << kCluster) - 1);
       }
+      tma_load_2d(slot + kOperandBytes, b_map, block * kTile, n_tile * kTile, &full[stage]);
+      position.advance();
     }
-    return;
   }
+}
 
-  // ---- consumers: warpgroup 1 takes rows 0-63 of each tile, warpgroup 2 rows 64-127 ----
-  set_max_registers_inc<kConsumerRegisters>();
-  const int warp = (thread % 128) / 32;
+// Consumer warpgroup wg (1 or 2) computes rows 64 * (wg - 1) .. + 63 of every tile of this CTA.
+template <int kCluster>
+__device__ __forceinline__ void consume(const Arguments& args, uint8_t* ring, uint64_t* full, uint64_t* empty, int wg,
+                                        int rank, int first_unit, int unit_stride) {
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   const int tile_row = (wg - 1) * 64 + 16 * warp + lane / 4;  // this thread's accumulator rows: tile_row, tile_row + 8
   const uint32_t ring_address = smem_address(ring);
   const uint32_t a_offset = (wg - 1) * 64 * kTile;  // this warpgroup's 64 rows of the a tile
-  RingPosition ring_position;
+  RingPosition position;
 
   float results[64], first[64], second[64];
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    int m_tile, n_tile;
-    tile_coordinates(tile, args, m_tile, n_tile);
+  for (int unit = first_unit; unit < args.m_tiles * args.n_units; unit += unit_stride) {
+    int m_tile, n_unit;
+    unit_coordinates(unit, args, m_tile, n_unit);
+    const int n_tile = n_unit * kCluster + rank;
     const int row0 = m_tile * kTile + tile_row;
-    // rows past M read row M - 1's scales (their results are never stored)
+    // rows past M read row M - 1's scales and a tile past N the last tile's (their results are never stored)
     const float* row0_scales = args.a_scales + static_cast<int64_t>(min(row0, args.m - 1)) * args.k_blocks;
     const float* row1_scales = args.a_scales + static_cast<int64_t>(min(row0 + 8, args.m - 1)) * args.k_blocks;
-    const float* column_scales = args.b_scales + static_cast<int64_t>(n_tile) * args.k_blocks;
+    const float* column_scales = args.b_scales + static_cast<int64_t>(min(n_tile, args.n_tiles - 1)) * args.k_blocks;
 #pragma unroll
     for (int i = 0; i < 64; ++i) results[i] = 0.0f;
 
     // Loads block `block`'s scales, waits for its tiles and issues its wgmmas into `accumulators`; returns its stage.
     auto issue = [&](int block, float (&accumulators)[64], BlockScales& scales) {
       scales = {__ldg(row0_scales + block), __ldg(row1_scales + block), __ldg(column_scales + block)};
-      const int stage = ring_position.stage;
-      mbarrier_wait(&full[stage], ring_position.phase);
+      const int stage = position.stage;
+      mbarrier_wait(&full[stage], position.phase);
       const uint32_t slot = ring_address + stage * kStageBytes;
       issue_block(accumulators, slot + a_offset, slot + kOperandBytes);
-      ring_position.advance();
+      position.advance();
       return stage;
     };
 
@@ -195,18 +197,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     int block = 1;
     for (; block + 1 < args.k_blocks; block += 2) {
       int stage = issue(block, second, second_scales);
-      retire_block<1>(first, results, first_scales, &empty[previous_stage], lane);
+      retire_block<kCluster, 1>(first, results, first_scales, &empty[previous_stage], lane);
       previous_stage = stage;
       stage = issue(block + 1, first, first_scales);
-      retire_block<1>(second, results, second_scales, &empty[previous_stage], lane);
+      retire_block<kCluster, 1>(second, results, second_scales, &empty[previous_stage], lane);
       previous_stage = stage;
     }
     if (block < args.k_blocks) {  // an even number of blocks: the last one goes to the second set
       const int stage = issue(block, second, second_scales);
-      retire_block<1>(first, results, first_scales, &empty[previous_stage], lane);
-      retire_block<0>(second, results, second_scales, &empty[stage], lane);
+      retire_block<kCluster, 1>(first, results, first_scales, &empty[previous_stage], lane);
+      retire_block<kCluster, 0>(second, results, second_scales, &empty[stage], lane);
     } else {
-      retire_block<0>(first, results, first_scales, &empty[previous_stage], lane);
+      retire_block<kCluster, 0>(first, results, first_scales, &empty[previous_stage], lane);
     }
 
     // bf16 results straight from registers: thread (warp, lane) holds columns 8 * (i / 4) + 2 * (lane % 4) + {0, 1}
@@ -221,6 +223,49 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
+}
+
+// Launched with kThreads threads, kSharedBytes of dynamic shared memory and, for kCluster > 1, clusters of kCluster
+// CTAs along x (gridDim.x a multiple of kCluster).
+template <int kCluster>
+__global__ void __launch_bounds__(kThreads, 1)
+    fp8_gemm_overlap_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap b_map,
+                            const Arguments args) {
+  static_assert(kCluster == 1 || kCluster == 2, "CTAs run alone or in pairs along N");
+  extern __shared__ uint8_t shared_raw[];
+  uint8_t* ring = shared_raw + ((1024 - (smem_address(shared_raw) & 1023)) & 1023);
+  uint64_t* full = reinterpret_cast<uint64_t*>(ring + kStages * kStageBytes);  // [kStages] tiles landed
+  uint64_t* empty = full + kStages;  // [kStages] slot released by the consumers of every CTA of the cluster
+
+  const int thread = threadIdx.x;
+  // broadcast from lane 0 so that the compiler sees the warpgroup warp-uniform (no divergence around wgmmas)
+  const int wg = __shfl_sync(0xFFFFFFFFu, thread / 128, 0);
+  const int rank = kCluster == 1 ? 0 : static_cast<int>(cluster_cta_rank());
+  const int first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
+
+  if (thread == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full[s], 1);
+      mbarrier_init(&empty[s], 8 * kCluster);  // lane 0 of each consumer warp of the cluster
+    }
+    fence_barrier_init();
+    prefetch_tensor_map(&a_map);
+    prefetch_tensor_map(&b_map);
+  }
+  if constexpr (kCluster == 1) {
+    __syncthreads();
+  } else {
+    cluster_sync();  // the peers' barriers exist before any multicast or remote arrival reaches them
+  }
+
+  if (wg == 0) {
+    set_max_registers_dec<kProducerRegisters>();
+    if (thread == 0) produce<kCluster>(&a_map, &b_map, args, ring, full, empty, rank, first_unit, unit_stride);
+  } else {
+    set_max_registers_inc<kConsumerRegisters>();
+    consume<kCluster>(args, ring, full, empty, wg, rank, first_unit, unit_stride);
+  }
+  if constexpr (kCluster > 1) cluster_sync();  // no CTA leaves while a peer may still arrive on its barriers
 }
 
 }  // namespace dsv3::cuda::fp8_gemm_overlap

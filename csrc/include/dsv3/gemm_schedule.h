@@ -26,6 +26,8 @@ enum class Fp8GemmVariant : int32_t {
   // every block; data-parallel only. Not chosen by the heuristic until a GPU sweep has measured it;
   // DSV3_FP8_GEMM_KERNEL=overlap runs every GEMM on it.
   kTile128x128Overlap = 4,
+  // kTile128x128Overlap in 1x2 clusters that share each tile of a by multicast (DSV3_FP8_GEMM_KERNEL=overlap_cluster)
+  kTile128x128OverlapCluster1x2 = 5,
 };
 
 enum class Fp8GemmDecomposition : int32_t {
