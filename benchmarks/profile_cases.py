@@ -8,7 +8,7 @@ h=16 b=128 seq 4096 (bf16 and FP8 cache), h=128 (also with DSV3_MLA_KERNEL=rows)
 combine), the decode-sized and the large FP8 GEMM (the large one also forced onto the 1x2-cluster and the two overlap
 variants), and the masked grouped GEMM at 64 tokens per expert. Each case prints its name before its range, so the
 profiled kernels, in launch order, map to the printed cases. The untried kernels run last, so that an error stops no
-other case."""
+other case, and kernels named in DSV3_SKIP_KERNELS (failed smoke runs) not at all."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 
 import dsv3
 from dsv3.bench.mla import _cache
+from dsv3.testing import GEMM_KERNEL_VARIANTS, skipped_kernels
 
 
 @contextlib.contextmanager
@@ -74,9 +75,11 @@ def main() -> None:
     _gemm(4096, 7168, 16384)
     _masked(32, 64, 4096, 7168)
     _gemm(4096, 7168, 16384, forced=(3, 0, 1))  # 1x2 clusters (TMA multicast of a)
-    _gemm(4096, 7168, 16384, forced=(4, 0, 1))  # the hand-written kernel, promotion overlapped with the MMAs
-    _gemm(4096, 7168, 16384, forced=(5, 0, 1))  # the same in 1x2 clusters
-    _mla(64, 128, fp8=False, kernel="rows")
+    for name, variant in GEMM_KERNEL_VARIANTS.items():  # the hand-written kernel, alone and in 1x2 clusters
+        if name not in skipped_kernels():
+            _gemm(4096, 7168, 16384, forced=(variant, 0, 1))
+    if "mla_rows" not in skipped_kernels():
+        _mla(64, 128, fp8=False, kernel="rows")
     torch.cuda.synchronize()
 
 

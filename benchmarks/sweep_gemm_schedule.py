@@ -14,6 +14,7 @@ import dsv3
 from dsv3.bench.gemm import SHAPES
 from dsv3.bench.harness import Timer
 from dsv3.ops.extension import _C, num_sms
+from dsv3.testing import GEMM_KERNEL_VARIANTS, skipped_kernels
 
 VARIANTS = [
     "tile128x128",
@@ -30,9 +31,11 @@ SPLITS = (2, 3, 4, 6, 8, 12, 16)
 def candidates(m: int, k: int) -> list[tuple[int, int, int]]:
     """(variant, decomposition, splits) codes worth timing: swap-AB only where the tokens fit its 64-wide side,
     ping-pong data-parallel only, the 1x2 clusters from 128 tokens on (they share tiles of the tokens), the
-    hand-written overlap kernels (data-parallel only, alone and in 1x2 clusters) from 128 tokens on."""
+    hand-written overlap kernels (data-parallel only, alone and in 1x2 clusters) from 128 tokens on, unless
+    DSV3_SKIP_KERNELS names them."""
     k_blocks = (k + 127) // 128
-    out = [(2, 0, 1)] + ([(4, 0, 1), (5, 0, 1)] if m >= 128 else [])
+    overlap = [(v, 0, 1) for name, v in GEMM_KERNEL_VARIANTS.items() if name not in skipped_kernels()]
+    out = [(2, 0, 1)] + (overlap if m >= 128 else [])
     for variant in (0, 1) if m <= 64 else (0, 3) if m >= 128 else (0,):
         out += [(variant, 0, 1), (variant, 2, 1)] + [(variant, 1, s) for s in SPLITS if s <= k_blocks]
     return out

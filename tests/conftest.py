@@ -3,6 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dsv3.testing import GEMM_KERNEL_VARIANTS, skipped_kernels
+
 
 @pytest.fixture
 def device() -> torch.device:
@@ -15,9 +17,11 @@ def _choose_kernel(choice: str, device: torch.device, monkeypatch: pytest.Monkey
         if device.type != "cpu":
             pytest.skip("DSV3_CPU_NO_AMX only concerns the CPU kernels")
         monkeypatch.setenv("DSV3_CPU_NO_AMX", "1")
-    elif choice.startswith("overlap"):
+    elif choice in GEMM_KERNEL_VARIANTS:
         if device.type != "cuda":
             pytest.skip("DSV3_FP8_GEMM_KERNEL only concerns the CUDA kernels")
+        if choice in skipped_kernels():
+            pytest.skip(f"DSV3_SKIP_KERNELS names {choice}: its smoke run failed")
         monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", choice)
     return choice
 

@@ -95,3 +95,35 @@ def test_a_run_cut_short_keeps_the_suites_it_finished(monkeypatch, tmp_path):
         bench.main(["all", "--device", "cpu", "--json", str(path)])
     reports = json.loads(path.read_text())["reports"]
     assert [r["title"] for r in reports] == ["working suite"] and len(reports[0]["rows"]) == 1
+
+
+def test_kernels_named_in_dsv3_skip_kernels_are_left_out_of_the_sweep(monkeypatch):
+    """scripts/gpu_check.sh names there the untried kernels whose smoke run failed; the sweep must not time them."""
+    import importlib.util
+    import pathlib
+
+    from dsv3.testing import GEMM_KERNEL_VARIANTS, skipped_kernels
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("sweep", root / "benchmarks" / "sweep_gemm_schedule.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    monkeypatch.delenv("DSV3_SKIP_KERNELS", raising=False)
+    assert {(4, 0, 1), (5, 0, 1)} <= set(sweep.candidates(4096, 7168))
+    assert not {(4, 0, 1), (5, 0, 1)} & set(sweep.candidates(64, 7168))  # 128-row tiles: from 128 tokens on
+    monkeypatch.setenv("DSV3_SKIP_KERNELS", "overlap, mla_rows")
+    assert skipped_kernels() == {"overlap", "mla_rows"}
+    assert (4, 0, 1) not in sweep.candidates(4096, 7168) and (5, 0, 1) in sweep.candidates(4096, 7168)
+    assert set(GEMM_KERNEL_VARIANTS) == {"overlap", "overlap_cluster"}
+
+
+def test_the_smoke_script_covers_every_untried_kernel():
+    import pathlib
+    import subprocess
+    import sys
+
+    from dsv3.testing import GEMM_KERNEL_VARIANTS
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "smoke_untried_kernels.py"
+    listed = subprocess.run([sys.executable, str(script), "--list"], capture_output=True, text=True, check=True)
+    assert set(listed.stdout.split()) == set(GEMM_KERNEL_VARIANTS) | {"mla_rows"}

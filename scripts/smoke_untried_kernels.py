@@ -1,0 +1,62 @@
+"""One small, checked call of each CUDA kernel not yet proven on a GPU, by name, so that scripts/gpu_check.sh can
+run each in a process of its own under a time limit and leave out (DSV3_SKIP_KERNELS) the tests, sweep rows,
+profiles and benchmarks of any that fails or hangs, instead of losing whole stages to it:
+
+    python scripts/smoke_untried_kernels.py --list      # the names
+    python scripts/smoke_untried_kernels.py NAME        # exit status 0: ran and matched the reference
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+import dsv3
+from dsv3.reference import gemm as gemm_ref
+from dsv3.testing import GEMM_KERNEL_VARIANTS, calc_diff
+
+
+def _gemm(name: str) -> None:
+    """Partial tiles, an odd K-block count and several waves of the persistent grid (M=4096 N=7168)."""
+    os.environ["DSV3_FP8_GEMM_KERNEL"] = name
+    for m, n, k in [(300, 1536, 640), (4096, 7168, 2048)]:
+        a = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
+        b = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda") * 0.02)
+        diff = calc_diff(dsv3.fp8_gemm_nt(a, b), gemm_ref.fp8_gemm_nt(a, b))
+        torch.cuda.synchronize()
+        assert diff <= 1e-5, f"{name}: M={m} N={n} K={k} calc_diff {diff:.3e}"
+
+
+def _mla_rows() -> None:
+    """DSV3_MLA_KERNEL=rows against the default kernel on 128 heads, mixed lengths."""
+    heads, seqlens = 128, torch.tensor([0, 1, 64, 1000], dtype=torch.int32, device="cuda")
+    pages = (int(seqlens.max()) + 63) // 64
+    cache = (torch.randn(len(seqlens) * pages, 64, 1, 576, device="cuda") * 0.5).bfloat16()
+    block_table = torch.arange(len(seqlens) * pages, dtype=torch.int32, device="cuda").view(len(seqlens), pages)
+    q = (torch.randn(len(seqlens), 1, heads, 576, device="cuda") * 0.1).bfloat16()
+    metadata, num_splits = dsv3.get_mla_metadata(seqlens, heads, 1)
+    default = dsv3.mla_decode_with_kvcache(q, cache, block_table, seqlens, 512, metadata, num_splits)
+    os.environ["DSV3_MLA_KERNEL"] = "rows"
+    rows = dsv3.mla_decode_with_kvcache(q, cache, block_table, seqlens, 512, metadata, num_splits)
+    torch.cuda.synchronize()
+    diff = calc_diff(rows[0], default[0])
+    assert diff <= 1e-5, f"mla_rows: calc_diff {diff:.3e} against the default kernel"
+
+
+CASES = {**{name: (lambda name=name: _gemm(name)) for name in GEMM_KERNEL_VARIANTS}, "mla_rows": _mla_rows}
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--list"]:
+        print(" ".join(CASES))
+        return
+    (name,) = sys.argv[1:]
+    torch.manual_seed(0)
+    CASES[name]()
+    print(f"{name}: ok")
+
+
+if __name__ == "__main__":
+    main()
