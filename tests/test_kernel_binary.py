@@ -52,8 +52,13 @@ def test_overlap_gemm_keeps_one_k_block_of_wgmmas_in_flight_while_promoting(sass
         assert waits.count("0x1") == 3 and waits.count("0x0") == 2, (name, waits)
         # registers move from the producer warpgroup to the two consumer warpgroups
         assert "USETMAXREG.DEALLOC" in code and "USETMAXREG.TRY_ALLOC" in code, name
-        # in clusters, each CTA multicasts its half of the tile of a into both
+        # in clusters, each CTA multicasts its half of the tile of a into both; ring slots are released in the peer by
+        # plain remote arrivals (GPU-wide memory fences only in the cluster barriers at the start and the end)
         assert ("UTMALDG.2D.MULTICAST" in code) == clustered, name
+        assert code.count("MEMBAR.ALL.GPU") == (2 if clustered else 0), name
+    # the consumers' 232 registers come from the producer's: the hand-over balances at 168 a thread (384 threads)
+    usage = cuda_binary.resource_usage()
+    assert {u["REG"] for name, u in usage.items() if "fp8_gemm_overlap_kernel" in name} == {168}
 
 
 def test_no_kernel_spills_registers():

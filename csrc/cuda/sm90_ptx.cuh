@@ -35,13 +35,15 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* barrier) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_address(barrier)) : "memory");
 }
 
-// Arrives on the barrier at the same shared-memory offset in CTA `cta` of this cluster (this CTA's rank included).
+// Arrives on the barrier at the same shared-memory offset in CTA `cta` of this cluster. The arrival has the default
+// (CTA-scope release) semantics: a .release.cluster arrival would make ptxas fence all of the thread's outstanding
+// global memory traffic (MEMBAR.ALL.GPU) before it.
 __device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* barrier, uint32_t cta) {
   asm volatile(
       "{\n"
       ".reg .b32 remote;\n"
       "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
       "}\n" ::"r"(smem_address(barrier)),
       "r"(cta)
       : "memory");

@@ -36,7 +36,11 @@ constexpr int kStageBytes = 2 * kOperandBytes;
 constexpr int kThreads = 384;  // warpgroup 0: the producer (one thread); 1 and 2: the consumers
 constexpr int kSharedBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // ring, barriers, alignment slack
 constexpr int kGroupTilesM = 8;  // tiles run in bands of 8 tile rows, all N tiles of a band in turn
-constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // 128 * (40 + 2 * 232) <= 65536
+constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
+// The consumers' registers come from the producer's: the kernel starts at 65536 / 384 (168, a multiple of 8) a
+// thread, which the binary test checks, and the hand-over must not ask for more than that frees.
+static_assert(kThreads * (65536 / kThreads / 8 * 8) >= 128 * (kProducerRegisters + 2 * kConsumerRegisters),
+              "setmaxnreg budget");
 
 struct Arguments {
   const float* a_scales;  // [m, k_blocks]
@@ -113,15 +117,14 @@ __device__ __forceinline__ void issue_block(float (&accumulators)[64], uint32_t 
 // a) and adds the block's partial sums times its scales into the results.
 template <int kCluster, int kPending>
 __device__ __forceinline__ void retire_block(float (&accumulators)[64], float (&results)[64], const BlockScales& scales,
-                                             uint64_t* empty, int lane) {
+                                             uint64_t* empty, int lane, int rank) {
   wgmma_wait<kPending>();
   fence_registers(accumulators);
   if (lane == 0) {
-    if constexpr (kCluster == 1) {
-      mbarrier_arrive(empty);
-    } else {
+    mbarrier_arrive(empty);
 #pragma unroll
-      for (uint32_t cta = 0; cta < kCluster; ++cta) mbarrier_arrive_cluster(empty, cta);
+    for (int cta = 0; cta < kCluster; ++cta) {
+      if (cta != rank) mbarrier_arrive_cluster(empty, cta);
     }
   }
   const float scale0 = scales.row0 * scales.column, scale1 = scales.row1 * scales.column;
@@ -140,19 +143,23 @@ __device__ __forceinline__ void produce(const CUtensorMap* a_map, const CUtensor
   for (int unit = first_unit; unit < args.m_tiles * args.n_units; unit += unit_stride) {
     int m_tile, n_unit;
     unit_coordinates(unit, args, m_tile, n_unit);
-    const int n_tile = n_unit * kCluster + rank;  // == n_tiles for an odd count: b's box is then all zero-fill
+    // Boxes start inside the tensors: a CTA whose tile lies past N (rank 1 of the last unit when the count of N tiles
+    // is odd) loads the last tile of b, and a share of a past M (the last tile row's second half, M % 128 <= 64)
+    // starts at row M - 1. Their results are never stored.
+    const int b_row = min(n_unit * kCluster + rank, args.n_tiles - 1) * kTile;
+    const int a_row = min(m_tile * kTile + rank * kShareRows, args.m - 1);
     for (int block = 0; block < args.k_blocks; ++block) {
       const int stage = position.stage;
       mbarrier_wait(&empty[stage], position.phase ^ 1);  // a fresh barrier passes parity 1 at once
       uint8_t* slot = ring + stage * kStageBytes;
       mbarrier_arrive_expect_tx(&full[stage], kStageBytes);
       if constexpr (kCluster == 1) {
-        tma_load_2d(slot, a_map, block * kTile, m_tile * kTile, &full[stage]);
+        tma_load_2d(slot, a_map, block * kTile, a_row, &full[stage]);
       } else {
-        tma_load_2d_multicast(slot + rank * kShareRows * kTile, a_map, block * kTile,
-                              m_tile * kTile + rank * kShareRows, &full[stage], (1u << kCluster) - 1);
+        tma_load_2d_multicast(slot + rank * kShareRows * kTile, a_map, block * kTile, a_row, &full[stage],
+                              (1u << kCluster) - 1);
       }
-      tma_load_2d(slot + kOperandBytes, b_map, block * kTile, n_tile * kTile, &full[stage]);
+      tma_load_2d(slot + kOperandBytes, b_map, block * kTile, b_row, &full[stage]);
       position.advance();
     }
   }
@@ -197,18 +204,18 @@ __device__ __forceinline__ void consume(const Arguments& args, uint8_t* ring, ui
     int block = 1;
     for (; block + 1 < args.k_blocks; block += 2) {
       int stage = issue(block, second, second_scales);
-      retire_block<kCluster, 1>(first, results, first_scales, &empty[previous_stage], lane);
+      retire_block<kCluster, 1>(first, results, first_scales, &empty[previous_stage], lane, rank);
       previous_stage = stage;
       stage = issue(block + 1, first, first_scales);
-      retire_block<kCluster, 1>(second, results, second_scales, &empty[previous_stage], lane);
+      retire_block<kCluster, 1>(second, results, second_scales, &empty[previous_stage], lane, rank);
       previous_stage = stage;
     }
     if (block < args.k_blocks) {  // an even number of blocks: the last one goes to the second set
       const int stage = issue(block, second, second_scales);
-      retire_block<kCluster, 1>(first, results, first_scales, &empty[previous_stage], lane);
-      retire_block<kCluster, 0>(second, results, second_scales, &empty[stage], lane);
+      retire_block<kCluster, 1>(first, results, first_scales, &empty[previous_stage], lane, rank);
+      retire_block<kCluster, 0>(second, results, second_scales, &empty[stage], lane, rank);
     } else {
-      retire_block<kCluster, 0>(first, results, first_scales, &empty[previous_stage], lane);
+      retire_block<kCluster, 0>(first, results, first_scales, &empty[previous_stage], lane, rank);
     }
 
     // bf16 results straight from registers: thread (warp, lane) holds columns 8 * (i / 4) + 2 * (lane % 4) + {0, 1}
