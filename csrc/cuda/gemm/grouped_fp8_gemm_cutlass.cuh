@@ -2,15 +2,14 @@
 // CUTLASS SM90 grouped (pointer-array) FP8 GEMM with block-scaled operands, for MoE experts: the same mainloop as
 // fp8_gemm_cutlass.cuh (TMA, FP8 wgmma, per-128-K promotion with the scales, cooperative warp specialization) over a
 // persistent tile scheduler that walks the tiles of every group. Per-group problem sizes and pointers are built on
-// the device by setup kernels (from m_indices or masked_m), so a call never synchronizes with the host and can be
-// captured in a CUDA graph. Include only from instantiations/*.cu.
+// the device by setup kernels (from m_indices or masked_m, cuda/gemm/group_rows.cuh), so a call never synchronizes with
+// the host and can be captured in a CUDA graph. Include only from instantiations/*.cu.
 
 #include <cuda_runtime_api.h>
 
 #include <cutlass/cutlass.h>
 #include <cutlass/gemm/device/gemm_universal_adapter.h>
 #include <algorithm>
-#include <climits>
 #include <cstdint>
 #include <cute/tensor.hpp>
 #include <cutlass/detail/blockwise_scale_layout.hpp>
@@ -24,6 +23,7 @@
 
 #include "cuda/cuda_check.h"
 #include "cuda/gemm/fp8_gemm_cutlass.cuh"
+#include "cuda/gemm/group_rows.cuh"
 #include "dsv3/grouped_gemm_params.h"
 
 namespace dsv3::cuda {
@@ -65,9 +65,7 @@ struct CutlassGroupedFp8Gemm {
   // Per-group argument arrays, carved out of the caller's workspace (each 128-byte aligned), followed by CUTLASS's
   // own workspace.
   struct GroupArrays {
-    int32_t* first_row;  // contiguous: first row of each group (INT_MAX when it has none)
-    int32_t* last_row;   // contiguous: last row of each group (-1 when it has none)
-    int32_t* rows;       // rows of each group: the count, then the M the GEMM runs (0 for a broken layout)
+    GroupRows group_rows;  // the rows of a each group computes (its M)
     typename ProblemShape::UnderlyingProblemShape* problems;
     const ElementAB** a;
     StrideA* stride_a;
@@ -95,9 +93,9 @@ struct CutlassGroupedFp8Gemm {
   static GroupArrays carve(std::uintptr_t workspace, int64_t groups) {
     std::uintptr_t cursor = workspace;
     GroupArrays g;
-    g.first_row = take<int32_t>(cursor, groups);
-    g.last_row = take<int32_t>(cursor, groups);
-    g.rows = take<int32_t>(cursor, groups);
+    g.group_rows.first_row = take<int32_t>(cursor, groups);
+    g.group_rows.last_row = take<int32_t>(cursor, groups);
+    g.group_rows.rows = take<int32_t>(cursor, groups);
     g.problems = take<typename ProblemShape::UnderlyingProblemShape>(cursor, groups);
     g.a = take<const ElementAB*>(cursor, groups);
     g.stride_a = take<StrideA>(cursor, groups);
@@ -143,42 +141,12 @@ namespace grouped_gemm_detail {
 
 using Traits = CutlassGroupedFp8Gemm;
 
-__global__ void reset_group_rows(Traits::GroupArrays g, int64_t groups) {
-  const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (group >= groups) return;
-  g.first_row[group] = INT_MAX;
-  g.last_row[group] = -1;
-  g.rows[group] = 0;
-}
-
-// Contiguous layout: the extent of each group's rows. Indices outside [0, groups) are padding.
-__global__ void find_group_rows(const int32_t* __restrict__ m_indices, int64_t m_sum, int64_t groups,
-                                Traits::GroupArrays g) {
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < m_sum;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int32_t group = m_indices[row];
-    if (group < 0 || group >= groups) continue;
-    atomicMin(g.first_row + group, static_cast<int32_t>(row));
-    atomicMax(g.last_row + group, static_cast<int32_t>(row));
-    atomicAdd(g.rows + group, 1);
-  }
-}
-
-// One thread a group: its problem size and operand pointers. A contiguous-layout group whose rows do not form one
-// run gets M = 0 (nothing computed; its rows are zeroed like padding) rather than a product over foreign rows.
+// One thread a group: its problem size and operand pointers (a group that computes no rows gets M = 0).
 __global__ void build_group_arguments(GroupedFp8GemmParams p, Traits::GroupArrays g) {
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (group >= p.groups) return;
   int64_t first, rows;
-  if (p.layout == GroupedLayout::kContiguous) {
-    rows = g.rows[group];
-    first = rows > 0 ? g.first_row[group] : 0;
-    if (rows > 0 && g.last_row[group] - first + 1 != rows) rows = 0;
-  } else {
-    rows = min(max(p.masked_m[group], 0), static_cast<int32_t>(p.m));  // never past the group's slab
-    first = group * p.m;
-  }
-  g.rows[group] = static_cast<int32_t>(rows);
+  resolve_group_rows(p, g.group_rows, group, first, rows);
   const int64_t k_blocks = (p.k + 127) / 128, n_blocks = (p.n + 127) / 128;
   const auto rows_i = static_cast<int>(rows), n = static_cast<int>(p.n), k = static_cast<int>(p.k);
   g.problems[group] = {rows_i, n, k};
@@ -194,14 +162,6 @@ __global__ void build_group_arguments(GroupedFp8GemmParams p, Traits::GroupArray
   g.stride_d[group] = packed_stride<Traits::StrideD>(rows, p.n);
 }
 
-// Contiguous layout: rows no group computes (padding, or a group with a broken layout) are set to 0.
-__global__ void zero_uncomputed_rows(GroupedFp8GemmParams p, Traits::GroupArrays g) {
-  const int64_t row = blockIdx.x;
-  const int32_t group = p.m_indices[row];
-  if (group >= 0 && group < p.groups && g.rows[group] > 0) return;
-  for (int64_t col = threadIdx.x; col < p.n; col += blockDim.x) p.out[row * p.n + col] = 0;
-}
-
 }  // namespace grouped_gemm_detail
 
 inline void run_grouped_fp8_gemm(const GroupedFp8GemmParams& p, void* workspace, int num_sms, cudaStream_t stream) {
@@ -209,11 +169,7 @@ inline void run_grouped_fp8_gemm(const GroupedFp8GemmParams& p, void* workspace,
   const Traits::GroupArrays arrays = Traits::carve(reinterpret_cast<std::uintptr_t>(workspace), p.groups);
   const unsigned group_blocks = static_cast<unsigned>((p.groups + 127) / 128);
   if (p.layout == GroupedLayout::kContiguous) {
-    reset_group_rows<<<group_blocks, 128, 0, stream>>>(arrays, p.groups);
-    if (p.m > 0) {
-      const auto blocks = static_cast<unsigned>(std::min<int64_t>((p.m + 255) / 256, 4 * num_sms));
-      find_group_rows<<<blocks, 256, 0, stream>>>(p.m_indices, p.m, p.groups, arrays);
-    }
+    find_contiguous_group_rows(p, arrays.group_rows, num_sms, stream);
   }
   build_group_arguments<<<group_blocks, 128, 0, stream>>>(p, arrays);
   DSV3_CUDA_CHECK(cudaGetLastError());
@@ -226,10 +182,7 @@ inline void run_grouped_fp8_gemm(const GroupedFp8GemmParams& p, void* workspace,
   if (status != cutlass::Status::kSuccess) {
     throw std::runtime_error(std::string("grouped fp8 gemm: CUTLASS failed: ") + cutlassGetStatusString(status));
   }
-  if (p.layout == GroupedLayout::kContiguous && p.m > 0) {
-    zero_uncomputed_rows<<<static_cast<unsigned>(p.m), 128, 0, stream>>>(p, arrays);
-  }
-  DSV3_CUDA_CHECK(cudaGetLastError());
+  if (p.layout == GroupedLayout::kContiguous) zero_uncomputed_rows(p, arrays.group_rows.rows, stream);
 }
 
 }  // namespace dsv3::cuda
