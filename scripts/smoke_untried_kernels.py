@@ -19,7 +19,8 @@ from dsv3.testing import GEMM_KERNEL_VARIANTS, calc_diff
 
 
 def _gemm(name: str) -> None:
-    """Partial tiles, an odd K-block count and several waves of the persistent grid (M=4096 N=7168)."""
+    """Dense: partial tiles, an odd K-block count and several waves of the persistent grid (M=4096 N=7168). Grouped:
+    contiguous groups of 130, 0, 3 and 260 rows, and masked slabs of 200 rows holding 200, 0, 129 and 7."""
     os.environ["DSV3_FP8_GEMM_KERNEL"] = name
     for m, n, k in [(300, 1536, 640), (4096, 7168, 2048)]:
         a = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
@@ -27,6 +28,22 @@ def _gemm(name: str) -> None:
         diff = calc_diff(dsv3.fp8_gemm_nt(a, b), gemm_ref.fp8_gemm_nt(a, b))
         torch.cuda.synchronize()
         assert diff <= 1e-5, f"{name}: M={m} N={n} K={k} calc_diff {diff:.3e}"
+    groups, n, k = 4, 384, 512
+    qw, sw = dsv3.per_block_quant_fp8(torch.randn(groups * n, k, device="cuda") * 0.05)
+    b = (qw.view(groups, n, k), sw.view(groups, n // 128, k // 128))
+    m_indices = torch.tensor([0] * 130 + [2] * 3 + [-1] * 5 + [3] * 260, dtype=torch.int32, device="cuda")
+    a = dsv3.per_token_group_quant_fp8(torch.randn(len(m_indices), k, device="cuda"))
+    out = dsv3.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices)
+    diff = calc_diff(out, gemm_ref.m_grouped_fp8_gemm_nt_contiguous(a, b, m_indices))
+    assert diff <= 1e-5 and bool((out[m_indices == -1] == 0).all()), f"{name}: contiguous calc_diff {diff:.3e}"
+    masked_m = torch.tensor([200, 0, 129, 7], dtype=torch.int32, device="cuda")
+    a = dsv3.per_token_group_quant_fp8(torch.randn(groups, 200, k, device="cuda"))
+    out = dsv3.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 128)
+    expected = gemm_ref.m_grouped_fp8_gemm_nt_masked(a, b, masked_m)
+    for g, rows in enumerate(masked_m.tolist()):
+        diff = calc_diff(out[g, :rows], expected[g, :rows])
+        assert diff <= 1e-5, f"{name}: masked group {g} calc_diff {diff:.3e}"
+    torch.cuda.synchronize()
 
 
 def _mla_rows() -> None:

@@ -25,7 +25,8 @@ def _contiguous_rows(counts: list[int], alignment: int = 8) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32)
 
 
-@pytest.mark.parametrize("counts", [[3, 0, 17, 1], [0, 0, 0, 5], [40, 40, 40, 40], [0, 0, 0, 0]])
+@pytest.mark.usefixtures("gemm_kernel")
+@pytest.mark.parametrize("counts", [[3, 0, 17, 1], [0, 0, 0, 5], [40, 40, 40, 40], [0, 0, 0, 0], [130, 1, 0, 260]])
 def test_contiguous_matches_reference(device, counts):
     n, k = 256, 384
     b = _weights(len(counts), n, k, device)
@@ -38,6 +39,7 @@ def test_contiguous_matches_reference(device, counts):
     assert torch.all(out.cpu()[m_indices == -1] == 0)
 
 
+@pytest.mark.usefixtures("gemm_kernel")
 def test_contiguous_deepseek_expert_shapes(device):
     # gate/up (N=4096 as 2 x 2048, K=7168) and down (N=7168, K=2048), scaled down in N for CPU time
     for n, k in ((512, 7168), (768, 2048)):
@@ -49,9 +51,12 @@ def test_contiguous_deepseek_expert_shapes(device):
         assert calc_diff(out.cpu().float(), expected.float()) < 1e-5
 
 
-@pytest.mark.parametrize("masked", [[0, 3, 16, 1], [16, 16, 16, 16], [0, 0, 0, 0]])
-def test_masked_matches_reference_on_valid_rows(device, masked):
-    groups, m_max, n, k = len(masked), 16, 256, 512
+@pytest.mark.usefixtures("gemm_kernel")
+@pytest.mark.parametrize(
+    "masked,m_max", [([0, 3, 16, 1], 16), ([16, 16, 16, 16], 16), ([0, 0, 0, 0], 16), ([200, 0, 129, 7], 200)]
+)
+def test_masked_matches_reference_on_valid_rows(device, masked, m_max):
+    groups, n, k = len(masked), 256, 512
     b = _weights(groups, n, k, device)
     qa, sa = ref_quant.per_token_group_quant_fp8(torch.randn(groups, m_max, k))
     masked_m = torch.tensor(masked, dtype=torch.int32)

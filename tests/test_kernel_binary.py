@@ -39,11 +39,11 @@ def test_fp8_gemm_kernels_use_fp8_wgmma_and_tma(sass):
 
 
 def test_overlap_gemm_keeps_one_k_block_of_wgmmas_in_flight_while_promoting(sass):
-    # DSV3_FP8_GEMM_KERNEL=overlap / overlap_cluster (variants 4 and 5): FP8 wgmma 64x128x32 on TMA-loaded tiles, and
-    # waits that leave the next K block's group in flight (DEPBAR.LE ... 0x1) wherever the loop promotes a block, 0x0
-    # only for a tile's last block
+    # DSV3_FP8_GEMM_KERNEL=overlap / overlap_cluster (variants 4 and 5, dense and grouped): FP8 wgmma 64x128x32 on
+    # TMA-loaded tiles, and waits that leave the next K block's group in flight (DEPBAR.LE ... 0x1) wherever the loop
+    # promotes a block, 0x0 only for a tile's last block
     kernels = {name: code for name, code in sass.items() if "fp8_gemm_overlap_kernel" in name}
-    assert len(kernels) == 2, sorted(kernels)
+    assert len(kernels) == 4, sorted(kernels)
     for name, code in kernels.items():
         clustered = "ILi2E" in name
         assert set(re.findall(r"\b[HQ]GMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3\b", code)) == {"128"}, name

@@ -22,17 +22,6 @@ def exact_fp32_matmul():
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.fixture(params=["auto", "overlap", "overlap_cluster"])
-def cuda_gemm_kernel(request, monkeypatch) -> str:
-    """The heuristic's schedules, then every shape on the hand-written kernel (DSV3_FP8_GEMM_KERNEL), alone and in
-    1x2 clusters."""
-    if request.param != "auto":
-        if request.param in skipped_kernels():
-            pytest.skip(f"DSV3_SKIP_KERNELS names {request.param}: its smoke run failed")
-        monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", request.param)
-    return request.param
-
-
 @pytest.mark.usefixtures("exact_fp32_matmul", "cuda_gemm_kernel")
 @pytest.mark.parametrize("n,k", DSV3_SHAPES, ids=lambda v: str(v))
 def test_real_shapes_match_reference(n, k):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dsv3
@@ -11,6 +12,7 @@ from tests.test_grouped_gemm import *  # noqa: F403  (the same tests, collected 
 from tests.test_grouped_gemm import _contiguous_rows, _weights
 
 
+@pytest.mark.usefixtures("cuda_gemm_kernel")
 def test_full_size_deepseek_experts():
     # 8 local experts, gate/up N=4096 K=7168 and down N=7168 K=2048, skewed loads with one empty expert
     counts = [700, 0, 3, 128, 1, 257, 64, 40]
@@ -24,6 +26,7 @@ def test_full_size_deepseek_experts():
         assert torch.all(out[m_indices == -1] == 0)
 
 
+@pytest.mark.usefixtures("cuda_gemm_kernel")
 def test_masked_replays_in_a_cuda_graph_with_new_counts():
     groups, m_max, n, k = 8, 64, 2048, 7168
     qb, sb = _weights(groups, n, k, "cuda")

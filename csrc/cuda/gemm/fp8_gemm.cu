@@ -12,11 +12,7 @@
 
 namespace dsv3::cuda {
 
-namespace {
-
-// DSV3_FP8_GEMM_KERNEL=overlap (or overlap_cluster): the hand-written kernel instead of the heuristic's choice, for
-// every shape.
-std::optional<Fp8GemmVariant> requested_variant() {
+std::optional<Fp8GemmVariant> requested_fp8_gemm_variant() {
   const char* value = std::getenv("DSV3_FP8_GEMM_KERNEL");
   if (value == nullptr) return std::nullopt;
   if (std::strcmp(value, "overlap") == 0) return Fp8GemmVariant::kTile128x128Overlap;
@@ -24,10 +20,12 @@ std::optional<Fp8GemmVariant> requested_variant() {
   return std::nullopt;
 }
 
+namespace {
+
 Fp8GemmSchedule schedule_for(int64_t m, int64_t n, int64_t k, int num_sms,
                              const std::optional<Fp8GemmSchedule>& forced) {
   if (!forced) {
-    if (const std::optional<Fp8GemmVariant> variant = requested_variant()) {
+    if (const std::optional<Fp8GemmVariant> variant = requested_fp8_gemm_variant()) {
       return {*variant, Fp8GemmDecomposition::kDataParallel, 1, (m + 127) / 128 * ((n + 127) / 128)};
     }
     return choose_fp8_gemm_schedule(m, n, k, num_sms);

@@ -14,9 +14,14 @@
 // 32 KB from the L2 per K block (at 80% of the FP8 peak, 128 x 128 tiles alone would pull ~12 TB/s from the L2). A
 // ring slot is then refilled only once the consumers of both CTAs have released it.
 //
-// Edges: TMA zero-fills the parts of a tile past M, N or K; scale loads are clamped to existing rows and the stores
-// to rows < M and columns < N, so nothing outside the operands is read or written. Needs K % 16 == 0 (TMA row
-// pitch) and N % 2 == 0 (column pairs are stored together).
+// Grouped (MoE experts, DeepGEMM's m-grouped semantics): the tile rows are laid out group after group, each group's
+// rows of a (a run of a [m_sum, k], or the first masked_m[g] rows of slab g) cut into 128-row tiles multiplied by
+// b[g]; a setup kernel lists them on the device (Arguments::group_tiles). A tile's rows past its group's end belong
+// to the next group or to no group: they are computed and not stored.
+//
+// Edges: TMA zero-fills the parts of a tile past M, N or K; boxes start inside the tensors, scale loads are clamped
+// to existing rows and the stores to the tile's rows and columns < N, so nothing outside the operands is read or
+// written. Needs K % 16 == 0 (TMA row pitch) and N % 2 == 0 (column pairs are stored together).
 
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -44,10 +49,26 @@ static_assert(kThreads * (65536 / kThreads / 8 * 8) >= 128 * (kProducerRegisters
 
 struct Arguments {
   const float* a_scales;  // [m, k_blocks]
-  const float* b_scales;  // [ceil(n / 128), k_blocks]
+  const float* b_scales;  // [groups * n_tiles, k_blocks]
   uint16_t* out;          // [m, n] bf16
-  int m, n, k_blocks, m_tiles, n_tiles;
+  int m;                  // rows of a (grouped: m_sum, or groups * m_max)
+  int n, k_blocks, n_tiles;
   int n_units;  // ceil(n_tiles / kCluster): a cluster's CTAs take the kCluster tiles of a unit, side by side along N
+  int m_tiles;  // dense: tile rows (grouped: group_tiles[groups], read on the device)
+  // grouped only (null when dense)
+  const int32_t* group_tiles;  // [groups + 1]: tile rows before each group's (exclusive prefix sum), then the total
+  const int32_t* first_row;    // [groups]: each group's first row of a
+  const int32_t* rows;         // [groups]: each group's rows
+  int groups;
+};
+
+// What a CTA computes for one unit: out rows [a_row, row_end) ∩ this tile's 128, columns of tile n_tile.
+struct TileTask {
+  int a_row;       // first row of the tile in a and out
+  int row_end;     // rows at and past it are not stored (the group's end, or M)
+  int b_row;       // first row of the tile of b in its [groups * n, k] view (a box starting inside it)
+  int n_tile;      // column tile; n_tiles or more for the phantom second CTA of an odd count (nothing stored)
+  int scale_tile;  // its row of b_scales, clamped to the group's last column tile
 };
 
 // D[64 x 128] (+)= A[64 x 32] * B[32 x 128], e4m3 inputs from 128-byte-swizzled K-major shared memory, fp32
@@ -84,13 +105,51 @@ struct RingPosition {
 
 // Unit index -> (tile row, unit column): bands of kGroupTilesM tile rows, column-major inside a band, so the units
 // running at once share few distinct rows of a and of b (their K blocks are read from HBM once, then from the L2).
-__device__ __forceinline__ void unit_coordinates(int unit, const Arguments& args, int& m_tile, int& n_unit) {
+__device__ __forceinline__ void unit_coordinates(int unit, const Arguments& args, int m_tiles, int& m_tile,
+                                                 int& n_unit) {
   const int band = unit / (kGroupTilesM * args.n_units);
   const int first = band * kGroupTilesM;
-  const int rows = min(args.m_tiles - first, kGroupTilesM);
+  const int rows = min(m_tiles - first, kGroupTilesM);
   const int local = unit - band * kGroupTilesM * args.n_units;
   m_tile = first + local % rows;
   n_unit = local / rows;
+}
+
+// The tile row `m_tile` of a grouped GEMM: its group is the last one whose tiles start at or before it.
+__device__ __forceinline__ int group_of_tile(const Arguments& args, int m_tile) {
+  int low = 0, high = args.groups - 1;
+  while (low < high) {
+    const int middle = (low + high + 1) / 2;
+    if (__ldg(args.group_tiles + middle) <= m_tile) {
+      low = middle;
+    } else {
+      high = middle - 1;
+    }
+  }
+  return low;
+}
+
+template <int kCluster, bool kGrouped>
+__device__ __forceinline__ TileTask locate(const Arguments& args, int m_tiles, int unit, int rank) {
+  int m_tile, n_unit;
+  unit_coordinates(unit, args, m_tiles, m_tile, n_unit);
+  TileTask task;
+  task.n_tile = n_unit * kCluster + rank;
+  const int column_tile = min(task.n_tile, args.n_tiles - 1);
+  if constexpr (kGrouped) {
+    const int group = group_of_tile(args, m_tile);
+    const int first = __ldg(args.first_row + group);
+    task.a_row = first + (m_tile - __ldg(args.group_tiles + group)) * kTile;
+    task.row_end = first + __ldg(args.rows + group);
+    task.b_row = group * args.n + column_tile * kTile;
+    task.scale_tile = group * args.n_tiles + column_tile;
+  } else {
+    task.a_row = m_tile * kTile;
+    task.row_end = args.m;
+    task.b_row = column_tile * kTile;
+    task.scale_tile = column_tile;
+  }
+  return task;
 }
 
 // The scales of one K block for a thread's two accumulator rows, loaded when the block's wgmmas are issued and
@@ -134,20 +193,17 @@ __device__ __forceinline__ void retire_block(float (&accumulators)[64], float (&
 
 // One thread fills the ring: per K block, this CTA's tile of b and its tile of a (with clusters, its share of the
 // tile of a, multicast into every CTA of the cluster; a_map's boxes are then kTile / kCluster rows).
-template <int kCluster>
+template <int kCluster, bool kGrouped>
 __device__ __forceinline__ void produce(const CUtensorMap* a_map, const CUtensorMap* b_map, const Arguments& args,
-                                        uint8_t* ring, uint64_t* full, uint64_t* empty, int rank, int first_unit,
-                                        int unit_stride) {
+                                        int m_tiles, uint8_t* ring, uint64_t* full, uint64_t* empty, int rank,
+                                        int first_unit, int unit_stride) {
   constexpr int kShareRows = kTile / kCluster;
   RingPosition position;
-  for (int unit = first_unit; unit < args.m_tiles * args.n_units; unit += unit_stride) {
-    int m_tile, n_unit;
-    unit_coordinates(unit, args, m_tile, n_unit);
-    // Boxes start inside the tensors: a CTA whose tile lies past N (rank 1 of the last unit when the count of N tiles
-    // is odd) loads the last tile of b, and a share of a past M (the last tile row's second half, M % 128 <= 64)
-    // starts at row M - 1. Their results are never stored.
-    const int b_row = min(n_unit * kCluster + rank, args.n_tiles - 1) * kTile;
-    const int a_row = min(m_tile * kTile + rank * kShareRows, args.m - 1);
+  for (int unit = first_unit; unit < m_tiles * args.n_units; unit += unit_stride) {
+    const TileTask task = locate<kCluster, kGrouped>(args, m_tiles, unit, rank);
+    // a share of a past M (the last tile row's second half, M % 128 <= 64) starts at row M - 1 instead: a box
+    // entirely outside the tensor is not asked for; the rows are never stored
+    const int a_row = min(task.a_row + rank * kShareRows, args.m - 1);
     for (int block = 0; block < args.k_blocks; ++block) {
       const int stage = position.stage;
       mbarrier_wait(&empty[stage], position.phase ^ 1);  // a fresh barrier passes parity 1 at once
@@ -159,16 +215,16 @@ __device__ __forceinline__ void produce(const CUtensorMap* a_map, const CUtensor
         tma_load_2d_multicast(slot + rank * kShareRows * kTile, a_map, block * kTile, a_row, &full[stage],
                               (1u << kCluster) - 1);
       }
-      tma_load_2d(slot + kOperandBytes, b_map, block * kTile, b_row, &full[stage]);
+      tma_load_2d(slot + kOperandBytes, b_map, block * kTile, task.b_row, &full[stage]);
       position.advance();
     }
   }
 }
 
 // Consumer warpgroup wg (1 or 2) computes rows 64 * (wg - 1) .. + 63 of every tile of this CTA.
-template <int kCluster>
-__device__ __forceinline__ void consume(const Arguments& args, uint8_t* ring, uint64_t* full, uint64_t* empty, int wg,
-                                        int rank, int first_unit, int unit_stride) {
+template <int kCluster, bool kGrouped>
+__device__ __forceinline__ void consume(const Arguments& args, int m_tiles, uint8_t* ring, uint64_t* full,
+                                        uint64_t* empty, int wg, int rank, int first_unit, int unit_stride) {
   const int lane = threadIdx.x % 32, warp = (threadIdx.x % 128) / 32;
   const int tile_row = (wg - 1) * 64 + 16 * warp + lane / 4;  // this thread's accumulator rows: tile_row, tile_row + 8
   const uint32_t ring_address = smem_address(ring);
@@ -176,15 +232,13 @@ __device__ __forceinline__ void consume(const Arguments& args, uint8_t* ring, ui
   RingPosition position;
 
   float results[64], first[64], second[64];
-  for (int unit = first_unit; unit < args.m_tiles * args.n_units; unit += unit_stride) {
-    int m_tile, n_unit;
-    unit_coordinates(unit, args, m_tile, n_unit);
-    const int n_tile = n_unit * kCluster + rank;
-    const int row0 = m_tile * kTile + tile_row;
-    // rows past M read row M - 1's scales and a tile past N the last tile's (their results are never stored)
-    const float* row0_scales = args.a_scales + static_cast<int64_t>(min(row0, args.m - 1)) * args.k_blocks;
-    const float* row1_scales = args.a_scales + static_cast<int64_t>(min(row0 + 8, args.m - 1)) * args.k_blocks;
-    const float* column_scales = args.b_scales + static_cast<int64_t>(min(n_tile, args.n_tiles - 1)) * args.k_blocks;
+  for (int unit = first_unit; unit < m_tiles * args.n_units; unit += unit_stride) {
+    const TileTask task = locate<kCluster, kGrouped>(args, m_tiles, unit, rank);
+    const int row0 = task.a_row + tile_row;
+    // rows past the tile's end read its last row's scales (their results are never stored)
+    const float* row0_scales = args.a_scales + static_cast<int64_t>(min(row0, task.row_end - 1)) * args.k_blocks;
+    const float* row1_scales = args.a_scales + static_cast<int64_t>(min(row0 + 8, task.row_end - 1)) * args.k_blocks;
+    const float* column_scales = args.b_scales + static_cast<int64_t>(task.scale_tile) * args.k_blocks;
 #pragma unroll
     for (int i = 0; i < 64; ++i) results[i] = 0.0f;
 
@@ -220,11 +274,11 @@ __device__ __forceinline__ void consume(const Arguments& args, uint8_t* ring, ui
 
     // bf16 results straight from registers: thread (warp, lane) holds columns 8 * (i / 4) + 2 * (lane % 4) + {0, 1}
     // of rows row0 (i % 4 < 2) and row0 + 8
-    const int column0 = n_tile * kTile + 2 * (lane % 4);
+    const int column0 = task.n_tile * kTile + 2 * (lane % 4);
 #pragma unroll
     for (int i = 0; i < 64; i += 2) {
       const int row = row0 + ((i & 2) ? 8 : 0), column = column0 + 8 * (i / 4);
-      if (row < args.m && column < args.n) {
+      if (row < task.row_end && column < args.n) {
         *reinterpret_cast<__nv_bfloat162*>(args.out + static_cast<int64_t>(row) * args.n + column) =
             __floats2bfloat162_rn(results[i], results[i + 1]);
       }
@@ -233,8 +287,8 @@ __device__ __forceinline__ void consume(const Arguments& args, uint8_t* ring, ui
 }
 
 // Launched with kThreads threads, kSharedBytes of dynamic shared memory and, for kCluster > 1, clusters of kCluster
-// CTAs along x (gridDim.x a multiple of kCluster).
-template <int kCluster>
+// CTAs along x (gridDim.x a multiple of kCluster). a_map: a as [m, k]; b_map: b as [groups * n, k].
+template <int kCluster, bool kGrouped>
 __global__ void __launch_bounds__(kThreads, 1)
     fp8_gemm_overlap_kernel(const __grid_constant__ CUtensorMap a_map, const __grid_constant__ CUtensorMap b_map,
                             const Arguments args) {
@@ -249,6 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int wg = __shfl_sync(0xFFFFFFFFu, thread / 128, 0);
   const int rank = kCluster == 1 ? 0 : static_cast<int>(cluster_cta_rank());
   const int first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
+  const int m_tiles = kGrouped ? __ldg(args.group_tiles + args.groups) : args.m_tiles;
 
   if (thread == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -267,10 +322,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     set_max_registers_dec<kProducerRegisters>();
-    if (thread == 0) produce<kCluster>(&a_map, &b_map, args, ring, full, empty, rank, first_unit, unit_stride);
+    if (thread == 0) {
+      produce<kCluster, kGrouped>(&a_map, &b_map, args, m_tiles, ring, full, empty, rank, first_unit, unit_stride);
+    }
   } else {
     set_max_registers_inc<kConsumerRegisters>();
-    consume<kCluster>(args, ring, full, empty, wg, rank, first_unit, unit_stride);
+    consume<kCluster, kGrouped>(args, m_tiles, ring, full, empty, wg, rank, first_unit, unit_stride);
   }
   if constexpr (kCluster > 1) cluster_sync();  // no CTA leaves while a peer may still arrive on its barriers
 }

@@ -5,11 +5,16 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "dsv3/gemm_params.h"
 #include "dsv3/gemm_schedule.h"
 
 namespace dsv3::cuda {
+
+// The hand-written kernel a DSV3_FP8_GEMM_KERNEL of overlap (or overlap_cluster) asks for instead of the heuristic's
+// choice, dense and grouped; nothing when unset.
+std::optional<Fp8GemmVariant> requested_fp8_gemm_variant();
 
 template <Fp8GemmVariant kVariant>
 struct Fp8GemmKernel {

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from dsv3.bench import e2e, ep, gemm, mla, moe, quant
+from dsv3.bench import e2e, ep, gemm, mla, moe, overlap, quant
 from dsv3.bench.harness import Report, argument_parser, pick_device, write_json
 
 # suite name -> run(device, quick, reps) -> Report
@@ -17,7 +17,9 @@ SUITES: dict[str, Callable[[torch.device, bool, int | None], Report]] = {
     "mla": mla.run,
     "ep": ep.run,
     "e2e": e2e.run,
-    "mla_rows": mla.run_rows_kernel,  # an opt-in kernel not yet timed on a GPU: last, so a failure costs no other suite
+    # opt-in kernels not yet timed on a GPU: last, so that a failure costs no other suite
+    "gemm_overlap": overlap.run,
+    "mla_rows": mla.run_rows_kernel,
 }
 
 
