@@ -38,11 +38,12 @@ def _gemm(name: str) -> None:
     assert diff <= 1e-5 and bool((out[m_indices == -1] == 0).all()), f"{name}: contiguous calc_diff {diff:.3e}"
     masked_m = torch.tensor([200, 0, 129, 7], dtype=torch.int32, device="cuda")
     a = dsv3.per_token_group_quant_fp8(torch.randn(groups, 200, k, device="cuda"))
-    out = dsv3.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 128)
+    out = torch.full((groups, 200, n), 7.0, dtype=torch.bfloat16, device="cuda")
+    dsv3.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 128, out=out)
     expected = gemm_ref.m_grouped_fp8_gemm_nt_masked(a, b, masked_m)
     for g, rows in enumerate(masked_m.tolist()):
         diff = calc_diff(out[g, :rows], expected[g, :rows])
-        assert diff <= 1e-5, f"{name}: masked group {g} calc_diff {diff:.3e}"
+        assert diff <= 1e-5 and bool((out[g, rows:] == 7.0).all()), f"{name}: masked group {g} calc_diff {diff:.3e}"
     torch.cuda.synchronize()
 
 

@@ -26,17 +26,49 @@ def _contiguous_rows(counts: list[int], alignment: int = 8) -> torch.Tensor:
 
 
 @pytest.mark.usefixtures("gemm_kernel")
-@pytest.mark.parametrize("counts", [[3, 0, 17, 1], [0, 0, 0, 5], [40, 40, 40, 40], [0, 0, 0, 0], [130, 1, 0, 260]])
-def test_contiguous_matches_reference(device, counts):
-    n, k = 256, 384
+@pytest.mark.parametrize("n", [256, 264])  # 264: three column tiles, the last partial
+@pytest.mark.parametrize(
+    "counts", [[3, 0, 17, 1], [0, 0, 0, 5], [40, 40, 40, 40], [0, 0, 0, 0], [130, 1, 0, 260], [5, 0, 0]]
+)
+def test_contiguous_matches_reference(device, counts, n):
+    k = 384
     b = _weights(len(counts), n, k, device)
     m_indices = _contiguous_rows(counts)
     qa, sa = ref_quant.per_token_group_quant_fp8(torch.randn(m_indices.numel(), k))
-    out = dsv3.m_grouped_fp8_gemm_nt_contiguous((qa.to(device), sa.to(device)), b, m_indices.to(device))
+    out = torch.full((m_indices.numel(), n), float("nan"), dtype=torch.bfloat16, device=device)
+    returned = dsv3.m_grouped_fp8_gemm_nt_contiguous((qa.to(device), sa.to(device)), b, m_indices.to(device), out=out)
     expected = ref_gemm.m_grouped_fp8_gemm_nt_contiguous((qa, sa), (b[0].cpu(), b[1].cpu()), m_indices)
-    assert out.shape == (m_indices.numel(), n) and out.dtype == torch.bfloat16
+    assert returned is out and out.dtype == torch.bfloat16
     assert_close(out.cpu().float(), expected.float(), atol=1e-2, rtol=1e-2, max_diff=1e-5, name="out")
-    assert torch.all(out.cpu()[m_indices == -1] == 0)
+    assert torch.all(out.cpu()[m_indices == -1] == 0)  # written over the NaN they held
+
+
+@pytest.mark.usefixtures("gemm_kernel")
+def test_contiguous_rows_that_are_all_padding_come_out_zero(device):
+    b = _weights(3, 128, 256, device)
+    qa, sa = (t.to(device) for t in ref_quant.per_token_group_quant_fp8(torch.randn(24, 256)))
+    out = torch.full((24, 128), float("nan"), dtype=torch.bfloat16, device=device)
+    m_indices = torch.full((24,), -1, dtype=torch.int32, device=device)
+    dsv3.m_grouped_fp8_gemm_nt_contiguous((qa, sa), b, m_indices, out=out)
+    assert torch.all(out.cpu() == 0)
+
+
+@pytest.mark.usefixtures("gemm_kernel")
+def test_contiguous_over_more_groups_than_a_thread_block_lists_at_once(device):
+    """1100 groups, most empty: the GPU lists the groups' tiles 1024 groups at a time."""
+    groups, n, k = 1100, 128, 128
+    qb = (torch.randn(groups, n, k) * 0.5).to(torch.float8_e4m3fn)
+    sb = torch.rand(groups, 1, 1) + 0.5
+    counts = [0] * groups
+    for g, rows in ((0, 3), (5, 130), (1023, 2), (1024, 7), (1099, 1)):
+        counts[g] = rows
+    m_indices = _contiguous_rows(counts)
+    qa, sa = ref_quant.per_token_group_quant_fp8(torch.randn(m_indices.numel(), k))
+    out = dsv3.m_grouped_fp8_gemm_nt_contiguous(
+        (qa.to(device), sa.to(device)), (qb.to(device), sb.to(device)), m_indices.to(device)
+    )
+    expected = ref_gemm.m_grouped_fp8_gemm_nt_contiguous((qa, sa), (qb, sb), m_indices)
+    assert_close(out.cpu().float(), expected.float(), atol=1e-2, rtol=1e-2, max_diff=1e-5, name="out")
 
 
 @pytest.mark.usefixtures("gemm_kernel")
@@ -52,11 +84,12 @@ def test_contiguous_deepseek_expert_shapes(device):
 
 
 @pytest.mark.usefixtures("gemm_kernel")
+@pytest.mark.parametrize("n", [256, 264])
 @pytest.mark.parametrize(
     "masked,m_max", [([0, 3, 16, 1], 16), ([16, 16, 16, 16], 16), ([0, 0, 0, 0], 16), ([200, 0, 129, 7], 200)]
 )
-def test_masked_matches_reference_on_valid_rows(device, masked, m_max):
-    groups, n, k = len(masked), 256, 512
+def test_masked_matches_reference_on_valid_rows(device, masked, m_max, n):
+    groups, k = len(masked), 512
     b = _weights(groups, n, k, device)
     qa, sa = ref_quant.per_token_group_quant_fp8(torch.randn(groups, m_max, k))
     masked_m = torch.tensor(masked, dtype=torch.int32)

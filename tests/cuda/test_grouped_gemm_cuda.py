@@ -46,3 +46,36 @@ def test_masked_replays_in_a_cuda_graph_with_new_counts():
     expected = ref_gemm.m_grouped_fp8_gemm_nt_masked((qa, sa), (qb, sb), masked_m)
     for g, rows in enumerate(masked_m.tolist()):
         assert calc_diff(out[g, :rows].float(), expected[g, :rows].float()) < 1e-5
+
+
+@pytest.mark.usefixtures("cuda_gemm_kernel")
+def test_contiguous_group_whose_rows_are_not_one_run_is_zeroed():
+    """The GPU computes each group over one run of rows; a group split in two is skipped and its rows are zeroed
+    (never a product over other groups' rows), the other groups are unaffected."""
+    qb, sb = _weights(2, 256, 256, "cuda")
+    m_indices = torch.tensor([0] * 5 + [1] * 3 + [0] * 2 + [-1] * 6, dtype=torch.int32, device="cuda")
+    qa, sa = dsv3.per_token_group_quant_fp8(torch.randn(16, 256, device="cuda"))
+    out = torch.full((16, 256), float("nan"), dtype=torch.bfloat16, device="cuda")
+    dsv3.m_grouped_fp8_gemm_nt_contiguous((qa, sa), (qb, sb), m_indices, out=out)
+    expected = ref_gemm.m_grouped_fp8_gemm_nt_contiguous((qa, sa), (qb, sb), m_indices)
+    ones = m_indices == 1
+    assert calc_diff(out[ones].float(), expected[ones].float()) < 1e-5
+    assert torch.all(out[~ones] == 0)
+
+
+@pytest.mark.usefixtures("cuda_gemm_kernel")
+def test_masked_counts_outside_the_slab_are_clamped_to_it():
+    """masked_m lives on the device, so the GPU cannot reject a count: below 0 it computes nothing, beyond m_max the
+    whole slab; nothing outside the group's slab is written."""
+    groups, m_max, n, k = 3, 40, 256, 256
+    qb, sb = _weights(groups, n, k, "cuda")
+    qa, sa = dsv3.per_token_group_quant_fp8(torch.randn(groups, m_max, k, device="cuda"))
+    out = torch.full((groups, m_max, n), 7.0, dtype=torch.bfloat16, device="cuda")
+    dsv3.m_grouped_fp8_gemm_nt_masked(
+        (qa, sa), (qb, sb), torch.tensor([-3, m_max + 25, 2], dtype=torch.int32, device="cuda"), 8, out=out
+    )
+    clamped = torch.tensor([0, m_max, 2], dtype=torch.int32, device="cuda")
+    expected = ref_gemm.m_grouped_fp8_gemm_nt_masked((qa, sa), (qb, sb), clamped)
+    assert torch.all(out[0] == 7.0) and torch.all(out[2, 2:] == 7.0)
+    assert calc_diff(out[1].float(), expected[1].float()) < 1e-5
+    assert calc_diff(out[2, :2].float(), expected[2, :2].float()) < 1e-5

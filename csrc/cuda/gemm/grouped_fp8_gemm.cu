@@ -23,7 +23,8 @@ void grouped_fp8_gemm(const GroupedFp8GemmParams& params, std::uintptr_t workspa
   validate(params);
   DSV3_CHECK(params.k % 16 == 0 && params.n % 8 == 0,
              "a/b: the CUDA kernel needs K % 16 == 0 and N % 8 == 0, got K=", params.k, " N=", params.n);
-  DSV3_CHECK(params.groups * params.n <= INT32_MAX && params.m <= INT32_MAX && params.k <= INT32_MAX,
+  DSV3_CHECK(params.groups * params.n <= INT32_MAX && params.m <= INT32_MAX && params.k <= INT32_MAX &&
+                 (params.layout == GroupedLayout::kContiguous || params.groups * params.m <= INT32_MAX),
              "a/b: dimensions beyond 2^31");
   DSV3_CHECK(num_sms > 0 && workspace != 0, "workspace/num_sms: missing");
   if (params.m == 0) return;

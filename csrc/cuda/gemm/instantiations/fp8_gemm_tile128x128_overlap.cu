@@ -58,6 +58,8 @@ void launch(const kernel::Arguments& args, const uint8_t* a, int64_t a_rows, con
   config.attrs = &cluster;
   config.numAttrs = 1;
   const int64_t clusters = std::min<int64_t>(units_bound, resident_clusters<kCluster, kGrouped>(num_sms, config));
+  // the unit loop steps past the last unit by up to one grid's clusters: no int32 overflow on the way
+  DSV3_CHECK(units_bound + clusters <= INT32_MAX, "a/b: more output tiles than the kernel's loop counts");
   config.gridDim = dim3(static_cast<unsigned>(clusters * kCluster));
   DSV3_CUDA_CHECK(cudaLaunchKernelEx(&config, function, a_map, b_map, args));
 }
@@ -81,7 +83,6 @@ template <int kCluster>
 void run_dense(const Fp8GemmParams& p, int num_sms, cudaStream_t stream) {
   kernel::Arguments args = shape_arguments(p.a_scales, p.b_scales, p.out, p.m, p.n, p.k, kCluster);
   const int64_t m_tiles = (p.m + kernel::kTile - 1) / kernel::kTile;
-  DSV3_CHECK(m_tiles * args.n_units * kCluster <= INT32_MAX, "a/b: more output tiles than the kernel's loop counts");
   args.m_tiles = static_cast<int>(m_tiles);
   launch<kCluster, false>(args, p.a, p.m, p.b, p.n, p.k, m_tiles * args.n_units, num_sms, stream);
 }
@@ -132,10 +133,6 @@ void run_grouped(const GroupedFp8GemmParams& p, void* workspace, int num_sms, cu
   GroupRows g{reinterpret_cast<int32_t*>(base), reinterpret_cast<int32_t*>(base + array_bytes),
               reinterpret_cast<int32_t*>(base + 2 * array_bytes)};
   auto* group_tiles = reinterpret_cast<int32_t*>(base + 3 * array_bytes);
-  if (p.layout == GroupedLayout::kContiguous) find_contiguous_group_rows(p, g, num_sms, stream);
-  list_group_tiles<<<1, 1024, 0, stream>>>(p, g, group_tiles);
-  DSV3_CUDA_CHECK(cudaGetLastError());
-
   const int64_t a_rows = p.layout == GroupedLayout::kContiguous ? p.m : p.groups * p.m;
   kernel::Arguments args = shape_arguments(p.a_scales, p.b_scales, p.out, a_rows, p.n, p.k, kCluster);
   args.group_tiles = group_tiles;
@@ -146,8 +143,13 @@ void run_grouped(const GroupedFp8GemmParams& p, void* workspace, int num_sms, cu
   const int64_t m_tiles_bound = p.layout == GroupedLayout::kContiguous
                                     ? a_rows / kernel::kTile + std::min<int64_t>(p.groups, a_rows)
                                     : p.groups * ((p.m + kernel::kTile - 1) / kernel::kTile);
-  DSV3_CHECK(m_tiles_bound * args.n_units * kCluster <= INT32_MAX && a_rows <= INT32_MAX,
-             "a/b: more output tiles than the kernel's loop counts");
+  // before anything is enqueued (a graph being captured gets no partial call)
+  DSV3_CHECK(a_rows <= INT32_MAX && m_tiles_bound * args.n_units + num_sms <= INT32_MAX,
+             "a: more rows or output tiles than the kernel's loops count");
+
+  if (p.layout == GroupedLayout::kContiguous) find_contiguous_group_rows(p, g, num_sms, stream);
+  list_group_tiles<<<1, 1024, 0, stream>>>(p, g, group_tiles);
+  DSV3_CUDA_CHECK(cudaGetLastError());
   if (m_tiles_bound > 0) {
     launch<kCluster, true>(args, p.a, a_rows, p.b, p.groups * p.n, p.k, m_tiles_bound * args.n_units, num_sms, stream);
   }
