@@ -127,3 +127,22 @@ def test_the_smoke_script_covers_every_untried_kernel():
     script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "smoke_untried_kernels.py"
     listed = subprocess.run([sys.executable, str(script), "--list"], capture_output=True, text=True, check=True)
     assert set(listed.stdout.split()) == set(GEMM_KERNEL_VARIANTS) | {"mla_rows"}
+
+
+def test_suites_run_in_the_order_given_each_once(monkeypatch, tmp_path):
+    import json
+
+    import dsv3.bench as bench
+
+    def suite(name):
+        def run(device, quick, reps):
+            report = Report(name)
+            report.add(Row("op", "case", device.type, us=1.0))
+            return report
+
+        return run
+
+    monkeypatch.setattr(bench, "SUITES", {name: suite(name) for name in ("a", "b", "c")})
+    path = tmp_path / "out.json"
+    bench.main(["c", "all", "--device", "cpu", "--json", str(path)])  # c first, then the others once
+    assert [r["title"] for r in json.loads(path.read_text())["reports"]] == ["c", "a", "b"]
