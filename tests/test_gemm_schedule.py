@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv3.ops.extension import _C
+from dsv3.ops.extension import _C, cuda_compiled
 
 H200_SMS = 132
 # (N, K) of every DeepSeek-V3 FP8 linear layer
@@ -118,3 +118,13 @@ def test_every_deepseek_shape_gets_a_valid_schedule(m, n, k):
 def test_empty_problem():
     assert schedule(0, 7168, 2048)["decomposition"] == "data_parallel"
     assert schedule(0, 7168, 2048)["tiles"] == 0
+
+
+@pytest.mark.skipif(not cuda_compiled(), reason="built without CUDA kernels")
+def test_an_unknown_kernel_request_is_an_error_naming_the_variable(monkeypatch):
+    # the CUDA GEMM's schedule is resolved (and this checked) before any device work, so no GPU is needed
+    monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "overlapp")
+    with pytest.raises(ValueError, match="DSV3_FP8_GEMM_KERNEL: expected overlap or overlap_cluster"):
+        _C.cuda.fp8_gemm_workspace_bytes(4096, 7168, 16384, 132, None)
+    monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "overlap_cluster")
+    assert _C.cuda.fp8_gemm_workspace_bytes(64, 576, 7168, 132, None) == 0  # the heuristic would split K here

@@ -271,6 +271,14 @@ def test_rows_kernel_is_not_used_for_the_fp8_cache(rows_kernel, monkeypatch):
     assert torch.equal(out, default_out) and torch.equal(lse, default_lse)
 
 
+def test_an_unknown_kernel_request_is_an_error_naming_the_variable(monkeypatch):
+    cache, block_table, seqlens = _paged_cache([70], device=CUDA)
+    q = torch.randn(1, 1, 16, ref.HEAD_DIM).to(torch.bfloat16).to(CUDA)
+    monkeypatch.setenv("DSV3_MLA_KERNEL", "row")
+    with pytest.raises(ValueError, match="DSV3_MLA_KERNEL: expected rows"):
+        _decode(q, cache, block_table, seqlens, False)
+
+
 def test_decode_and_schedule_capture_in_a_cuda_graph():
     cache, block_table, seqlens = _paged_cache([700, 64, 1500], device=CUDA)
     q = torch.randn(3, 2, 16, ref.HEAD_DIM).to(torch.bfloat16).to(CUDA)

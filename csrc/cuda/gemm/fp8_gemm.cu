@@ -14,9 +14,10 @@ namespace dsv3::cuda {
 
 std::optional<Fp8GemmVariant> requested_fp8_gemm_variant() {
   const char* value = std::getenv("DSV3_FP8_GEMM_KERNEL");
-  if (value == nullptr) return std::nullopt;
+  if (value == nullptr || *value == '\0') return std::nullopt;
   if (std::strcmp(value, "overlap") == 0) return Fp8GemmVariant::kTile128x128Overlap;
   if (std::strcmp(value, "overlap_cluster") == 0) return Fp8GemmVariant::kTile128x128OverlapCluster1x2;
+  DSV3_CHECK(false, "DSV3_FP8_GEMM_KERNEL: expected overlap or overlap_cluster (or unset), got '", value, "'");
   return std::nullopt;
 }
 

@@ -51,16 +51,18 @@ void launch_rows_decode(const CUtensorMap& q_map, const CUtensorMap& cache_map, 
 
 bool rows_kernel_requested() {
   const char* value = std::getenv("DSV3_MLA_KERNEL");
-  return value != nullptr && std::strcmp(value, "rows") == 0;
+  if (value == nullptr || *value == '\0') return false;
+  DSV3_CHECK(std::strcmp(value, "rows") == 0, "DSV3_MLA_KERNEL: expected rows (or unset), got '", value, "'");
+  return true;
 }
 
 template <bool kFp8>
-void launch_decode_for_rows(int64_t rows, const CUtensorMap& q_map, const CUtensorMap& cache_map,
+void launch_decode_for_rows(int64_t rows, bool rows_kernel, const CUtensorMap& q_map, const CUtensorMap& cache_map,
                             const MlaDecodeParams& p, cudaStream_t stream) {
   if (rows <= 16) return launch_decode<16, kFp8>(q_map, cache_map, p, 1, stream);
   if (rows <= 32) return launch_decode<32, kFp8>(q_map, cache_map, p, 1, stream);
   const int tiles = static_cast<int>((rows + 63) / 64);
-  if (!kFp8 && rows_kernel_requested()) return launch_rows_decode(q_map, cache_map, p, tiles, stream);
+  if (!kFp8 && rows_kernel) return launch_rows_decode(q_map, cache_map, p, tiles, stream);
   launch_decode<64, kFp8>(q_map, cache_map, p, tiles, stream);
 }
 
@@ -77,6 +79,7 @@ void mla_decode(const MlaDecodeParams& params, std::uintptr_t stream_handle) {
   DSV3_CHECK(params.batch * params.s_q * params.heads < (int64_t{1} << 31), "q: more than 2^31 query rows");
   DSV3_CHECK((reinterpret_cast<std::uintptr_t>(params.q) | reinterpret_cast<std::uintptr_t>(params.kv_cache)) % 16 == 0,
              "q/kv_cache: expected 16-byte aligned device pointers");
+  const bool rows_kernel = rows_kernel_requested();  // checked before anything is enqueued
   if (params.batch == 0) return;
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const int64_t rows = params.s_q * params.heads;
@@ -92,9 +95,9 @@ void mla_decode(const MlaDecodeParams& params, std::uintptr_t stream_handle) {
   const CUtensorMap cache_map =
       cache_map_used ? bf16_rows_map(params.kv_cache, static_cast<uint64_t>(params.num_blocks) * 64, 64) : q_map;
   if (params.fp8_cache) {
-    launch_decode_for_rows<true>(rows, q_map, cache_map, params, stream);
+    launch_decode_for_rows<true>(rows, rows_kernel, q_map, cache_map, params, stream);
   } else {
-    launch_decode_for_rows<false>(rows, q_map, cache_map, params, stream);
+    launch_decode_for_rows<false>(rows, rows_kernel, q_map, cache_map, params, stream);
   }
   const dim3 grid(static_cast<unsigned>(params.batch), static_cast<unsigned>(rows));
   mla::mla_combine_kernel<<<grid, mla::kCombineThreads, 0, stream>>>(params);
