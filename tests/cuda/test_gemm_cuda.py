@@ -99,3 +99,24 @@ def test_every_forced_schedule_computes_the_same_product(m, n, k):
     ]:
         with pytest.raises(ValueError, match=message):
             _C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, bad)
+
+
+@pytest.mark.usefixtures("exact_fp32_matmul")
+@pytest.mark.parametrize("name", list(GEMM_KERNEL_VARIANTS))
+@pytest.mark.parametrize("sms", [1, 2, 5])
+def test_overlap_kernel_on_few_sms_walks_many_tiles_per_cta(name, sms):
+    """A grid of 1-5 SMs: each CTA (or cluster) takes many tiles in turn, so the ring's phases wrap many times and
+    the producer runs tiles ahead of the consumers."""
+    from dsv3.ops.extension import _C
+
+    if name in skipped_kernels():
+        pytest.skip(f"DSV3_SKIP_KERNELS names {name}: its smoke run failed")
+    m, n, k = 300, 1408, 640  # 3 x 11 tiles (odd: a phantom tile in clusters), 5 K blocks
+    a = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
+    b = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda") * 0.02)
+    out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    forced = (GEMM_KERNEL_VARIANTS[name], 0, 1)
+    stream = torch.cuda.current_stream().cuda_stream
+    _C.cuda.fp8_gemm_nt(a[0].data_ptr(), a[1].data_ptr(), b[0].data_ptr(), b[1].data_ptr(), out.data_ptr(), m, n, k,
+                        0, sms, stream, forced)  # fmt: skip
+    assert calc_diff(out, ref.fp8_gemm_nt(a, b)) <= 1e-5
