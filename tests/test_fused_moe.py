@@ -125,6 +125,7 @@ def _reference(x, weights, idx, w13, w2, shared=None):
     return reference_fused_experts(x, weights.cpu(), idx.cpu(), cpu(w13), cpu(w2), **shared)
 
 
+@pytest.mark.usefixtures("gemm_kernel")
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tokens", [1, 48])
 def test_deepseek_routing_every_layout(device, layout, tokens):
@@ -141,6 +142,7 @@ def test_deepseek_routing_every_layout(device, layout, tokens):
     assert_matches(out, expected, atol=2e-3)
 
 
+@pytest.mark.usefixtures("gemm_kernel")
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_skewed_empty_and_missing_slots_every_layout(device, layout):
     w13, w2 = _experts(8, 256, 256, device)
