@@ -34,7 +34,7 @@ failed=()
 for name in $($python scripts/smoke_untried_kernels.py --list); do
   timeout 60 $python scripts/smoke_untried_kernels.py "$name" >>"$logs/smoke.log" 2>&1 || failed+=("$name")
 done
-export DSV3_SKIP_KERNELS="${failed[*]}"
+export DSV3_SKIP_KERNELS="${failed[*]:-}"
 echo "failed smoke runs: ${DSV3_SKIP_KERNELS:-none}"
 tail -n 5 "$logs/smoke.log"
 
