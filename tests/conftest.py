@@ -12,6 +12,12 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def skip_if_smoke_failed(kernel: str) -> None:
+    """Skips a test of a kernel that scripts/gpu_check.sh's smoke run found failing or hanging (DSV3_SKIP_KERNELS)."""
+    if kernel in skipped_kernels():
+        pytest.skip(f"DSV3_SKIP_KERNELS names {kernel}: its smoke run failed")
+
+
 def _choose_kernel(choice: str, device: torch.device, monkeypatch: pytest.MonkeyPatch) -> str:
     if choice == "no_amx":
         if device.type != "cpu":
@@ -20,8 +26,7 @@ def _choose_kernel(choice: str, device: torch.device, monkeypatch: pytest.Monkey
     elif choice in GEMM_KERNEL_VARIANTS:
         if device.type != "cuda":
             pytest.skip("DSV3_FP8_GEMM_KERNEL only concerns the CUDA kernels")
-        if choice in skipped_kernels():
-            pytest.skip(f"DSV3_SKIP_KERNELS names {choice}: its smoke run failed")
+        skip_if_smoke_failed(choice)
         monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", choice)
     return choice
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.testing import skipped_kernels
-
 
 def _gpu_ready() -> tuple[bool, str]:
     if not torch.cuda.is_available():
@@ -29,14 +27,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda")
-
-
-@pytest.fixture(params=["auto", "overlap", "overlap_cluster"])
-def cuda_gemm_kernel(request, monkeypatch) -> str:
-    """The FP8 GEMMs (dense and grouped) on the kernels the library picks, then on the hand-written kernel
-    (DSV3_FP8_GEMM_KERNEL), alone and in 1x2 clusters."""
-    if request.param != "auto":
-        if request.param in skipped_kernels():
-            pytest.skip(f"DSV3_SKIP_KERNELS names {request.param}: its smoke run failed")
-        monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", request.param)
-    return request.param

@@ -11,7 +11,7 @@ from tests.test_fused_moe import *  # noqa: F403
 from tests.test_fused_moe import _experts, _reference, _shared_expert, assert_matches
 
 
-@pytest.mark.usefixtures("cuda_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 @pytest.mark.parametrize("shared", [False, True])
 def test_masked_decode_replays_in_a_cuda_graph_with_new_routing(shared):
     # a decode step: the masked layout keeps every count on the device, so the whole call is captured once and

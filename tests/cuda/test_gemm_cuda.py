@@ -9,6 +9,7 @@ import torch
 import dsv3
 from dsv3.reference import gemm as ref
 from dsv3.testing import GEMM_KERNEL_VARIANTS, assert_same_nonfinite, calc_diff, skipped_kernels
+from tests.conftest import skip_if_smoke_failed
 from tests.test_gemm import *  # noqa: F403  (the same tests, collected again with device=cuda)
 from tests.test_gemm import DSV3_SHAPES
 
@@ -22,7 +23,7 @@ def exact_fp32_matmul():
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.mark.usefixtures("exact_fp32_matmul", "cuda_gemm_kernel")
+@pytest.mark.usefixtures("exact_fp32_matmul", "gemm_kernel")
 @pytest.mark.parametrize("n,k", DSV3_SHAPES, ids=lambda v: str(v))
 def test_real_shapes_match_reference(n, k):
     w = torch.randn(n, k, device="cuda") * 0.02
@@ -37,7 +38,7 @@ def test_real_shapes_match_reference(n, k):
         assert diff <= 1e-5, f"M={m} N={n} K={k}: calc_diff {diff:.3e}"
 
 
-@pytest.mark.usefixtures("exact_fp32_matmul", "cuda_gemm_kernel")
+@pytest.mark.usefixtures("exact_fp32_matmul", "gemm_kernel")
 def test_captured_in_cuda_graph():
     m, n, k = 64, 576, 7168
     a_q, a_s = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
@@ -109,8 +110,7 @@ def test_overlap_kernel_on_few_sms_walks_many_tiles_per_cta(name, sms):
     the producer runs tiles ahead of the consumers."""
     from dsv3.ops.extension import _C
 
-    if name in skipped_kernels():
-        pytest.skip(f"DSV3_SKIP_KERNELS names {name}: its smoke run failed")
+    skip_if_smoke_failed(name)
     m, n, k = 300, 1408, 640  # 3 x 11 tiles (odd: a phantom tile in clusters), 5 K blocks
     a = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
     b = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda") * 0.02)

@@ -12,7 +12,7 @@ from tests.test_grouped_gemm import *  # noqa: F403  (the same tests, collected 
 from tests.test_grouped_gemm import _contiguous_rows, _weights
 
 
-@pytest.mark.usefixtures("cuda_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 def test_full_size_deepseek_experts():
     # 8 local experts, gate/up N=4096 K=7168 and down N=7168 K=2048, skewed loads with one empty expert
     counts = [700, 0, 3, 128, 1, 257, 64, 40]
@@ -26,7 +26,7 @@ def test_full_size_deepseek_experts():
         assert torch.all(out[m_indices == -1] == 0)
 
 
-@pytest.mark.usefixtures("cuda_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 def test_masked_replays_in_a_cuda_graph_with_new_counts():
     groups, m_max, n, k = 8, 64, 2048, 7168
     qb, sb = _weights(groups, n, k, "cuda")
@@ -48,7 +48,7 @@ def test_masked_replays_in_a_cuda_graph_with_new_counts():
         assert calc_diff(out[g, :rows].float(), expected[g, :rows].float()) < 1e-5
 
 
-@pytest.mark.usefixtures("cuda_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 def test_contiguous_group_whose_rows_are_not_one_run_is_zeroed():
     """The GPU computes each group over one run of rows; a group split in two is skipped and its rows are zeroed
     (never a product over other groups' rows), the other groups are unaffected."""
@@ -63,7 +63,7 @@ def test_contiguous_group_whose_rows_are_not_one_run_is_zeroed():
     assert torch.all(out[~ones] == 0)
 
 
-@pytest.mark.usefixtures("cuda_gemm_kernel")
+@pytest.mark.usefixtures("gemm_kernel")
 def test_masked_counts_outside_the_slab_are_clamped_to_it():
     """masked_m lives on the device, so the GPU cannot reject a count: below 0 it computes nothing, beyond m_max the
     whole slab; nothing outside the group's slab is written."""

@@ -9,7 +9,8 @@ import torch
 
 import dsv3
 from dsv3.reference import mla as ref
-from dsv3.testing import assert_bitwise_equal, assert_close, calc_diff, skipped_kernels
+from dsv3.testing import assert_bitwise_equal, assert_close, calc_diff
+from tests.conftest import skip_if_smoke_failed
 from tests.test_mla import *  # noqa: F403  (the same tests, collected again with device=cuda)
 from tests.test_mla import SEQLENS, _assert_matches_reference, _bad_input_case, _decode, _paged_cache
 
@@ -203,8 +204,7 @@ def test_results_do_not_depend_on_page_placement():
 
 @pytest.fixture
 def rows_kernel(monkeypatch):
-    if "mla_rows" in skipped_kernels():
-        pytest.skip("DSV3_SKIP_KERNELS names mla_rows: its smoke run failed")
+    skip_if_smoke_failed("mla_rows")
     monkeypatch.setenv("DSV3_MLA_KERNEL", "rows")
 
 
