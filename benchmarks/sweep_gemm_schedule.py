@@ -23,19 +23,26 @@ VARIANTS = [
     "tile128x128_cluster1x2",
     "tile128x128_overlap",
     "tile128x128_overlap_cluster1x2",
+    "decode128x64",
 ]
 DECOMPOSITIONS = ["data_parallel", "split_k", "stream_k"]
 SPLITS = (2, 3, 4, 6, 8, 12, 16)
+DECODE_SPLITS = (2, 3, 4, 6, 8)  # clusters of up to 8 CTAs
 
 
 def candidates(m: int, k: int) -> list[tuple[int, int, int]]:
     """(variant, decomposition, splits) codes worth timing: swap-AB only where the tokens fit its 64-wide side,
     ping-pong data-parallel only, the 1x2 clusters from 128 tokens on (they share tiles of the tokens), the
-    hand-written overlap kernels (data-parallel only, alone and in 1x2 clusters) from 128 tokens on, unless
-    DSV3_SKIP_KERNELS names them."""
+    hand-written overlap kernels (data-parallel only, alone and in 1x2 clusters) from 128 tokens on, the hand-written
+    decode kernel (data-parallel or K split in clusters) up to 128 tokens; none of the hand-written kernels that
+    DSV3_SKIP_KERNELS names."""
     k_blocks = (k + 127) // 128
-    overlap = [(v, 0, 1) for name, v in GEMM_KERNEL_VARIANTS.items() if name not in skipped_kernels()]
-    out = [(2, 0, 1)] + (overlap if m >= 128 else [])
+    tried = {name: v for name, v in GEMM_KERNEL_VARIANTS.items() if name not in skipped_kernels()}
+    out = [(2, 0, 1)]
+    if m >= 128:
+        out += [(v, 0, 1) for name, v in tried.items() if name != "decode"]
+    if m <= 128 and "decode" in tried:
+        out += [(tried["decode"], 0, 1)] + [(tried["decode"], 1, s) for s in DECODE_SPLITS if s <= k_blocks]
     for variant in (0, 1) if m <= 64 else (0, 3) if m >= 128 else (0,):
         out += [(variant, 0, 1), (variant, 2, 1)] + [(variant, 1, s) for s in SPLITS if s <= k_blocks]
     return out

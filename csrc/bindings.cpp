@@ -379,7 +379,8 @@ PYBIND11_MODULE(_C, m) {
         const dsv3::Fp8GemmSchedule schedule = dsv3::choose_fp8_gemm_schedule(m, n, k, num_sms);
         static const char* variants[] = {"tile128x128",         "swapab128x64",
                                          "pingpong64x128",      "tile128x128_cluster1x2",
-                                         "tile128x128_overlap", "tile128x128_overlap_cluster1x2"};
+                                         "tile128x128_overlap", "tile128x128_overlap_cluster1x2",
+                                         "decode128x64"};
         static const char* decompositions[] = {"data_parallel", "split_k", "stream_k"};
         py::dict out;
         out["variant"] = variants[static_cast<int>(schedule.variant)];
@@ -390,6 +391,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_sms"),
       "How the CUDA FP8 GEMM would run an (m, n, k) problem on a GPU with num_sms SMs");
+  m.def("fp8_gemm_decode_splits", &dsv3::decode_splits, py::arg("tiles"), py::arg("k"), py::arg("num_sms"),
+        "The K splits (cluster size) of the CUDA decode GEMM kernel for `tiles` tiles of 128 weight rows x 64 tokens");
 
   py::module_ cpu = m.def_submodule("cpu", "C++ CPU kernels");
   cpu.def(

@@ -38,11 +38,11 @@ def cpu_kernel(request, device, monkeypatch) -> str:
     return _choose_kernel(request.param, device, monkeypatch)
 
 
-@pytest.fixture(params=["auto", "no_amx", "overlap", "overlap_cluster"])
+@pytest.fixture(params=["auto", "no_amx", "overlap", "overlap_cluster", "decode"])
 def gemm_kernel(request, device, monkeypatch) -> str:
     """The FP8 GEMM's kernel choices: what the device picks; on the CPU again with DSV3_CPU_NO_AMX=1, on a GPU again
     with DSV3_FP8_GEMM_KERNEL=overlap and =overlap_cluster (every shape on the hand-written sm_90a kernel, alone and
-    in 1x2 clusters)."""
+    in 1x2 clusters) and =decode (the dense and masked grouped GEMMs on the hand-written decode kernel, at any M)."""
     return _choose_kernel(request.param, device, monkeypatch)
 
 

@@ -124,7 +124,35 @@ def test_empty_problem():
 def test_an_unknown_kernel_request_is_an_error_naming_the_variable(monkeypatch):
     # the CUDA GEMM's schedule is resolved (and this checked) before any device work, so no GPU is needed
     monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "overlapp")
-    with pytest.raises(ValueError, match="DSV3_FP8_GEMM_KERNEL: expected overlap or overlap_cluster"):
+    with pytest.raises(ValueError, match="DSV3_FP8_GEMM_KERNEL: expected overlap, overlap_cluster or decode"):
         _C.cuda.fp8_gemm_workspace_bytes(4096, 7168, 16384, 132, None)
     monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "overlap_cluster")
     assert _C.cuda.fp8_gemm_workspace_bytes(64, 576, 7168, 132, None) == 0  # the heuristic would split K here
+    monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "decode")
+    assert _C.cuda.fp8_gemm_workspace_bytes(64, 576, 7168, 132, None) == 0  # split K, but through shared memory
+
+
+@pytest.mark.parametrize(
+    "m,n,k,splits",
+    [
+        (64, 7168, 16384, 4),  # 56 tiles: 224 CTAs on 264 slots (two per SM)
+        (1, 576, 7168, 8),  # 5 tiles: a full cluster of 8
+        (16, 4096, 7168, 8),  # 32 tiles x 8 = 256 CTAs; 7 K blocks a split
+        (64, 7168, 2048, 4),  # 16 K blocks: 4 a split at 4 splits
+        (1, 24576, 1536, 1),  # 192 tiles fill the SMs alone
+        (128, 7168, 16384, 2),  # 2 tiles of tokens x 56
+        (1, 576, 512, 1),  # 4 K blocks: no split
+    ],
+)
+def test_decode_kernel_splits_k_to_fill_two_ctas_per_sm(m, n, k, splits):
+    tiles = -(-m // 64) * -(-n // 128)
+    assert _C.fp8_gemm_decode_splits(tiles, k, H200_SMS) == splits
+
+
+@pytest.mark.parametrize("n,k", DEEPSEEK_V3_SHAPES)
+@pytest.mark.parametrize("m", [0, 1, 16, 64, 128, 512])
+def test_decode_kernel_splits_stay_within_a_cluster_the_slots_and_k(m, n, k):
+    tiles = -(-m // 64) * -(-n // 128)
+    splits = _C.fp8_gemm_decode_splits(tiles, k, H200_SMS)
+    assert 1 <= splits <= 8
+    assert splits == 1 or (splits * tiles <= 2 * H200_SMS and 4 * splits <= -(-k // 128))

@@ -114,7 +114,13 @@ def test_kernels_named_in_dsv3_skip_kernels_are_left_out_of_the_sweep(monkeypatc
     monkeypatch.setenv("DSV3_SKIP_KERNELS", "overlap, mla_rows")
     assert skipped_kernels() == {"overlap", "mla_rows"}
     assert (4, 0, 1) not in sweep.candidates(4096, 7168) and (5, 0, 1) in sweep.candidates(4096, 7168)
-    assert set(GEMM_KERNEL_VARIANTS) == {"overlap", "overlap_cluster"}
+    assert set(GEMM_KERNEL_VARIANTS) == {"overlap", "overlap_cluster", "decode"}
+    # the decode kernel: up to 128 tokens, data-parallel and K split over clusters of up to 8 CTAs (K blocks allowing)
+    assert {(6, 0, 1), (6, 1, 2), (6, 1, 8)} <= set(sweep.candidates(64, 7168))
+    assert not any(v == 6 for v, _, _ in sweep.candidates(512, 7168))
+    assert {s for v, d, s in sweep.candidates(1, 512) if v == 6} == {1, 2, 3, 4}  # 4 K blocks
+    monkeypatch.setenv("DSV3_SKIP_KERNELS", "decode")
+    assert not any(v == 6 for v, _, _ in sweep.candidates(64, 7168))
 
 
 def test_the_smoke_script_covers_every_untried_kernel():

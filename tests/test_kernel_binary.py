@@ -61,6 +61,22 @@ def test_overlap_gemm_keeps_one_k_block_of_wgmmas_in_flight_while_promoting(sass
     assert {u["REG"] for name, u in usage.items() if "fp8_gemm_overlap_kernel" in name} == {168}
 
 
+def test_decode_gemm_streams_tiles_and_scales_and_reduces_splits_through_the_cluster(sass):
+    # DSV3_FP8_GEMM_KERNEL=decode (variant 6, dense and masked grouped): m64n64k32 FP8 wgmmas on TMA-loaded tiles,
+    # the scales copied by cp.async completing on the same mbarriers, and the K splits' partial sums read from the
+    # peers' shared memory (16-byte loads) between two cluster barriers
+    kernels = {name: code for name, code in sass.items() if "fp8_gemm_decode_kernel" in name}
+    assert len(kernels) == 2, sorted(kernels)
+    for name, code in kernels.items():
+        assert set(re.findall(r"\b[HQ]GMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3\b", code)) == {"64"}, name
+        assert "UTMALDG.2D" in code and "MULTICAST" not in code, name
+        assert "LDGSTS" in code and "ARRIVES.LDGSTSBAR.64.ARVCNT" in code, name
+        assert code.count("UCGABAR_WAIT") == 2 and "LD.E.128" in code, name
+    # two CTAs of 288 threads share an SM: at most 113 registers a thread
+    usage = cuda_binary.resource_usage()
+    assert all(u["REG"] <= 112 for name, u in usage.items() if "fp8_gemm_decode_kernel" in name)
+
+
 def test_no_kernel_spills_registers():
     usage = cuda_binary.resource_usage()
     assert usage, "no kernels listed"

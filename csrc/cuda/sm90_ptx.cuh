@@ -84,12 +84,46 @@ __device__ __forceinline__ void tma_load_2d_multicast(void* destination, const C
       : "memory");
 }
 
+// 4 bytes into shared memory without waiting (LDGSTS); cp_async_arrive_noinc tells an mbarrier when they landed.
+__device__ __forceinline__ void cp_async_4(void* destination, const void* source) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_address(destination)),
+               "l"(reinterpret_cast<uint64_t>(source))
+               : "memory");
+}
+
+// One arrival on the barrier once every cp_async_4 this thread issued before has landed. The arrival is one of the
+// barrier's initial count (.noinc), so a barrier expecting it is initialized with one more arrival per thread.
+__device__ __forceinline__ void cp_async_arrive_noinc(uint64_t* barrier) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_address(barrier)) : "memory");
+}
+
 // ---- thread block clusters -----------------------------------------------------------------------------------------
 
 __device__ __forceinline__ uint32_t cluster_cta_rank() {
   uint32_t rank;
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
   return rank;
+}
+
+__device__ __forceinline__ uint32_t cluster_cta_count() {
+  uint32_t count;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(count));
+  return count;
+}
+
+// 16 bytes at shared-memory address `address` (16-byte aligned) of CTA `cta` of this cluster.
+__device__ __forceinline__ float4 load_shared_cluster_f32x4(uint32_t address, uint32_t cta) {
+  float4 value;
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %4, %5;\n"
+      "ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [remote];\n"
+      "}\n"
+      : "=f"(value.x), "=f"(value.y), "=f"(value.z), "=f"(value.w)
+      : "r"(address), "r"(cta)
+      : "memory");
+  return value;
 }
 
 // Every thread of every CTA of the cluster arrives and waits: orders barrier initialization before any CTA's copies
@@ -130,6 +164,22 @@ __device__ __forceinline__ void named_barrier(uint32_t id, uint32_t threads) {
 __device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads) {
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
+
+// ---- rings of shared-memory stages --------------------------------------------------------------------------------
+
+// Position in a ring of kStages stages guarded by full/empty mbarrier pairs; the producer and the consumers walk the
+// same sequence of fills, the phase bit flipping at each wrap.
+template <int kStages>
+struct RingPosition {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void advance() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
 
 // ---- warpgroup MMA -------------------------------------------------------------------------------------------------
 

@@ -7,14 +7,14 @@ import os
 import torch
 
 # CUDA FP8 GEMM variants (codes of dsv3/gemm_schedule.h) by their DSV3_FP8_GEMM_KERNEL names
-GEMM_KERNEL_VARIANTS = {"overlap": 4, "overlap_cluster": 5}
+GEMM_KERNEL_VARIANTS = {"overlap": 4, "overlap_cluster": 5, "decode": 6}
 
 
 def skipped_kernels() -> frozenset[str]:
-    """The kernels named in DSV3_SKIP_KERNELS (separated by spaces or commas): ``overlap``, ``overlap_cluster``
-    (DSV3_FP8_GEMM_KERNEL values) and ``mla_rows`` (DSV3_MLA_KERNEL=rows). scripts/gpu_check.sh names there each
-    kernel not yet proven on a GPU whose smoke run (scripts/smoke_untried_kernels.py) failed or hung, so the GPU
-    tests, the schedule sweep, the profiles and the benchmarks leave it out instead of waiting on it."""
+    """The kernels named in DSV3_SKIP_KERNELS (separated by spaces or commas): ``overlap``, ``overlap_cluster``,
+    ``decode`` (DSV3_FP8_GEMM_KERNEL values) and ``mla_rows`` (DSV3_MLA_KERNEL=rows). scripts/gpu_check.sh names
+    there each kernel not yet proven on a GPU whose smoke run (scripts/smoke_untried_kernels.py) failed or hung, so
+    the GPU tests, the schedule sweep, the profiles and the benchmarks leave it out instead of waiting on it."""
     return frozenset(os.environ.get("DSV3_SKIP_KERNELS", "").replace(",", " ").split())
 
 

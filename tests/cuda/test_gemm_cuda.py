@@ -82,8 +82,10 @@ def test_every_forced_schedule_computes_the_same_product(m, n, k):
     variants = (0, 1, 3) if m <= 64 else (0, 3)
     schedules = [(v, d, 1) for v in variants for d in (0, 2)] + [(v, 1, s) for v in variants for s in (2, 5, 16)]
     skipped = {GEMM_KERNEL_VARIANTS[name] for name in skipped_kernels() & GEMM_KERNEL_VARIANTS.keys()}
-    overlap = [(v, 0, 1) for v in GEMM_KERNEL_VARIANTS.values() if v not in skipped]
-    for forced in [*schedules, (2, 0, 1), *overlap]:  # and ping-pong and overlap, data-parallel
+    hand_written = [(v, 0, 1) for v in GEMM_KERNEL_VARIANTS.values() if v not in skipped]
+    if GEMM_KERNEL_VARIANTS["decode"] not in skipped:  # K split over clusters of 2, 5 and 8 CTAs
+        hand_written += [(GEMM_KERNEL_VARIANTS["decode"], 1, s) for s in (2, 5, 8)]
+    for forced in [*schedules, (2, 0, 1), *hand_written]:  # and ping-pong, data-parallel
         out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
         workspace = torch.empty(max(_C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, forced), 1), dtype=torch.uint8,
                                 device="cuda")  # fmt: skip
@@ -91,19 +93,21 @@ def test_every_forced_schedule_computes_the_same_product(m, n, k):
                             k, workspace.data_ptr(), sms, stream, forced)  # fmt: skip
         assert calc_diff(out, expected) <= 1e-5, f"schedule {forced}"
     for bad, message in [
-        ((6, 0, 1), "variant"),
+        ((7, 0, 1), "variant"),
         ((0, 3, 1), "decomposition"),
         ((0, 0, 2), "splits"),
         ((2, 1, 2), "data-parallel only"),
         ((4, 2, 1), "data-parallel only"),
         ((5, 1, 2), "data-parallel only"),
+        ((6, 2, 1), "decode variant data-parallel or split-K"),
+        ((6, 1, 9), "at most 8 CTAs"),
     ]:
         with pytest.raises(ValueError, match=message):
             _C.cuda.fp8_gemm_workspace_bytes(m, n, k, sms, bad)
 
 
 @pytest.mark.usefixtures("exact_fp32_matmul")
-@pytest.mark.parametrize("name", list(GEMM_KERNEL_VARIANTS))
+@pytest.mark.parametrize("name", ["overlap", "overlap_cluster"])
 @pytest.mark.parametrize("sms", [1, 2, 5])
 def test_overlap_kernel_on_few_sms_walks_many_tiles_per_cta(name, sms):
     """A grid of 1-5 SMs: each CTA (or cluster) takes many tiles in turn, so the ring's phases wrap many times and
@@ -120,3 +124,30 @@ def test_overlap_kernel_on_few_sms_walks_many_tiles_per_cta(name, sms):
     _C.cuda.fp8_gemm_nt(a[0].data_ptr(), a[1].data_ptr(), b[0].data_ptr(), b[1].data_ptr(), out.data_ptr(), m, n, k,
                         0, sms, stream, forced)  # fmt: skip
     assert calc_diff(out, ref.fp8_gemm_nt(a, b)) <= 1e-5
+
+
+@pytest.mark.usefixtures("exact_fp32_matmul")
+@pytest.mark.parametrize("m", [1, 63, 65, 130])
+def test_decode_kernel_splits_k_over_clusters_of_one_to_eight(m):
+    """The decode kernel (variant 6) with K split over clusters of 1-8 CTAs, uneven splits of 9 K blocks (the last
+    one partial), a partial last tile of weight rows (N = 584) and 1-3 tiles of tokens (the last partial): equal to
+    the reference, every output written, and the same bits on a second run (the splits are summed in rank order)."""
+    from dsv3.ops.extension import _C
+
+    skip_if_smoke_failed("decode")
+    n, k = 584, 1040
+    a = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
+    b = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda") * 0.02)
+    expected = ref.fp8_gemm_nt(a, b)
+    stream = torch.cuda.current_stream().cuda_stream
+    for splits in range(1, 9):
+        forced = (GEMM_KERNEL_VARIANTS["decode"], 0 if splits == 1 else 1, splits)
+        runs = []
+        for _ in range(2):
+            out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+            _C.cuda.fp8_gemm_nt(a[0].data_ptr(), a[1].data_ptr(), b[0].data_ptr(), b[1].data_ptr(), out.data_ptr(),
+                                m, n, k, 0, 132, stream, forced)  # fmt: skip
+            runs.append(out)
+        assert not runs[0].isnan().any(), f"{splits} splits: outputs left unwritten"
+        assert calc_diff(runs[0], expected) <= 1e-5, f"{splits} splits"
+        assert torch.equal(runs[0], runs[1]), f"{splits} splits: two runs differ"

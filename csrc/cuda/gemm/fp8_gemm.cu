@@ -17,7 +17,8 @@ std::optional<Fp8GemmVariant> requested_fp8_gemm_variant() {
   if (value == nullptr || *value == '\0') return std::nullopt;
   if (std::strcmp(value, "overlap") == 0) return Fp8GemmVariant::kTile128x128Overlap;
   if (std::strcmp(value, "overlap_cluster") == 0) return Fp8GemmVariant::kTile128x128OverlapCluster1x2;
-  DSV3_CHECK(false, "DSV3_FP8_GEMM_KERNEL: expected overlap or overlap_cluster (or unset), got '", value, "'");
+  if (std::strcmp(value, "decode") == 0) return Fp8GemmVariant::kDecode128x64;
+  DSV3_CHECK(false, "DSV3_FP8_GEMM_KERNEL: expected overlap, overlap_cluster or decode (or unset), got '", value, "'");
   return std::nullopt;
 }
 
@@ -27,22 +28,34 @@ Fp8GemmSchedule schedule_for(int64_t m, int64_t n, int64_t k, int num_sms,
                              const std::optional<Fp8GemmSchedule>& forced) {
   if (!forced) {
     if (const std::optional<Fp8GemmVariant> variant = requested_fp8_gemm_variant()) {
+      if (*variant == Fp8GemmVariant::kDecode128x64) {
+        const int64_t tiles = (m + 63) / 64 * ((n + 127) / 128);
+        const int32_t splits = decode_splits(tiles, k, num_sms);
+        return {*variant, splits > 1 ? Fp8GemmDecomposition::kSplitK : Fp8GemmDecomposition::kDataParallel, splits,
+                tiles};
+      }
       return {*variant, Fp8GemmDecomposition::kDataParallel, 1, (m + 127) / 128 * ((n + 127) / 128)};
     }
     return choose_fp8_gemm_schedule(m, n, k, num_sms);
   }
   const Fp8GemmSchedule& s = *forced;
   const auto variant = static_cast<int32_t>(s.variant), decomposition = static_cast<int32_t>(s.decomposition);
-  DSV3_CHECK(variant >= 0 && variant <= 5,
+  DSV3_CHECK(variant >= 0 && variant <= 6,
              "schedule: variant must be 0 (128x128), 1 (swap-AB 128x64), 2 (ping-pong 64x128), 3 (128x128 in 1x2 "
-             "clusters), 4 (hand-written 128x128, overlapped promotion) or 5 (4 in 1x2 clusters), got ",
+             "clusters), 4 (hand-written 128x128, overlapped promotion), 5 (4 in 1x2 clusters) or 6 (hand-written "
+             "decode, K split in clusters), got ",
              variant);
   DSV3_CHECK(decomposition >= 0 && decomposition <= 2,
              "schedule: decomposition must be 0 (data-parallel), 1 (split-K) or 2 (stream-K), got ", decomposition);
   DSV3_CHECK((variant < 4 && s.variant != Fp8GemmVariant::kPingpong64x128) ||
-                 s.decomposition == Fp8GemmDecomposition::kDataParallel,
-             "schedule: the ping-pong and overlap variants run data-parallel only (decomposition 0), got ",
+                 s.decomposition == Fp8GemmDecomposition::kDataParallel ||
+                 (s.variant == Fp8GemmVariant::kDecode128x64 && s.decomposition == Fp8GemmDecomposition::kSplitK),
+             "schedule: the ping-pong and overlap variants run data-parallel only (decomposition 0), the decode "
+             "variant data-parallel or split-K (1), got ",
              decomposition);
+  DSV3_CHECK(s.variant != Fp8GemmVariant::kDecode128x64 || s.splits <= kDecodeMaxSplits,
+             "schedule: the decode variant splits K over at most ", kDecodeMaxSplits, " CTAs (a cluster), got ",
+             s.splits);
   DSV3_CHECK(s.splits == 1 ||
                  (s.decomposition == Fp8GemmDecomposition::kSplitK && s.splits >= 2 && s.splits <= (k + 127) / 128),
              "schedule: splits must be 1, or 2..K/128 with split-K, got ", s.splits);
@@ -66,6 +79,8 @@ int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms,
       return Fp8GemmKernel<Fp8GemmVariant::kTile128x128Overlap>::workspace_bytes(m, n, k, schedule, num_sms);
     case Fp8GemmVariant::kTile128x128OverlapCluster1x2:
       return Fp8GemmKernel<Fp8GemmVariant::kTile128x128OverlapCluster1x2>::workspace_bytes(m, n, k, schedule, num_sms);
+    case Fp8GemmVariant::kDecode128x64:
+      return Fp8GemmKernel<Fp8GemmVariant::kDecode128x64>::workspace_bytes(m, n, k, schedule, num_sms);
     default:
       return Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::workspace_bytes(m, n, k, schedule, num_sms);
   }
@@ -104,6 +119,9 @@ void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_
     case Fp8GemmVariant::kTile128x128OverlapCluster1x2:
       Fp8GemmKernel<Fp8GemmVariant::kTile128x128OverlapCluster1x2>::run(params, schedule, workspace_ptr, num_sms,
                                                                         stream);
+      break;
+    case Fp8GemmVariant::kDecode128x64:
+      Fp8GemmKernel<Fp8GemmVariant::kDecode128x64>::run(params, schedule, workspace_ptr, num_sms, stream);
       break;
     default:
       Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::run(params, schedule, workspace_ptr, num_sms, stream);

@@ -91,18 +91,6 @@ __device__ __forceinline__ void wgmma_64x128x32_e4m3(float (&d)[64], uint64_t a,
       : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// Position in the ring; producer and consumers walk the same sequence of (unit, K block) fills.
-struct RingPosition {
-  int stage = 0;
-  uint32_t phase = 0;
-  __device__ __forceinline__ void advance() {
-    if (++stage == kStages) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-};
-
 // Unit index -> (tile row, unit column): bands of kGroupTilesM tile rows, column-major inside a band, so the units
 // running at once share few distinct rows of a and of b (their K blocks are read from HBM once, then from the L2).
 __device__ __forceinline__ void unit_coordinates(int unit, const Arguments& args, int m_tiles, int& m_tile,
@@ -198,7 +186,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* a_map, const CUtensor
                                         int m_tiles, uint8_t* ring, uint64_t* full, uint64_t* empty, int rank,
                                         int first_unit, int unit_stride) {
   constexpr int kShareRows = kTile / kCluster;
-  RingPosition position;
+  RingPosition<kStages> position;
   for (int unit = first_unit; unit < m_tiles * args.n_units; unit += unit_stride) {
     const TileTask task = locate<kCluster, kGrouped>(args, m_tiles, unit, rank);
     // a share of a past M (the last tile row's second half, M % 128 <= 64) starts at row M - 1 instead: a box
@@ -229,7 +217,7 @@ __device__ __forceinline__ void consume(const Arguments& args, int m_tiles, uint
   const int tile_row = (wg - 1) * 64 + 16 * warp + lane / 4;  // this thread's accumulator rows: tile_row, tile_row + 8
   const uint32_t ring_address = smem_address(ring);
   const uint32_t a_offset = (wg - 1) * 64 * kTile;  // this warpgroup's 64 rows of the a tile
-  RingPosition position;
+  RingPosition<kStages> position;
 
   float results[64], first[64], second[64];
   for (int unit = first_unit; unit < m_tiles * args.n_units; unit += unit_stride) {

@@ -12,8 +12,8 @@
 
 namespace dsv3::cuda {
 
-// The hand-written kernel a DSV3_FP8_GEMM_KERNEL of overlap (or overlap_cluster) asks for instead of the heuristic's
-// choice, dense and grouped; nothing when unset.
+// The hand-written kernel DSV3_FP8_GEMM_KERNEL asks for instead of the heuristic's choice (overlap, overlap_cluster:
+// dense and grouped; decode: dense and masked grouped); nothing when unset.
 std::optional<Fp8GemmVariant> requested_fp8_gemm_variant();
 
 template <Fp8GemmVariant kVariant>

@@ -1,5 +1,5 @@
 // Grouped FP8 GEMMs of MoE layers (contiguous and masked layouts) for sm_90a: the CUTLASS kernel, or the hand-written
-// overlap kernel when DSV3_FP8_GEMM_KERNEL asks for it.
+// kernel DSV3_FP8_GEMM_KERNEL asks for (overlap, overlap_cluster, or decode for the masked layout).
 
 #include <cuda_runtime_api.h>
 
@@ -29,7 +29,12 @@ void grouped_fp8_gemm(const GroupedFp8GemmParams& params, std::uintptr_t workspa
   DSV3_CHECK(num_sms > 0 && workspace != 0, "workspace/num_sms: missing");
   if (params.m == 0) return;
   const auto stream_handle = reinterpret_cast<cudaStream_t>(stream);
-  if (const std::optional<Fp8GemmVariant> variant = requested_fp8_gemm_variant()) {
+  const std::optional<Fp8GemmVariant> variant = requested_fp8_gemm_variant();
+  if (variant == Fp8GemmVariant::kDecode128x64 && params.layout == GroupedLayout::kMasked) {
+    grouped_fp8_gemm_decode_run(params, num_sms, stream_handle);
+    return;
+  }
+  if (variant && variant != Fp8GemmVariant::kDecode128x64) {
     grouped_fp8_gemm_overlap_run(params, *variant == Fp8GemmVariant::kTile128x128OverlapCluster1x2,
                                  reinterpret_cast<void*>(workspace), num_sms, stream_handle);
     return;

@@ -28,6 +28,11 @@ enum class Fp8GemmVariant : int32_t {
   kTile128x128Overlap = 4,
   // kTile128x128Overlap in 1x2 clusters that share each tile of a by multicast (DSV3_FP8_GEMM_KERNEL=overlap_cluster)
   kTile128x128OverlapCluster1x2 = 5,
+  // hand-written decode kernel: out^T tiles of 128 weight rows x 64 tokens, two CTAs per SM, K split over a cluster
+  // of 1-8 CTAs whose partial sums are reduced through distributed shared memory (split-K without a workspace);
+  // `splits` is the cluster's size (decode_splits when the environment asks for it). Not chosen by the heuristic
+  // until a GPU sweep has measured it; DSV3_FP8_GEMM_KERNEL=decode runs the dense and the masked grouped GEMMs on it.
+  kDecode128x64 = 6,
 };
 
 enum class Fp8GemmDecomposition : int32_t {
@@ -80,6 +85,21 @@ inline Fp8GemmSchedule choose_fp8_gemm_schedule(int64_t m, int64_t n, int64_t k,
   const int64_t splits = tiles == 0 ? 1 : std::min({kMaxSplits, sms / tiles, k_blocks / kMinKBlocksPerSplit});
   if (splits <= 1) return {variant, Fp8GemmDecomposition::kDataParallel, 1, tiles};
   return {variant, Fp8GemmDecomposition::kSplitK, static_cast<int32_t>(splits), tiles};
+}
+
+// The decode kernel's K splits for `tiles` tiles of 128 weight rows x 64 tokens: enough CTAs to fill the two each SM
+// runs (a CTA keeps four K blocks of the weight in flight; the weight's bytes in flight, not the arithmetic, set
+// the speed of a decode GEMM), at most a portable cluster of 8, and at least kDecodeMinKBlocksPerSplit K blocks
+// each so a split's pipeline fill is paid over several blocks.
+constexpr int64_t kDecodeCtasPerSm = 2;
+constexpr int64_t kDecodeMaxSplits = 8;
+constexpr int64_t kDecodeMinKBlocksPerSplit = 4;
+
+inline int32_t decode_splits(int64_t tiles, int64_t k, int num_sms) {
+  if (tiles <= 0) return 1;
+  const int64_t slots = kDecodeCtasPerSm * std::max(num_sms, 1);
+  const int64_t splits = std::min({slots / tiles, kDecodeMaxSplits, (k + 127) / 128 / kDecodeMinKBlocksPerSplit});
+  return static_cast<int32_t>(std::max<int64_t>(splits, 1));
 }
 
 }  // namespace dsv3
