@@ -6,7 +6,8 @@
 (scripts/gpu_check.sh runs this when ncu is on the PATH). The cases are the benchmark's target rows: MLA decode at
 h=16 b=128 seq 4096 (bf16 and FP8 cache), h=128 (also with DSV3_MLA_KERNEL=rows), and b=4 seq 32768 (many splits to
 combine), the decode-sized and the large FP8 GEMM (the large one also forced onto the 1x2-cluster and the two overlap
-variants), and the masked grouped GEMM at 64 tokens per expert. Each case prints its name before its range, so the
+variants, the decode-sized one onto the decode kernel), and the masked grouped GEMM at 64 tokens per expert (also on
+the decode kernel). Each case prints its name before its range, so the
 profiled kernels, in launch order, map to the printed cases. The untried kernels run last, so that an error stops no
 other case, and kernels named in DSV3_SKIP_KERNELS (failed smoke runs) not at all."""
 
@@ -75,9 +76,15 @@ def main() -> None:
     _gemm(4096, 7168, 16384)
     _masked(32, 64, 4096, 7168)
     _gemm(4096, 7168, 16384, forced=(3, 0, 1))  # 1x2 clusters (TMA multicast of a)
-    for name, variant in GEMM_KERNEL_VARIANTS.items():  # the hand-written kernel, alone and in 1x2 clusters
-        if name not in skipped_kernels():
-            _gemm(4096, 7168, 16384, forced=(variant, 0, 1))
+    tried = {name: v for name, v in GEMM_KERNEL_VARIANTS.items() if name not in skipped_kernels()}
+    for name in ("overlap", "overlap_cluster"):  # the hand-written 128x128 kernel, alone and in 1x2 clusters
+        if name in tried:
+            _gemm(4096, 7168, 16384, forced=(tried[name], 0, 1))
+    if "decode" in tried:  # the hand-written decode kernel, K split over clusters of 4 (its choice here)
+        _gemm(64, 7168, 16384, forced=(tried["decode"], 1, 4))
+        os.environ["DSV3_FP8_GEMM_KERNEL"] = "decode"
+        _masked(32, 64, 4096, 7168)
+        del os.environ["DSV3_FP8_GEMM_KERNEL"]
     if "mla_rows" not in skipped_kernels():
         _mla(64, 128, fp8=False, kernel="rows")
     torch.cuda.synchronize()

@@ -61,7 +61,7 @@ gpu=$($python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ',
 result=benchmarks/results/${gpu}-$(date +%Y-%m-%d).json
 # the A/B suites of the kernels not yet proven on a GPU first (their smoke runs passed, or DSV3_SKIP_KERNELS leaves
 # them out): their rows decide the next defaults, and a time limit that ends the stage early costs the others
-timeout "${BENCH_LIMIT:-300}" $python -m dsv3 bench ${BENCH_SUITES:-gemm_overlap mla_rows all} --device cuda \
+timeout "${BENCH_LIMIT:-300}" $python -m dsv3 bench ${BENCH_SUITES:-gemm_kernels mla_rows all} --device cuda \
   --json "$result" \
   >"$logs/bench.log" 2>&1
 echo "bench exit $?"

@@ -19,10 +19,11 @@ from dsv3.testing import GEMM_KERNEL_VARIANTS, calc_diff
 
 
 def _gemm(name: str) -> None:
-    """Dense: partial tiles, an odd K-block count and several waves of the persistent grid (M=4096 N=7168). Grouped:
-    contiguous groups of 130, 0, 3 and 260 rows, and masked slabs of 200 rows holding 200, 0, 129 and 7."""
+    """Dense: partial tiles, an odd K-block count, several waves of the persistent grid (M=4096 N=7168) and decode
+    sizes (the decode kernel splits K over clusters of 4 and 8 CTAs there). Grouped: contiguous groups of 130, 0, 3
+    and 260 rows, and masked slabs of 200 rows holding 200, 0, 129 and 7."""
     os.environ["DSV3_FP8_GEMM_KERNEL"] = name
-    for m, n, k in [(300, 1536, 640), (4096, 7168, 2048)]:
+    for m, n, k in [(300, 1536, 640), (4096, 7168, 2048), (64, 7168, 2048), (1, 576, 7168)]:
         a = dsv3.per_token_group_quant_fp8(torch.randn(m, k, device="cuda"))
         b = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda") * 0.02)
         diff = calc_diff(dsv3.fp8_gemm_nt(a, b), gemm_ref.fp8_gemm_nt(a, b))

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from dsv3.bench import e2e, ep, gemm, mla, moe, overlap, quant
+from dsv3.bench import e2e, ep, gemm, gemm_kernels, mla, moe, quant
 from dsv3.bench.harness import Report, argument_parser, pick_device, write_json
 
 # suite name -> run(device, quick, reps) -> Report
@@ -18,7 +18,7 @@ SUITES: dict[str, Callable[[torch.device, bool, int | None], Report]] = {
     "ep": ep.run,
     "e2e": e2e.run,
     # opt-in kernels not yet timed on a GPU, last in `all` (scripts/gpu_check.sh runs them first, after smoke runs)
-    "gemm_overlap": overlap.run,
+    "gemm_kernels": gemm_kernels.run,
     "mla_rows": mla.run_rows_kernel,
 }
 
