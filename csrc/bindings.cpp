@@ -679,14 +679,15 @@ PYBIND11_MODULE(_C, m) {
       "grouped_fp8_gemm",
       [](int32_t layout, std::uintptr_t a, std::uintptr_t a_scales, std::uintptr_t b, std::uintptr_t b_scales,
          std::uintptr_t out, std::uintptr_t group_rows, int64_t groups, int64_t m, int64_t n, int64_t k,
-         std::uintptr_t workspace, int num_sms, std::uintptr_t stream) {
-        dsv3::cuda::grouped_fp8_gemm(
-            grouped_gemm_params(layout, a, a_scales, b, b_scales, out, group_rows, groups, m, n, k), workspace, num_sms,
-            stream);
+         int64_t expected_m, std::uintptr_t workspace, int num_sms, std::uintptr_t stream) {
+        dsv3::GroupedFp8GemmParams params =
+            grouped_gemm_params(layout, a, a_scales, b, b_scales, out, group_rows, groups, m, n, k);
+        params.expected_m = expected_m;
+        dsv3::cuda::grouped_fp8_gemm(params, workspace, num_sms, stream);
       },
       py::arg("layout"), py::arg("a"), py::arg("a_scales"), py::arg("b"), py::arg("b_scales"), py::arg("out"),
-      py::arg("group_rows"), py::arg("groups"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("workspace"),
-      py::arg("num_sms"), py::arg("stream"));
+      py::arg("group_rows"), py::arg("groups"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("expected_m"),
+      py::arg("workspace"), py::arg("num_sms"), py::arg("stream"));
   cuda.def(
       "grouped_topk",
       [](std::uintptr_t logits, int32_t logits_dtype, std::uintptr_t bias, std::uintptr_t weights,

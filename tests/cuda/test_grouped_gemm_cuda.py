@@ -79,3 +79,24 @@ def test_masked_counts_outside_the_slab_are_clamped_to_it():
     assert torch.all(out[0] == 7.0) and torch.all(out[2, 2:] == 7.0)
     assert calc_diff(out[1].float(), expected[1].float()) < 1e-5
     assert calc_diff(out[2, :2].float(), expected[2, :2].float()) < 1e-5
+
+
+@pytest.mark.parametrize("expected_m", [1, 64, 160])
+def test_decode_kernel_takes_rows_past_expected_m_tile_after_tile(monkeypatch, expected_m):
+    """DSV3_FP8_GEMM_KERNEL=decode, masked: the grid holds the tiles of expected_m tokens per group, and a group with
+    more rows takes its further tiles in turn (expected_m=1: 3 tiles for 150 rows), with K split over clusters (8
+    CTAs at expected_m=1: 33 K blocks, the last partial); rows past each count stay as they were."""
+    from tests.conftest import skip_if_smoke_failed
+
+    skip_if_smoke_failed("decode")
+    monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "decode")
+    groups, m_max, n, k = 3, 160, 264, 4112
+    qb, sb = _weights(groups, n, k, "cuda")
+    qa, sa = dsv3.per_token_group_quant_fp8(torch.randn(groups, m_max, k, device="cuda"))
+    masked_m = torch.tensor([150, 0, 65], dtype=torch.int32, device="cuda")
+    out = torch.full((groups, m_max, n), 7.0, dtype=torch.bfloat16, device="cuda")
+    dsv3.m_grouped_fp8_gemm_nt_masked((qa, sa), (qb, sb), masked_m, expected_m, out=out)
+    expected = ref_gemm.m_grouped_fp8_gemm_nt_masked((qa, sa), (qb, sb), masked_m)
+    for g, rows in enumerate(masked_m.tolist()):
+        assert calc_diff(out[g, :rows].float(), expected[g, :rows].float()) < 1e-5, f"group {g}"
+        assert torch.all(out[g, rows:] == 7.0), f"group {g}: rows past masked_m written"

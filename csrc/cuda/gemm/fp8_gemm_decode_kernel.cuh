@@ -15,8 +15,10 @@
 // stores it in bf16. No workspace, no atomics, one kernel.
 //
 // Masked grouped (MoE decode, DeepGEMM's masked layout): a is [groups, m, k] seen as [groups * m, k], b [groups, n, k]
-// as [groups * n, k]; group g's tiles cover its first masked_m[g] rows (clamped to [0, m], read on the device) and
-// CTAs of tiles past them leave at once.
+// as [groups * n, k]; group g's tiles cover its first masked_m[g] rows (clamped to [0, m], read on the device). The
+// grid holds token_tile_stride tiles of tokens per group (from the caller's expected_m, so that a large m_max costs
+// no crowd of idle CTAs); a cluster takes tiles t, t + stride, ... while they hold rows of its group (the weight
+// tile streamed again for each), and leaves at once if its first one holds none.
 //
 // Edges: TMA zero-fills the parts of a tile past the tensors; boxes start inside them (a tile of tokens starts
 // below its group's count, a tile of weight rows below n), token scales are read for rows clamped to the group's
@@ -60,7 +62,7 @@ struct Arguments {
   const int32_t* masked_m;   // [groups] rows of each group; null for a dense GEMM (one group of m rows)
   int m;                     // rows of a per group (dense: M; masked: m_max)
   int n, k_blocks, n_tiles;  // n_tiles of 128 weight rows
-  int token_tiles;           // ceil(m / 64)
+  int token_tile_stride;     // tiles of 64 tokens per group in the grid (dense: all ceil(m / 64) of them)
 };
 
 // D[64 x 64] (+)= A[64 x 32] * B[32 x 64], e4m3 inputs from 128-byte-swizzled K-major shared memory, fp32
@@ -78,21 +80,22 @@ __device__ __forceinline__ void wgmma_64x64x32_e4m3(float (&d)[32], uint64_t a, 
       : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// The tile of a CTA: weight rows [weight_row, + 128) of b's [groups * n, k] view, tokens [token_row, token_end) of
-// a's [groups * m, k] view (also the rows of out), and the K blocks [block_begin, block_end) of this CTA's split.
+// The tile of a CTA: weight rows [weight_row, + 128) of b's [groups * n, k] view, tokens [token_row, + 64) of a's
+// [groups * m, k] view (also the rows of out) of which those before token_end are its group's, and the K blocks
+// [block_begin, block_end) of this CTA's split.
 struct TileTask {
   int weight_row, n_tile, scale_tile;  // scale_tile: the row of b_scales
   int token_row, token_end;
   int block_begin, block_end;
 };
 
-// Cluster `cluster` (its tile) and split `rank` of `splits`; token_end <= token_row when the tile has no tokens.
+// Cluster `cluster`'s first tile and split `rank` of `splits`; token_end <= token_row when the tile has no tokens.
 template <bool kMasked>
 __device__ __forceinline__ TileTask locate(const Arguments& args, int cluster, int rank, int splits) {
   TileTask task;
   task.n_tile = cluster % args.n_tiles;
   const int rest = cluster / args.n_tiles;
-  const int token_tile = rest % args.token_tiles, group = rest / args.token_tiles;
+  const int token_tile = rest % args.token_tile_stride, group = rest / args.token_tile_stride;
   const int rows = kMasked ? min(max(__ldg(args.masked_m + group), 0), args.m) : args.m;
   task.weight_row = group * args.n + task.n_tile * kWeightRows;
   task.scale_tile = group * args.n_tiles + task.n_tile;
@@ -105,9 +108,12 @@ __device__ __forceinline__ TileTask locate(const Arguments& args, int cluster, i
 }
 
 // The producer warp: per K block, the weight tile and the token tile by TMA (lane 0), the 64 token scales (two per
-// lane, rows clamped to the group's last) and the weight tile's scale (lane 0) by cp.async.
-__device__ __forceinline__ void produce(const CUtensorMap* a_map, const CUtensorMap* b_map, const Arguments& args,
-                                        const TileTask& task, uint8_t* ring, uint64_t* full, uint64_t* empty) {
+// lane, rows clamped to the group's last) and the weight tile's scale (lane 0) by cp.async. Starts at `position` of
+// the ring and returns where it stopped.
+__device__ __forceinline__ RingPosition<kStages> produce(const CUtensorMap* a_map, const CUtensorMap* b_map,
+                                                         const Arguments& args, const TileTask& task, uint8_t* ring,
+                                                         uint64_t* full, uint64_t* empty,
+                                                         RingPosition<kStages> position) {
   const int lane = threadIdx.x % 32;
   const float* token_scales[2];
 #pragma unroll
@@ -116,7 +122,6 @@ __device__ __forceinline__ void produce(const CUtensorMap* a_map, const CUtensor
     token_scales[i] = args.a_scales + static_cast<int64_t>(row) * args.k_blocks;
   }
   const float* weight_scales = args.b_scales + static_cast<int64_t>(task.scale_tile) * args.k_blocks;
-  RingPosition<kStages> position;
   for (int block = task.block_begin; block < task.block_end; ++block) {
     const int stage = position.stage;
     mbarrier_wait(&empty[stage], position.phase ^ 1);  // a fresh barrier passes parity 1 at once
@@ -133,15 +138,17 @@ __device__ __forceinline__ void produce(const CUtensorMap* a_map, const CUtensor
     cp_async_arrive_noinc(&full[stage]);
     position.advance();
   }
+  return position;
 }
 
 // Consumer warpgroup wg (0 or 1): weight rows 64 * wg .. + 63 of the tile against its 64 tokens, over the CTA's K
-// blocks; returns the fp32 results (this thread's fragment).
-__device__ __forceinline__ void consume(const TileTask& task, uint8_t* ring, uint64_t* full, uint64_t* empty, int wg,
-                                        float (&results)[32]) {
+// blocks, into `results` (this thread's fragment, fp32). Starts at `position` of the ring and returns where it
+// stopped.
+__device__ __forceinline__ RingPosition<kStages> consume(const TileTask& task, uint8_t* ring, uint64_t* full,
+                                                         uint64_t* empty, int wg, RingPosition<kStages> position,
+                                                         float (&results)[32]) {
   const int lane = threadIdx.x % 32;
   const uint32_t ring_address = smem_address(ring);
-  RingPosition<kStages> position;
   float accumulators[32];
 #pragma unroll
   for (int i = 0; i < 32; ++i) results[i] = 0.0f;
@@ -159,19 +166,25 @@ __device__ __forceinline__ void consume(const TileTask& task, uint8_t* ring, uin
                           decltype(kk)::value > 0 ? 1u : 0u);
     });
     wgmma_commit();
-    // this thread's 16 token columns 8 * j + 2 * (lane % 4) + {0, 1}, times the weight tile's scale
-    const float* scales = reinterpret_cast<const float*>(ring + stage * kStageBytes + kTmaBytes);
-    const float weight_scale = scales[kTokens];
-    float token_scale[16];
-#pragma unroll
-    for (int s = 0; s < 16; ++s) token_scale[s] = scales[8 * (s / 2) + 2 * (lane % 4) + s % 2] * weight_scale;
     wgmma_wait<0>();
     fence_registers(accumulators);
-    if (lane == 0) mbarrier_arrive(&empty[stage]);  // the scales are in registers, the wgmmas have read the tiles
+    // times this thread's token scales (columns 8 * j + 2 * (lane % 4) + {0, 1}) and the weight tile's, read before
+    // the stage is released
+    const float* scales = reinterpret_cast<const float*>(ring + stage * kStageBytes + kTmaBytes);
+    const float weight_scale = scales[kTokens];
 #pragma unroll
-    for (int i = 0; i < 32; ++i) results[i] = fmaf(accumulators[i], token_scale[2 * (i / 4) + i % 2], results[i]);
+    for (int j = 0; j < 8; ++j) {
+      const float2 token_scale = *reinterpret_cast<const float2*>(scales + 8 * j + 2 * (lane % 4));
+      const float scale0 = token_scale.x * weight_scale, scale1 = token_scale.y * weight_scale;
+      results[4 * j + 0] = fmaf(accumulators[4 * j + 0], scale0, results[4 * j + 0]);
+      results[4 * j + 1] = fmaf(accumulators[4 * j + 1], scale1, results[4 * j + 1]);
+      results[4 * j + 2] = fmaf(accumulators[4 * j + 2], scale0, results[4 * j + 2]);
+      results[4 * j + 3] = fmaf(accumulators[4 * j + 3], scale1, results[4 * j + 3]);
+    }
+    if (lane == 0) mbarrier_arrive(&empty[stage]);  // the wgmmas have read the tiles, the scales are read
     position.advance();
   }
+  return position;
 }
 
 // Launched with kThreads threads, kSharedBytes of dynamic shared memory, in clusters of 1 to kDecodeMaxSplits CTAs
@@ -187,8 +200,8 @@ __global__ void __launch_bounds__(kThreads, kDecodeCtasPerSm)
   uint64_t* empty = full + kStages;                                            // [kStages] stage released
 
   const int splits = static_cast<int>(cluster_cta_count()), rank = static_cast<int>(cluster_cta_rank());
-  const TileTask task = locate<kMasked>(args, blockIdx.x / splits, rank, splits);
-  if (task.token_row >= task.token_end) return;  // the whole cluster leaves: its tile has no tokens
+  TileTask task = locate<kMasked>(args, blockIdx.x / splits, rank, splits);
+  if (task.token_row >= task.token_end) return;  // the whole cluster leaves: its first tile has no tokens
 
   const int thread = threadIdx.x;
   if (thread == 0) {
@@ -204,47 +217,53 @@ __global__ void __launch_bounds__(kThreads, kDecodeCtasPerSm)
 
   // broadcast from lane 0 so that the compiler sees the warpgroup warp-uniform (no divergence around wgmmas)
   const int wg = __shfl_sync(0xFFFFFFFFu, thread / 128, 0);
-  float results[32];
-  if (wg == 2) {
-    produce(&a_map, &b_map, args, task, ring, full, empty);
-  } else {
-    consume(task, ring, full, empty, wg, results);
-    named_barrier(1, kConsumerThreads);  // both warpgroups' wgmmas are done with the ring
-    fence_proxy_async();                 // generic stores into memory the async proxy (TMA, wgmma) last accessed
-    auto* partial = reinterpret_cast<float*>(ring);
-    const int lane = thread % 32, row0 = 64 * wg + 16 * ((thread % 128) / 32) + lane / 4;
+  const int lane = thread % 32;
+  const uint32_t partial_address = smem_address(ring);
+  RingPosition<kStages> position;
+  // the cluster's tiles of tokens, token_tile_stride apart; the same count for every thread of the cluster
+  for (; task.token_row < task.token_end; task.token_row += args.token_tile_stride * kTokens) {
+    if (wg == 2) {
+      position = produce(&a_map, &b_map, args, task, ring, full, empty, position);
+    } else {
+      float results[32];
+      position = consume(task, ring, full, empty, wg, position, results);
+      named_barrier(1, kConsumerThreads);  // both warpgroups' wgmmas are done with the ring
+      fence_proxy_async();                 // generic stores into memory the async proxy (TMA, wgmma) last accessed
+      auto* partial = reinterpret_cast<float*>(ring);
+      const int row0 = 64 * wg + 16 * ((thread % 128) / 32) + lane / 4;
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const int row = row0 + ((i & 2) ? 8 : 0), token = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
-      partial[token * kPartialStride + row] = results[i];
-    }
-  }
-  cluster_sync();  // every split's partial results are in its shared memory
-
-  // This CTA's slice of the tile's rows (four at a time) summed over the splits in rank order, stored in bf16.
-  if (wg < 2) {
-    const int slice = ((kWeightRows + splits - 1) / splits + 3) / 4 * 4;  // rows, a multiple of 4 (16-byte loads)
-    const int row_begin = rank * slice, quads = max(min(slice, kWeightRows - row_begin), 0) / 4;
-    const uint32_t partial_address = smem_address(ring);
-    for (int item = thread; item < quads * kTokens; item += kConsumerThreads) {
-      const int row = row_begin + 4 * (item % quads), token = item / quads;
-      const int out_row = task.token_row + token, column = task.n_tile * kWeightRows + row;
-      if (out_row >= task.token_end || column >= args.n) continue;
-      const uint32_t address = partial_address + 4 * (token * kPartialStride + row);
-      float4 sum = load_shared_cluster_f32x4(address, 0);
-      for (int cta = 1; cta < splits; ++cta) {
-        const float4 part = load_shared_cluster_f32x4(address, cta);
-        sum.x += part.x;
-        sum.y += part.y;
-        sum.z += part.z;
-        sum.w += part.w;
+      for (int i = 0; i < 32; ++i) {
+        const int row = row0 + ((i & 2) ? 8 : 0), token = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+        partial[token * kPartialStride + row] = results[i];
       }
-      auto* out = reinterpret_cast<__nv_bfloat162*>(args.out + static_cast<int64_t>(out_row) * args.n + column);
-      out[0] = __floats2bfloat162_rn(sum.x, sum.y);
-      out[1] = __floats2bfloat162_rn(sum.z, sum.w);
+      fence_proxy_async();  // ... before the next tile's copies overwrite them
     }
+    cluster_sync();  // every split's partial results are in its shared memory
+
+    // This CTA's slice of the tile's rows (four at a time) summed over the splits in rank order, stored in bf16.
+    if (wg < 2) {
+      const int slice = ((kWeightRows + splits - 1) / splits + 3) / 4 * 4;  // rows, a multiple of 4 (16-byte loads)
+      const int row_begin = rank * slice, quads = max(min(slice, kWeightRows - row_begin), 0) / 4;
+      for (int item = thread; item < quads * kTokens; item += kConsumerThreads) {
+        const int row = row_begin + 4 * (item % quads), token = item / quads;
+        const int out_row = task.token_row + token, column = task.n_tile * kWeightRows + row;
+        if (out_row >= task.token_end || column >= args.n) continue;
+        const uint32_t address = partial_address + 4 * (token * kPartialStride + row);
+        float4 sum = load_shared_cluster_f32x4(address, 0);
+        for (int cta = 1; cta < splits; ++cta) {
+          const float4 part = load_shared_cluster_f32x4(address, cta);
+          sum.x += part.x;
+          sum.y += part.y;
+          sum.z += part.z;
+          sum.w += part.w;
+        }
+        auto* out = reinterpret_cast<__nv_bfloat162*>(args.out + static_cast<int64_t>(out_row) * args.n + column);
+        out[0] = __floats2bfloat162_rn(sum.x, sum.y);
+        out[1] = __floats2bfloat162_rn(sum.z, sum.w);
+      }
+    }
+    cluster_sync();  // no CTA leaves, or refills its ring, while a peer may still read its partial results
   }
-  cluster_sync();  // no CTA leaves while a peer may still read its partial results
 }
 
 }  // namespace dsv3::cuda::fp8_gemm_decode

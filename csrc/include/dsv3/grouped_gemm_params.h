@@ -30,6 +30,7 @@ struct GroupedFp8GemmParams {
   int64_t m;  // contiguous: m_sum; masked: m_max
   int64_t n;
   int64_t k;
+  int64_t expected_m = 0;  // masked: the typical masked_m, a scheduling hint that never changes the result (0: m_max)
 };
 
 inline void validate(const GroupedFp8GemmParams& p) {

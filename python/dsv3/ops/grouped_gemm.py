@@ -25,6 +25,7 @@ def _grouped_fp8_gemm(
     sb: torch.Tensor,
     out: torch.Tensor,
     group_rows: torch.Tensor,
+    expected_m: int = 0,
 ) -> None:
     check_aligned(a=a, sa=sa, b=b, sb=sb, out=out, group_rows=group_rows)
     groups, n, k = b.shape
@@ -35,7 +36,7 @@ def _grouped_fp8_gemm(
         return
     sms = num_sms(cuda_index(a.device))
     workspace = torch.empty(_C.cuda.grouped_fp8_gemm_workspace_bytes(groups, sms), dtype=torch.uint8, device=a.device)
-    run_kernel("grouped_fp8_gemm", a.device, *args, groups, m, n, k, workspace.data_ptr(), sms)
+    run_kernel("grouped_fp8_gemm", a.device, *args, groups, m, n, k, expected_m, workspace.data_ptr(), sms)
 
 
 def _check_weights(qb: torch.Tensor, sb: torch.Tensor, k: int, device: torch.device) -> tuple[int, int]:
@@ -99,5 +100,5 @@ def m_grouped_fp8_gemm_nt_masked(
     check_tensor(masked_m, "masked_m", dtypes=(torch.int32,), shape=(groups,), device=qa.device)
     check_positive_int(expected_m, "expected_m")
     out = _output(out, (groups, m_max, n), qa.device)
-    _grouped_fp8_gemm(MASKED, qa, sa, qb, sb, out, masked_m)
+    _grouped_fp8_gemm(MASKED, qa, sa, qb, sb, out, masked_m, expected_m)
     return out

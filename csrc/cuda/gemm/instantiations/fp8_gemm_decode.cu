@@ -3,6 +3,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <climits>
 
 #include "cuda/cuda_check.h"
@@ -16,14 +17,16 @@ namespace {
 
 namespace kernel = fp8_gemm_decode;
 
-// a [a_rows, k] and b [b_rows, k] e4m3; one cluster of `splits` CTAs per tile (args: n_tiles x token_tiles x groups).
+// a [a_rows, k] and b [b_rows, k] e4m3; one cluster of `splits` CTAs per tile (n_tiles x token_tile_stride x groups).
 template <bool kMasked>
 void launch(const kernel::Arguments& args, const uint8_t* a, int64_t a_rows, const uint8_t* b, int64_t b_rows,
             int64_t k, int64_t tiles, int splits, cudaStream_t stream) {
   DSV3_CHECK(splits >= 1 && splits <= kDecodeMaxSplits, "schedule: the decode kernel splits K over 1 to ",
              kDecodeMaxSplits, " CTAs, got ", splits);
   DSV3_CHECK(tiles * splits <= INT32_MAX, "a/b: more output tiles than one launch holds");
-  DSV3_CHECK(a_rows + kernel::kTokens <= INT32_MAX, "a: more rows than the kernel's row indices count");
+  // the token-tile loop steps past the last row by up to one stride
+  DSV3_CHECK(a_rows + (args.token_tile_stride + 1) * int64_t{kernel::kTokens} <= INT32_MAX,
+             "a: more rows than the kernel's row indices count");
   const CUtensorMap a_map = swizzled_rows_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, a, k, a_rows, k, kernel::kBlockK,
                                               kernel::kTokens, "the FP8 GEMM's a");
   const CUtensorMap b_map = swizzled_rows_map(CU_TENSOR_MAP_DATA_TYPE_UINT8, b, k, b_rows, k, kernel::kBlockK,
@@ -58,7 +61,7 @@ kernel::Arguments shape_arguments(const float* a_scales, const float* b_scales, 
   args.n = static_cast<int>(n);
   args.k_blocks = static_cast<int>(scale_blocks(k));
   args.n_tiles = static_cast<int>((n + kernel::kWeightRows - 1) / kernel::kWeightRows);
-  args.token_tiles = static_cast<int>((m + kernel::kTokens - 1) / kernel::kTokens);
+  args.token_tile_stride = static_cast<int>((m + kernel::kTokens - 1) / kernel::kTokens);
   return args;
 }
 
@@ -74,7 +77,7 @@ template <>
 void Fp8GemmKernel<Fp8GemmVariant::kDecode128x64>::run(const Fp8GemmParams& p, const Fp8GemmSchedule& schedule, void*,
                                                        int, cudaStream_t stream) {
   const kernel::Arguments args = shape_arguments(p.a_scales, p.b_scales, p.out, p.m, p.n, p.k);
-  const int64_t tiles = static_cast<int64_t>(args.n_tiles) * args.token_tiles;
+  const int64_t tiles = static_cast<int64_t>(args.n_tiles) * args.token_tile_stride;
   launch<false>(args, p.a, p.m, p.b, p.n, p.k, tiles, schedule.splits, stream);
 }
 
@@ -82,8 +85,11 @@ void grouped_fp8_gemm_decode_run(const GroupedFp8GemmParams& p, int num_sms, cud
   DSV3_CHECK(p.layout == GroupedLayout::kMasked, "the decode kernel runs the masked layout only");
   kernel::Arguments args = shape_arguments(p.a_scales, p.b_scales, p.out, p.m, p.n, p.k);
   args.masked_m = p.masked_m;
-  // every slab's tiles; the CTAs of tiles past a group's count leave at once
-  const int64_t tiles = p.groups * args.token_tiles * args.n_tiles;
+  // the tiles of expected_m tokens in every slab; a cluster whose first tile has no rows leaves at once, one whose
+  // group has more rows takes them tile after tile
+  const int64_t expected = p.expected_m > 0 ? std::min(p.expected_m, p.m) : p.m;
+  args.token_tile_stride = static_cast<int>(std::max<int64_t>((expected + kernel::kTokens - 1) / kernel::kTokens, 1));
+  const int64_t tiles = p.groups * args.token_tile_stride * args.n_tiles;
   launch<true>(args, p.a, p.groups * p.m, p.b, p.groups * p.n, p.k, tiles, decode_splits(tiles, p.k, num_sms), stream);
 }
 
