@@ -72,6 +72,12 @@ def test_decode_gemm_streams_tiles_and_scales_and_reduces_splits_through_the_clu
         assert "UTMALDG.2D" in code and "MULTICAST" not in code, name
         assert "LDGSTS" in code and "ARRIVES.LDGSTSBAR.64.ARVCNT" in code, name
         assert code.count("UCGABAR_WAIT") == 2 and "LD.E.128" in code, name
+        # launched to overlap the kernel before it, it waits for that kernel (griddepcontrol.wait) before reading
+        # anything it may have written
+        assert code.count("ACQBULK") == 1, name
+    # fp8_linear's quantization lets its GEMM start early (griddepcontrol.launch_dependents)
+    quantize = {name: code for name, code in sass.items() if "token_group_quant" in name}
+    assert quantize and all("PREEXIT" in code for code in quantize.values()), sorted(quantize)[:3]
     # two CTAs of 288 threads share an SM: at most 113 registers a thread
     usage = cuda_binary.resource_usage()
     assert all(u["REG"] <= 112 for name, u in usage.items() if "fp8_gemm_decode_kernel" in name)

@@ -35,8 +35,12 @@ void dequant_fp8_block(const BlockDequantParams& params, std::uintptr_t stream);
 int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms,
                                  const std::optional<Fp8GemmSchedule>& forced = std::nullopt);
 // workspace: fp8_gemm_workspace_bytes(...) bytes of device memory (any content), or 0 when that is 0.
+// overlap_predecessor: the kernel before it on the stream may still be finishing when the GEMM starts (programmatic
+// dependent launch; the decode kernel asks for the weights before it waits for that kernel's output), so that
+// kernel must write nothing of b or b_scales and must itself have been launched in stream order (so that whatever
+// wrote b is done): fp8_linear's own quantization. (After a memset or a copy the launch is in stream order anyway.)
 void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream,
-                 const std::optional<Fp8GemmSchedule>& forced = std::nullopt);
+                 const std::optional<Fp8GemmSchedule>& forced = std::nullopt, bool overlap_predecessor = false);
 // Quantization + GEMM: workspace holds the quantized activations and the GEMM's own workspace.
 int64_t fp8_linear_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms);
 void fp8_linear(const Fp8LinearParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream);

@@ -165,6 +165,24 @@ __device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threa
   asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
+// ---- programmatic dependent launch --------------------------------------------------------------------------------
+
+// Lets the next kernel on the stream, if it was launched to overlap this one (cudaLaunchAttributeProgrammatic-
+// StreamSerialization), start its CTAs now: they run up to their grid_dependency_wait while this grid finishes.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Waits until the grids this one was launched to overlap have completed and their memory is visible; returns at
+// once for an ordinary launch. A thread reads nothing those grids write before it.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // ---- rings of shared-memory stages --------------------------------------------------------------------------------
 
 // Position in a ring of kStages stages guarded by full/empty mbarrier pairs; the producer and the consumers walk the

@@ -8,7 +8,7 @@ import torch
 
 import dsv3
 from dsv3.reference import gemm as ref
-from dsv3.testing import GEMM_KERNEL_VARIANTS, assert_same_nonfinite, calc_diff, skipped_kernels
+from dsv3.testing import GEMM_KERNEL_VARIANTS, assert_bitwise_equal, assert_same_nonfinite, calc_diff, skipped_kernels
 from tests.conftest import skip_if_smoke_failed
 from tests.test_gemm import *  # noqa: F403  (the same tests, collected again with device=cuda)
 from tests.test_gemm import DSV3_SHAPES
@@ -57,6 +57,28 @@ def test_captured_in_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert calc_diff(out, ref.fp8_gemm_nt((a_q, a_s), b)) <= 1e-5  # with the old scales: calc_diff ~0.1
+
+
+@pytest.mark.usefixtures("gemm_kernel")
+def test_fp8_linear_replays_in_a_cuda_graph_with_new_activations():
+    """Quantization and GEMM captured together (on the decode kernel the GEMM's launch overlaps the quantization's, a
+    programmatic edge in the graph): a replay on new activations equals the two ops run one after the other."""
+    m, n, k = 16, 576, 7168
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    w = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda") * 0.05)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        dsv3.fp8_linear(x, w)  # warm-up outside capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = dsv3.fp8_linear(x, w)  # the graph's output buffer, rewritten by each replay
+    torch.cuda.current_stream().wait_stream(stream)
+    x.copy_(torch.randn(m, k, dtype=torch.bfloat16, device="cuda") * 4)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bitwise_equal(out, dsv3.fp8_gemm_nt(dsv3.per_token_group_quant_fp8(x, 128), w), name="out")
 
 
 def test_rejects_operands_on_mixed_devices():
@@ -151,3 +173,18 @@ def test_decode_kernel_splits_k_over_clusters_of_one_to_eight(m):
         assert not runs[0].isnan().any(), f"{splits} splits: outputs left unwritten"
         assert calc_diff(runs[0], expected) <= 1e-5, f"{splits} splits"
         assert torch.equal(runs[0], runs[1]), f"{splits} splits: two runs differ"
+
+
+@pytest.mark.usefixtures("exact_fp32_matmul")
+def test_decode_kernel_in_fp8_linear_waits_for_a_long_quantization(monkeypatch):
+    """fp8_linear on the decode kernel starts the GEMM while the quantization runs (programmatic dependent launch);
+    with 8192 rows to quantize the GEMM's CTAs are resident long before the codes are: it must still read them only
+    once they are written. Repeated, each equal bit for bit to the two ops run one after the other."""
+    skip_if_smoke_failed("decode")
+    monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "decode")
+    m, n, k = 8192, 576, 7168
+    w = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda") * 0.05)
+    for _ in range(3):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        y = dsv3.fp8_linear(x, w)
+        assert_bitwise_equal(y, dsv3.fp8_gemm_nt(dsv3.per_token_group_quant_fp8(x, 128), w), name="y")

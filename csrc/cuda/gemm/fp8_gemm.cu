@@ -80,14 +80,14 @@ int64_t fp8_gemm_workspace_bytes(int64_t m, int64_t n, int64_t k, int num_sms,
     case Fp8GemmVariant::kTile128x128OverlapCluster1x2:
       return Fp8GemmKernel<Fp8GemmVariant::kTile128x128OverlapCluster1x2>::workspace_bytes(m, n, k, schedule, num_sms);
     case Fp8GemmVariant::kDecode128x64:
-      return Fp8GemmKernel<Fp8GemmVariant::kDecode128x64>::workspace_bytes(m, n, k, schedule, num_sms);
+      return 0;  // K splits are reduced in shared memory
     default:
       return Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::workspace_bytes(m, n, k, schedule, num_sms);
   }
 }
 
 void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_sms, std::uintptr_t stream_handle,
-                 const std::optional<Fp8GemmSchedule>& forced) {
+                 const std::optional<Fp8GemmSchedule>& forced, bool overlap_predecessor) {
   validate(params);
   DSV3_CHECK(params.k % 16 == 0 && params.n % 8 == 0,
              "a/b: the CUDA kernel needs K % 16 == 0 and N % 8 == 0, got K=", params.k, " N=", params.n);
@@ -121,7 +121,7 @@ void fp8_gemm_nt(const Fp8GemmParams& params, std::uintptr_t workspace, int num_
                                                                         stream);
       break;
     case Fp8GemmVariant::kDecode128x64:
-      Fp8GemmKernel<Fp8GemmVariant::kDecode128x64>::run(params, schedule, workspace_ptr, num_sms, stream);
+      fp8_gemm_decode_run(params, schedule.splits, overlap_predecessor, stream);
       break;
     default:
       Fp8GemmKernel<Fp8GemmVariant::kTile128x128>::run(params, schedule, workspace_ptr, num_sms, stream);

@@ -107,13 +107,24 @@ __device__ __forceinline__ TileTask locate(const Arguments& args, int cluster, i
   return task;
 }
 
-// The producer warp: per K block, the weight tile and the token tile by TMA (lane 0), the 64 token scales (two per
-// lane, rows clamped to the group's last) and the weight tile's scale (lane 0) by cp.async. Starts at `position` of
+// A stage's weight part, issued by one lane: the stage's expected bytes, the weight tile by TMA and its scale by
+// cp.async. The stage completes once its token part (the tile of tokens and their scales) lands too.
+__device__ __forceinline__ void load_weights(const CUtensorMap* b_map, const Arguments& args, const TileTask& task,
+                                             uint8_t* slot, uint64_t* full, int block) {
+  mbarrier_arrive_expect_tx(full, kTmaBytes);
+  tma_load_2d(slot, b_map, block * kBlockK, task.weight_row, full);
+  const float* weight_scales = args.b_scales + static_cast<int64_t>(task.scale_tile) * args.k_blocks;
+  cp_async_4(reinterpret_cast<float*>(slot + kTmaBytes) + kTokens, weight_scales + block);
+}
+
+// The producer warp: per K block, the weight part (lane 0, see load_weights) unless it was issued already (the
+// first `prefilled` blocks), then the token tile by TMA (lane 0) and the 64 token scales by cp.async (two per lane,
+// rows clamped to the group's last), each lane's copies completing on the stage's barrier. Starts at `position` of
 // the ring and returns where it stopped.
 __device__ __forceinline__ RingPosition<kStages> produce(const CUtensorMap* a_map, const CUtensorMap* b_map,
                                                          const Arguments& args, const TileTask& task, uint8_t* ring,
                                                          uint64_t* full, uint64_t* empty,
-                                                         RingPosition<kStages> position) {
+                                                         RingPosition<kStages> position, int prefilled) {
   const int lane = threadIdx.x % 32;
   const float* token_scales[2];
 #pragma unroll
@@ -121,18 +132,15 @@ __device__ __forceinline__ RingPosition<kStages> produce(const CUtensorMap* a_ma
     const int row = min(task.token_row + lane + 32 * i, task.token_end - 1);
     token_scales[i] = args.a_scales + static_cast<int64_t>(row) * args.k_blocks;
   }
-  const float* weight_scales = args.b_scales + static_cast<int64_t>(task.scale_tile) * args.k_blocks;
   for (int block = task.block_begin; block < task.block_end; ++block) {
     const int stage = position.stage;
-    mbarrier_wait(&empty[stage], position.phase ^ 1);  // a fresh barrier passes parity 1 at once
     uint8_t* slot = ring + stage * kStageBytes;
-    auto* scales = reinterpret_cast<float*>(slot + kTmaBytes);
-    if (lane == 0) {
-      mbarrier_arrive_expect_tx(&full[stage], kTmaBytes);
-      tma_load_2d(slot, b_map, block * kBlockK, task.weight_row, &full[stage]);
-      tma_load_2d(slot + kWeightBytes, a_map, block * kBlockK, task.token_row, &full[stage]);
-      cp_async_4(scales + kTokens, weight_scales + block);
+    if (block - task.block_begin >= prefilled) {
+      mbarrier_wait(&empty[stage], position.phase ^ 1);  // a fresh barrier passes parity 1 at once
+      if (lane == 0) load_weights(b_map, args, task, slot, &full[stage], block);
     }
+    if (lane == 0) tma_load_2d(slot + kWeightBytes, a_map, block * kBlockK, task.token_row, &full[stage]);
+    auto* scales = reinterpret_cast<float*>(slot + kTmaBytes);
     cp_async_4(scales + lane, token_scales[0] + block);
     cp_async_4(scales + lane + 32, token_scales[1] + block);
     cp_async_arrive_noinc(&full[stage]);
@@ -181,6 +189,7 @@ __device__ __forceinline__ RingPosition<kStages> consume(const TileTask& task, u
       results[4 * j + 2] = fmaf(accumulators[4 * j + 2], scale0, results[4 * j + 2]);
       results[4 * j + 3] = fmaf(accumulators[4 * j + 3], scale1, results[4 * j + 3]);
     }
+    __syncwarp();  // every lane's scale reads come before lane 0 releases the stage for the warp
     if (lane == 0) mbarrier_arrive(&empty[stage]);  // the wgmmas have read the tiles, the scales are read
     position.advance();
   }
@@ -199,6 +208,10 @@ __global__ void __launch_bounds__(kThreads, kDecodeCtasPerSm)
   uint64_t* full = reinterpret_cast<uint64_t*>(ring + kStages * kStageBytes);  // [kStages] stage landed
   uint64_t* empty = full + kStages;                                            // [kStages] stage released
 
+  // Launched to overlap the kernel before it (programmatic dependent launch), a thread reads nothing that kernel
+  // may write before grid_dependency_wait: masked_m here at once, the tokens and their scales in the producer after
+  // it has asked for the first stages' weights.
+  if constexpr (kMasked) grid_dependency_wait();
   const int splits = static_cast<int>(cluster_cta_count()), rank = static_cast<int>(cluster_cta_rank());
   TileTask task = locate<kMasked>(args, blockIdx.x / splits, rank, splits);
   if (task.token_row >= task.token_end) return;  // the whole cluster leaves: its first tile has no tokens
@@ -220,10 +233,24 @@ __global__ void __launch_bounds__(kThreads, kDecodeCtasPerSm)
   const int lane = thread % 32;
   const uint32_t partial_address = smem_address(ring);
   RingPosition<kStages> position;
+  int prefilled = 0;  // the producer's first fills whose weight part is issued already
+  if (wg == 2) {
+    if constexpr (!kMasked) {  // the weights of the first stages of the fresh ring, then the wait
+      prefilled = min(kStages, task.block_end - task.block_begin);
+      if (lane == 0) {
+        for (int i = 0; i < prefilled; ++i) {
+          load_weights(&b_map, args, task, ring + i * kStageBytes, &full[i], task.block_begin + i);
+        }
+      }
+      grid_dependency_wait();
+    }
+  }
   // the cluster's tiles of tokens, token_tile_stride apart; the same count for every thread of the cluster
   for (; task.token_row < task.token_end; task.token_row += args.token_tile_stride * kTokens) {
     if (wg == 2) {
-      position = produce(&a_map, &b_map, args, task, ring, full, empty, position);
+      position = produce(&a_map, &b_map, args, task, ring, full, empty, position, prefilled);
+      prefilled = 0;
+      __syncwarp();  // the warp reconverges before the cluster barrier
     } else {
       float results[32];
       position = consume(task, ring, full, empty, wg, position, results);

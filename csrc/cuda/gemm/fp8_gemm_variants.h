@@ -16,6 +16,10 @@ namespace dsv3::cuda {
 // dense and grouped; decode: dense and masked grouped); nothing when unset.
 std::optional<Fp8GemmVariant> requested_fp8_gemm_variant();
 
+// The hand-written decode kernel (kDecode128x64, instantiations/fp8_gemm_decode.cu), K split over `splits` CTAs;
+// overlap_predecessor as for fp8_gemm_nt.
+void fp8_gemm_decode_run(const Fp8GemmParams& params, int splits, bool overlap_predecessor, cudaStream_t stream);
+
 template <Fp8GemmVariant kVariant>
 struct Fp8GemmKernel {
   static int64_t workspace_bytes(int64_t m, int64_t n, int64_t k, const Fp8GemmSchedule& schedule, int num_sms);

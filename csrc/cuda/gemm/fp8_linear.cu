@@ -34,7 +34,9 @@ void fp8_linear(const Fp8LinearParams& params, std::uintptr_t workspace, int num
   const std::uintptr_t gemm_workspace =
       fp8_gemm_workspace_bytes(m, n, k, num_sms) ? workspace + codes_bytes(m, k) + scales_bytes(m, k) : 0;
   per_token_group_quant_fp8({params.x, params.x_dtype, codes, scales, m, k, kScaleBlock, false}, stream);
-  fp8_gemm_nt({codes, scales, params.b, params.b_scales, params.out, m, n, k}, gemm_workspace, num_sms, stream);
+  // the GEMM may start while the quantization finishes: it writes only the workspace
+  fp8_gemm_nt({codes, scales, params.b, params.b_scales, params.out, m, n, k}, gemm_workspace, num_sms, stream,
+              std::nullopt, true);
 }
 
 }  // namespace dsv3::cuda

@@ -10,10 +10,13 @@
 #include "cuda/cuda_ops.h"
 #include "cuda/element_types.cuh"
 #include "cuda/quant/group_quant.cuh"
+#include "cuda/sm90_ptx.cuh"
 #include "dsv3/fp8.h"
 
 namespace dsv3::cuda {
 namespace {
+
+using sm90::allow_dependent_launch;
 
 // One group of group_size values is handled by kLanes consecutive lanes of a warp, each lane loading kVec elements
 // (16 bytes when the group allows it) at a time, so a warp covers 32 / kLanes groups per step and every load is
@@ -29,6 +32,7 @@ __global__ void token_group_quant_kernel(const T* __restrict__ x, uint8_t* __res
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
   const int vectors = group_size / kVec;
+  allow_dependent_launch();  // fp8_linear's GEMM may start (it waits for this grid before reading the codes)
 
   // The loop bound depends on the warp only, so every lane reaches the shuffles together.
   for (int64_t first = warp * kGroupsPerWarp; first < total_groups; first += warps * kGroupsPerWarp) {
@@ -77,6 +81,7 @@ __global__ void token_group_quant_unrolled_kernel(const T* __restrict__ x, uint8
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarpSize;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarpSize;
   constexpr int kGroupsPerIteration = kGroupsPerStep * kUnrollSteps;
+  allow_dependent_launch();  // fp8_linear's GEMM may start (it waits for this grid before reading the codes)
 
   // The loop bound depends on the warp only, so every lane reaches the shuffles together.
   for (int64_t first = warp * kGroupsPerIteration; first < total_groups; first += warps * kGroupsPerIteration) {

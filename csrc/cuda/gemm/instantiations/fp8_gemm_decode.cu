@@ -20,7 +20,7 @@ namespace kernel = fp8_gemm_decode;
 // a [a_rows, k] and b [b_rows, k] e4m3; one cluster of `splits` CTAs per tile (n_tiles x token_tile_stride x groups).
 template <bool kMasked>
 void launch(const kernel::Arguments& args, const uint8_t* a, int64_t a_rows, const uint8_t* b, int64_t b_rows,
-            int64_t k, int64_t tiles, int splits, cudaStream_t stream) {
+            int64_t k, int64_t tiles, int splits, bool overlap_predecessor, cudaStream_t stream) {
   DSV3_CHECK(splits >= 1 && splits <= kDecodeMaxSplits, "schedule: the decode kernel splits K over 1 to ",
              kDecodeMaxSplits, " CTAs, got ", splits);
   DSV3_CHECK(tiles * splits <= INT32_MAX, "a/b: more output tiles than one launch holds");
@@ -36,18 +36,21 @@ void launch(const kernel::Arguments& args, const uint8_t* a, int64_t a_rows, con
   // all of the SM's unified memory as shared memory, so that two CTAs fit
   DSV3_CUDA_CHECK(
       cudaFuncSetAttribute(function, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = static_cast<unsigned>(splits);
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
+  cudaLaunchAttribute attributes[2]{};
+  attributes[0].id = cudaLaunchAttributeClusterDimension;
+  attributes[0].val.clusterDim.x = static_cast<unsigned>(splits);
+  attributes[0].val.clusterDim.y = 1;
+  attributes[0].val.clusterDim.z = 1;
+  // start while the kernel before it finishes; the kernel waits for it before reading anything it may write
+  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[1].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(static_cast<unsigned>(tiles * splits));
   config.blockDim = dim3(kernel::kThreads);
   config.dynamicSmemBytes = kernel::kSharedBytes;
   config.stream = stream;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
+  config.attrs = attributes;
+  config.numAttrs = overlap_predecessor ? 2 : 1;
   DSV3_CUDA_CHECK(cudaLaunchKernelEx(&config, function, a_map, b_map, args));
 }
 
@@ -67,18 +70,10 @@ kernel::Arguments shape_arguments(const float* a_scales, const float* b_scales, 
 
 }  // namespace
 
-template <>
-int64_t Fp8GemmKernel<Fp8GemmVariant::kDecode128x64>::workspace_bytes(int64_t, int64_t, int64_t, const Fp8GemmSchedule&,
-                                                                      int) {
-  return 0;
-}
-
-template <>
-void Fp8GemmKernel<Fp8GemmVariant::kDecode128x64>::run(const Fp8GemmParams& p, const Fp8GemmSchedule& schedule, void*,
-                                                       int, cudaStream_t stream) {
+void fp8_gemm_decode_run(const Fp8GemmParams& p, int splits, bool overlap_predecessor, cudaStream_t stream) {
   const kernel::Arguments args = shape_arguments(p.a_scales, p.b_scales, p.out, p.m, p.n, p.k);
   const int64_t tiles = static_cast<int64_t>(args.n_tiles) * args.token_tile_stride;
-  launch<false>(args, p.a, p.m, p.b, p.n, p.k, tiles, schedule.splits, stream);
+  launch<false>(args, p.a, p.m, p.b, p.n, p.k, tiles, splits, overlap_predecessor, stream);
 }
 
 void grouped_fp8_gemm_decode_run(const GroupedFp8GemmParams& p, int num_sms, cudaStream_t stream) {
@@ -90,7 +85,8 @@ void grouped_fp8_gemm_decode_run(const GroupedFp8GemmParams& p, int num_sms, cud
   const int64_t expected = p.expected_m > 0 ? std::min(p.expected_m, p.m) : p.m;
   args.token_tile_stride = static_cast<int>(std::max<int64_t>((expected + kernel::kTokens - 1) / kernel::kTokens, 1));
   const int64_t tiles = p.groups * args.token_tile_stride * args.n_tiles;
-  launch<true>(args, p.a, p.groups * p.m, p.b, p.groups * p.n, p.k, tiles, decode_splits(tiles, p.k, num_sms), stream);
+  launch<true>(args, p.a, p.groups * p.m, p.b, p.groups * p.n, p.k, tiles, decode_splits(tiles, p.k, num_sms), false,
+               stream);
 }
 
 }  // namespace dsv3::cuda
