@@ -1,10 +1,10 @@
 """The hand-written FP8 GEMM kernels (DSV3_FP8_GEMM_KERNEL=overlap, =overlap_cluster, =decode) against the kernels
 the library picks, in the same run, on the issue targets' shapes: for the overlap kernels the dense GEMM at M=4096
 (N=7168, K=16384) and the MoE expert GEMMs, contiguous (8 experts x 4096 tokens) and masked (32 experts x 64
-tokens); for the decode kernel the dense GEMM at 1 and 64 tokens (the largest and the smallest DeepSeek-V3 weights)
-and the masked expert GEMMs. `x base` = the library's time / the hand-written kernel's. GPU only; registered after
-the other suites, as it runs kernels that have not yet been timed on a GPU, and it leaves out those
-DSV3_SKIP_KERNELS names."""
+tokens); for the decode kernel the dense GEMM at 1 and 64 tokens (the largest and the smallest DeepSeek-V3 weights),
+fp8_linear (quantization and GEMM) at the same sizes, and the masked expert GEMMs. `x base` = the library's time /
+the hand-written kernel's. GPU only; registered after the other suites, as it runs kernels that have not yet been
+timed on a GPU, and it leaves out those DSV3_SKIP_KERNELS names."""
 
 from __future__ import annotations
 
@@ -29,11 +29,20 @@ def _dense(m: int, n: int, k: int, device: torch.device) -> Case:
             2 * m * n * k)  # fmt: skip
 
 
+def _linear(m: int, n: int, k: int, device: torch.device) -> Case:
+    """fp8_linear: quantization, then the GEMM (on the decode kernel, launched to overlap the quantization)."""
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+    b = dsv3.per_block_quant_fp8(torch.randn(n, k, device=device) * 0.02)
+    return ("fp8_linear", f"M={m} N={n} K={k}", lambda: dsv3.fp8_linear(x, b), 2 * m * k + n * k + 2 * m * n,
+            2 * m * n * k)  # fmt: skip
+
+
 def _cases(device: torch.device, quick: bool) -> list[tuple[Case, tuple[str, ...]]]:
     """Each timed shape with the hand-written kernels it is timed on."""
     cases = [(_dense(4096, 7168, 16384, device), OVERLAP)]
     decode_shapes = [(7168, 16384)] if quick else [(7168, 16384), (576, 7168), (24576, 1536)]
     cases += [(_dense(m, n, k, device), ("decode",)) for n, k in decode_shapes for m in (1, 64)]
+    cases += [(_linear(m, n, k, device), ("decode",)) for n, k in decode_shapes[:2] for m in (1, 64)]
     shapes = [("gate/up", 2 * INTERMEDIATE, HIDDEN)] if quick else [("gate/up", 2 * INTERMEDIATE, HIDDEN),
                                                                     ("down", HIDDEN, INTERMEDIATE)]  # fmt: skip
     for name, n, k in shapes:
