@@ -14,6 +14,10 @@
 // over all of them through distributed shared memory (in rank order, so the result does not depend on timing) and
 // stores it in bf16. No workspace, no atomics, one kernel.
 //
+// Launched to overlap the kernel before it (programmatic dependent launch, fp8_linear's quantization), the dense
+// kernel's producer asks for the first stages' weights, which no kernel of a decode step writes, before it waits for
+// that kernel's output; launched in stream order the wait returns at once.
+//
 // Masked grouped (MoE decode, DeepGEMM's masked layout): a is [groups, m, k] seen as [groups * m, k], b [groups, n, k]
 // as [groups * n, k]; group g's tiles cover its first masked_m[g] rows (clamped to [0, m], read on the device). The
 // grid holds token_tile_stride tiles of tokens per group (from the caller's expected_m, so that a large m_max costs
