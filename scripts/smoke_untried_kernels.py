@@ -40,7 +40,7 @@ def _gemm(name: str) -> None:
     masked_m = torch.tensor([200, 0, 129, 7], dtype=torch.int32, device="cuda")
     a = dsv3.per_token_group_quant_fp8(torch.randn(groups, 200, k, device="cuda"))
     out = torch.full((groups, 200, n), 7.0, dtype=torch.bfloat16, device="cuda")
-    dsv3.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 128, out=out)
+    dsv3.m_grouped_fp8_gemm_nt_masked(a, b, masked_m, 64, out=out)  # the decode kernel takes up to 64 expected rows
     expected = gemm_ref.m_grouped_fp8_gemm_nt_masked(a, b, masked_m)
     for g, rows in enumerate(masked_m.tolist()):
         diff = calc_diff(out[g, :rows], expected[g, :rows])

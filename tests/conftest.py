@@ -42,7 +42,8 @@ def cpu_kernel(request, device, monkeypatch) -> str:
 def gemm_kernel(request, device, monkeypatch) -> str:
     """The FP8 GEMM's kernel choices: what the device picks; on the CPU again with DSV3_CPU_NO_AMX=1, on a GPU again
     with DSV3_FP8_GEMM_KERNEL=overlap and =overlap_cluster (every shape on the hand-written sm_90a kernel, alone and
-    in 1x2 clusters) and =decode (the dense and masked grouped GEMMs on the hand-written decode kernel, at any M)."""
+    in 1x2 clusters) and =decode (dense GEMMs of up to 64 rows and masked grouped ones expecting up to 64 rows a
+    group on the hand-written decode kernel)."""
     return _choose_kernel(request.param, device, monkeypatch)
 
 

@@ -176,15 +176,15 @@ def test_decode_kernel_splits_k_over_clusters_of_one_to_eight(m):
 
 
 @pytest.mark.usefixtures("exact_fp32_matmul")
-def test_decode_kernel_in_fp8_linear_waits_for_a_long_quantization(monkeypatch):
-    """fp8_linear on the decode kernel starts the GEMM while the quantization runs (programmatic dependent launch);
-    with 8192 rows to quantize the GEMM's CTAs are resident long before the codes are: it must still read them only
-    once they are written. Repeated, each equal bit for bit to the two ops run one after the other."""
+@pytest.mark.parametrize("m,n,k", [(64, 7168, 16384), (1, 576, 7168)], ids=str)
+def test_decode_kernel_in_fp8_linear_reads_the_quantization_it_overlaps(monkeypatch, m, n, k):
+    """fp8_linear on the decode kernel starts the GEMM while the quantization runs (programmatic dependent launch):
+    its CTAs ask for weights before the codes exist, and must read the codes only once they are written. Each of
+    many calls on new activations equals the two ops run one after the other, bit for bit."""
     skip_if_smoke_failed("decode")
     monkeypatch.setenv("DSV3_FP8_GEMM_KERNEL", "decode")
-    m, n, k = 8192, 576, 7168
     w = dsv3.per_block_quant_fp8(torch.randn(n, k, device="cuda") * 0.05)
-    for _ in range(3):
-        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        y = dsv3.fp8_linear(x, w)
+    xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") * (i + 1) for i in range(20)]
+    ys = [dsv3.fp8_linear(x, w) for x in xs]  # back to back on the stream
+    for x, y in zip(xs, ys, strict=True):
         assert_bitwise_equal(y, dsv3.fp8_gemm_nt(dsv3.per_token_group_quant_fp8(x, 128), w), name="y")

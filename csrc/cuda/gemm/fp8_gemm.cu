@@ -29,6 +29,7 @@ Fp8GemmSchedule schedule_for(int64_t m, int64_t n, int64_t k, int num_sms,
   if (!forced) {
     if (const std::optional<Fp8GemmVariant> variant = requested_fp8_gemm_variant()) {
       if (*variant == Fp8GemmVariant::kDecode128x64) {
+        if (m > kDecodeMaxTokens) return choose_fp8_gemm_schedule(m, n, k, num_sms);
         const int64_t tiles = (m + 63) / 64 * ((n + 127) / 128);
         const int32_t splits = decode_splits(tiles, k, num_sms);
         return {*variant, splits > 1 ? Fp8GemmDecomposition::kSplitK : Fp8GemmDecomposition::kDataParallel, splits,

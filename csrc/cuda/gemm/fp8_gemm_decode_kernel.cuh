@@ -58,6 +58,7 @@ constexpr int kSharedBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  //
 constexpr int kPartialStride = kWeightRows + 4;
 static_assert(kTokens * kPartialStride * 4 <= kStages * kStageBytes, "partial results fit in the ring");
 static_assert(kDecodeCtasPerSm * (kSharedBytes + 1024) <= 228 * 1024, "two CTAs' shared memory fits an SM");
+static_assert(kTokens == kDecodeMaxTokens, "the GEMMs routed here take one tile of tokens");
 
 struct Arguments {
   const float* a_scales;     // [groups * m, k_blocks]

@@ -13,7 +13,7 @@
 namespace dsv3::cuda {
 
 // The hand-written kernel DSV3_FP8_GEMM_KERNEL asks for instead of the heuristic's choice (overlap, overlap_cluster:
-// dense and grouped; decode: dense and masked grouped); nothing when unset.
+// dense and grouped; decode: dense and masked grouped at decode sizes, see kDecodeMaxTokens); nothing when unset.
 std::optional<Fp8GemmVariant> requested_fp8_gemm_variant();
 
 // The hand-written decode kernel (kDecode128x64, instantiations/fp8_gemm_decode.cu), K split over `splits` CTAs;

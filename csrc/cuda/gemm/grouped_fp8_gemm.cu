@@ -1,5 +1,5 @@
 // Grouped FP8 GEMMs of MoE layers (contiguous and masked layouts) for sm_90a: the CUTLASS kernel, or the hand-written
-// kernel DSV3_FP8_GEMM_KERNEL asks for (overlap, overlap_cluster, or decode for the masked layout).
+// kernel DSV3_FP8_GEMM_KERNEL asks for (overlap, overlap_cluster, or decode for the masked layout at decode sizes).
 
 #include <cuda_runtime_api.h>
 
@@ -30,7 +30,8 @@ void grouped_fp8_gemm(const GroupedFp8GemmParams& params, std::uintptr_t workspa
   if (params.m == 0) return;
   const auto stream_handle = reinterpret_cast<cudaStream_t>(stream);
   const std::optional<Fp8GemmVariant> variant = requested_fp8_gemm_variant();
-  if (variant == Fp8GemmVariant::kDecode128x64 && params.layout == GroupedLayout::kMasked) {
+  if (variant == Fp8GemmVariant::kDecode128x64 && params.layout == GroupedLayout::kMasked &&
+      expected_rows(params) <= kDecodeMaxTokens) {
     grouped_fp8_gemm_decode_run(params, num_sms, stream_handle);
     return;
   }

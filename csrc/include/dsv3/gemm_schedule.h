@@ -92,6 +92,9 @@ inline Fp8GemmSchedule choose_fp8_gemm_schedule(int64_t m, int64_t n, int64_t k,
 // the speed of a decode GEMM), at most a portable cluster of 8, and at least kDecodeMinKBlocksPerSplit K blocks
 // each so a split's pipeline fill is paid over several blocks.
 constexpr int64_t kDecodeCtasPerSm = 2;
+// DSV3_FP8_GEMM_KERNEL=decode runs dense GEMMs of up to this many rows (one tile of tokens) and masked grouped ones
+// expecting up to this many rows a group on the decode kernel, and leaves larger ones to the heuristic's kernels.
+constexpr int64_t kDecodeMaxTokens = 64;
 constexpr int64_t kDecodeMaxSplits = 8;
 constexpr int64_t kDecodeMinKBlocksPerSplit = 4;
 

@@ -8,6 +8,7 @@
 //   masked      a [groups, m_max, k]; group g uses its first masked_m[g] rows (read on the device, no host
 //               synchronization); output rows at and beyond masked_m[g] are left unwritten.
 
+#include <algorithm>
 #include <cstdint>
 
 #include "dsv3/check.h"
@@ -32,6 +33,11 @@ struct GroupedFp8GemmParams {
   int64_t k;
   int64_t expected_m = 0;  // masked: the typical masked_m, a scheduling hint that never changes the result (0: m_max)
 };
+
+// Masked layout: the rows a group typically computes, expected_m within [1, m_max] (m_max when it is not given).
+inline int64_t expected_rows(const GroupedFp8GemmParams& p) {
+  return p.expected_m > 0 ? std::min(p.expected_m, p.m) : p.m;
+}
 
 inline void validate(const GroupedFp8GemmParams& p) {
   DSV3_CHECK(p.groups >= 1, "b: expected at least one group, got ", p.groups);

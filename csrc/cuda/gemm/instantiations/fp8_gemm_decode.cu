@@ -82,8 +82,8 @@ void grouped_fp8_gemm_decode_run(const GroupedFp8GemmParams& p, int num_sms, cud
   args.masked_m = p.masked_m;
   // the tiles of expected_m tokens in every slab; a cluster whose first tile has no rows leaves at once, one whose
   // group has more rows takes them tile after tile
-  const int64_t expected = p.expected_m > 0 ? std::min(p.expected_m, p.m) : p.m;
-  args.token_tile_stride = static_cast<int>(std::max<int64_t>((expected + kernel::kTokens - 1) / kernel::kTokens, 1));
+  args.token_tile_stride =
+      static_cast<int>(std::max<int64_t>((expected_rows(p) + kernel::kTokens - 1) / kernel::kTokens, 1));
   const int64_t tiles = p.groups * args.token_tile_stride * args.n_tiles;
   launch<true>(args, p.a, p.groups * p.m, p.b, p.groups * p.n, p.k, tiles, decode_splits(tiles, p.k, num_sms), false,
                stream);
