@@ -406,6 +406,15 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("x_dtype"), py::arg("q"), py::arg("scales"), py::arg("rows"), py::arg("k"),
       py::arg("group_size"), py::arg("ue8m0"));
   cpu.def(
+      "silu_and_mul_quant_fp8",
+      [](std::uintptr_t h, std::uintptr_t q, std::uintptr_t scales, int64_t rows, int64_t inter) {
+        const dsv3::SiluMulQuantParams params{pointer<const uint16_t>(h), pointer<uint8_t>(q), pointer<float>(scales),
+                                              rows, inter};
+        py::gil_scoped_release release;
+        dsv3::cpu::silu_and_mul_quant_fp8(params);
+      },
+      py::arg("h"), py::arg("q"), py::arg("scales"), py::arg("rows"), py::arg("inter"));
+  cpu.def(
       "per_block_quant_fp8",
       [](std::uintptr_t w, int32_t w_dtype, std::uintptr_t q, std::uintptr_t scale_inv, int64_t n, int64_t k,
          int64_t block) {
@@ -609,6 +618,14 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("q"), py::arg("scales"), py::arg("rows"), py::arg("k"),
       py::arg("group_size"), py::arg("ue8m0"), py::arg("stream"));
+  cuda.def(
+      "silu_and_mul_quant_fp8",
+      [](std::uintptr_t h, std::uintptr_t q, std::uintptr_t scales, int64_t rows, int64_t inter,
+         std::uintptr_t stream) {
+        dsv3::cuda::silu_and_mul_quant_fp8(
+            {pointer<const uint16_t>(h), pointer<uint8_t>(q), pointer<float>(scales), rows, inter}, stream);
+      },
+      py::arg("h"), py::arg("q"), py::arg("scales"), py::arg("rows"), py::arg("inter"), py::arg("stream"));
   cuda.def(
       "per_block_quant_fp8",
       [](std::uintptr_t w, int32_t w_dtype, std::uintptr_t q, std::uintptr_t scale_inv, int64_t n, int64_t k,

@@ -246,3 +246,46 @@ def test_traceable_by_torch_compile(device):
     x = torch.randn(8, 256, device=device)
     compiled = torch.compile(quantize_and_restore, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x), quantize_and_restore(x))
+
+
+@pytest.mark.parametrize("shape", [(0, 256), (1, 256), (3, 5, 512), (7, 4096)], ids=str)
+def test_silu_and_mul_quant_matches_the_two_reference_steps(device, shape):
+    """per_token_group_quant_fp8(silu_and_mul(h)), the reference computed on the same device: bit for bit on the GPU
+    (same SiLU formula and expf as torch's kernel); on the CPU, whose vector exp may differ from torch's in the last
+    bit, a product can land on the neighbouring bf16 value: codes and scales equal almost everywhere and the
+    dequantized values within bf16 rounding."""
+    torch.manual_seed(0)
+    h = (torch.randn(*shape) * torch.logspace(-2, 1, shape[-1])).to(torch.bfloat16).to(device)
+    q, s = dsv3.silu_and_mul_quant_fp8(h)
+    rq, rs = ref.silu_and_mul_quant_fp8(h)
+    assert q.shape == rq.shape and s.shape == rs.shape and q.device == h.device
+    if device.type == "cuda":
+        assert_bitwise_equal(s, rs, "scales")
+        assert_bitwise_equal(q, rq, "q")
+        return
+    if not q.numel():
+        return
+    assert (q.view(torch.uint8) != rq.view(torch.uint8)).float().mean() < 1e-3
+    assert torch.allclose(s, rs, rtol=2**-7, atol=0)
+    values = ref.dequant_per_token_group(q, s)
+    assert calc_diff(values, ref.dequant_per_token_group(rq, rs)) < 1e-5
+
+
+def test_silu_and_mul_quant_propagates_nan_and_inf_like_the_reference(device):
+    h = torch.randn(2, 512).to(torch.bfloat16)
+    h[0, 5] = float("nan")  # a NaN gate: NaN product, NaN group scale
+    h[1, 256 + 130] = float("inf")  # an infinite up value: an infinite product, an infinite group scale
+    h = h.to(device)
+    _, s = dsv3.silu_and_mul_quant_fp8(h)
+    _, rs = ref.silu_and_mul_quant_fp8(h)
+    assert torch.equal(torch.isnan(s), torch.isnan(rs)) and torch.equal(torch.isinf(s), torch.isinf(rs))
+    assert torch.isnan(s[0, 0]) and not torch.isfinite(s[1, 1])
+
+
+def test_silu_and_mul_quant_rejects_bad_input(device):
+    with pytest.raises(TypeError, match="h: expected dtype bfloat16"):
+        dsv3.silu_and_mul_quant_fp8(torch.zeros(2, 256, device=device))
+    with pytest.raises(ValueError, match="h: last dimension 384 must be twice a multiple of 128"):
+        dsv3.silu_and_mul_quant_fp8(torch.zeros(2, 384, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match="h: expected a contiguous tensor"):
+        dsv3.silu_and_mul_quant_fp8(torch.zeros(512, 2, dtype=torch.bfloat16, device=device).t())

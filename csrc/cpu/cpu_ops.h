@@ -15,6 +15,7 @@ namespace dsv3::cpu {
 void per_token_group_quant_fp8(const TokenGroupQuantParams& params);
 void per_block_quant_fp8(const BlockQuantParams& params);
 void dequant_fp8_block(const BlockDequantParams& params);
+void silu_and_mul_quant_fp8(const SiluMulQuantParams& params);
 
 void fp8_gemm_nt(const Fp8GemmParams& params);
 void fp8_linear(const Fp8LinearParams& params);

@@ -28,6 +28,7 @@ int runtime_version();
 void per_token_group_quant_fp8(const TokenGroupQuantParams& params, std::uintptr_t stream);
 void per_block_quant_fp8(const BlockQuantParams& params, std::uintptr_t stream);
 void dequant_fp8_block(const BlockDequantParams& params, std::uintptr_t stream);
+void silu_and_mul_quant_fp8(const SiluMulQuantParams& params, std::uintptr_t stream);
 
 // Device memory (bytes) the GEMM needs for split-K partial sums on a GPU with num_sms SMs; 0 when it needs none.
 // forced: a schedule to run instead of choose_fp8_gemm_schedule's (benchmark sweeps compare them); the same one must

@@ -16,6 +16,7 @@ _LAZY = {
     "per_token_group_quant_fp8": ("dsv3.ops", "per_token_group_quant_fp8"),
     "per_block_quant_fp8": ("dsv3.ops", "per_block_quant_fp8"),
     "dequant_fp8_block": ("dsv3.ops", "dequant_fp8_block"),
+    "silu_and_mul_quant_fp8": ("dsv3.ops", "silu_and_mul_quant_fp8"),
     "fp8_gemm_nt": ("dsv3.ops", "fp8_gemm_nt"),
     "fp8_linear": ("dsv3.ops", "fp8_linear"),
     "fused_experts": ("dsv3.ops", "fused_experts"),

@@ -57,3 +57,13 @@ def test_rejects_tensors_on_mixed_devices():
         assert "scale_inv: expected a tensor on cuda" in str(error)
     else:
         raise AssertionError("a CPU scale_inv with a CUDA q was accepted")
+
+
+def test_silu_and_mul_quant_real_shapes_bitwise():
+    # the masked MoE layout's gate/up output (32 experts x 64 rows, 2I = 4096) and a prefill-sized one
+    for shape in ((32, 64, 4096), (4096, 4096)):
+        h = torch.randn(*shape, dtype=torch.bfloat16, device="cuda") * 4
+        q, s = dsv3.silu_and_mul_quant_fp8(h)
+        rq, rs = ref.silu_and_mul_quant_fp8(h)  # on the GPU: torch's own SiLU kernel
+        assert_bitwise_equal(s, rs, f"scales {shape}")
+        assert_bitwise_equal(q, rq, f"q {shape}")

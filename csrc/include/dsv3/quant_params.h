@@ -41,6 +41,18 @@ struct BlockDequantParams {
   int64_t block;
 };
 
+// SiLU-and-mul fused with per_token_group_quant_fp8 (128-channel groups, fp32 scales): row r of h is [gate | up],
+// each `inter` bf16 values, and its output the e4m3 codes and scales of bf16(silu(gate) * up), silu in fp32.
+struct SiluMulQuantParams {
+  const uint16_t* h;  // [rows, 2 * inter] bf16
+  uint8_t* q;         // [rows, inter] e4m3
+  float* scales;      // [rows, inter / 128]
+  int64_t rows;
+  int64_t inter;
+};
+
+constexpr int64_t kSiluMulQuantGroup = 128;
+
 inline bool is_float_input(DType dtype) {
   return dtype == DType::kFloat32 || dtype == DType::kBFloat16 || dtype == DType::kFloat16;
 }
@@ -51,6 +63,13 @@ inline void validate(const TokenGroupQuantParams& p) {
   DSV3_CHECK(p.group_size > 0, "group_size: expected a positive value, got ", p.group_size);
   DSV3_CHECK(p.k % p.group_size == 0, "x: last dimension ", p.k, " is not a multiple of group_size ", p.group_size);
   DSV3_CHECK(p.rows * p.k == 0 || (p.x && p.q && p.scales), "x/q/scales: null pointer for a non-empty tensor");
+}
+
+inline void validate(const SiluMulQuantParams& p) {
+  DSV3_CHECK(p.rows >= 0 && p.inter >= 0, "h: negative shape [", p.rows, ", ", 2 * p.inter, "]");
+  DSV3_CHECK(p.inter % kSiluMulQuantGroup == 0, "h: each half (", p.inter, " values) must be a multiple of ",
+             kSiluMulQuantGroup);
+  DSV3_CHECK(p.rows * p.inter == 0 || (p.h && p.q && p.scales), "h/q/scales: null pointer for a non-empty tensor");
 }
 
 inline void validate(const BlockQuantParams& p) {

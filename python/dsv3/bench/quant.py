@@ -1,4 +1,5 @@
-"""FP8 quantization ops vs the plain-torch reference (dsv3.reference.quant) on DeepSeek-V3 shapes."""
+"""FP8 quantization ops (and SiLU-and-mul fused with it) vs the plain-torch reference (dsv3.reference.quant) on
+DeepSeek-V3 shapes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dsv3.bench.harness import Report, Row, Timer
 from dsv3.reference import quant as ref
 
 HIDDEN = 7168  # DeepSeek-V3 hidden size: the K of every activation quantization before a projection
+MOE_INTERMEDIATE = 2048  # an expert's intermediate size: the K of its down projection
 
 
 def run(device: torch.device, quick: bool = False, reps: int | None = None) -> Report:
@@ -23,6 +25,16 @@ def run(device: torch.device, quick: bool = False, reps: int | None = None) -> R
                 "per_token_group_quant_fp8", f"M={m} K={HIDDEN}", device.type,
                 us=timer(lambda x=x: dsv3.per_token_group_quant_fp8(x)), bytes=moved,
                 baseline="reference", baseline_us=timer(lambda x=x: ref.per_token_group_quant_fp8(x)),
+            )
+        )  # fmt: skip
+    for m in token_counts:  # the down projection's input of DeepSeek-V3 experts (intermediate 2048)
+        h = torch.randn(m, 2 * MOE_INTERMEDIATE, dtype=torch.bfloat16, device=device)
+        moved = h.numel() * 2 + h.numel() // 2 + (h.numel() // 256) * 4  # bf16 in, e4m3 + fp32 scales out
+        report.add(
+            Row(
+                "silu_and_mul_quant_fp8", f"M={m} 2I={2 * MOE_INTERMEDIATE}", device.type,
+                us=timer(lambda h=h: dsv3.silu_and_mul_quant_fp8(h)), bytes=moved,
+                baseline="reference", baseline_us=timer(lambda h=h: ref.silu_and_mul_quant_fp8(h)),
             )
         )  # fmt: skip
     weight_shapes = [(576, HIDDEN)] if quick else [(576, HIDDEN), (HIDDEN, 2048), (4096, HIDDEN)]

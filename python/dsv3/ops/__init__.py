@@ -17,7 +17,12 @@ from dsv3.ops.moe import (
     unpermute_tokens,
     unpermute_tokens_masked,
 )
-from dsv3.ops.quant import dequant_fp8_block, per_block_quant_fp8, per_token_group_quant_fp8
+from dsv3.ops.quant import (
+    dequant_fp8_block,
+    per_block_quant_fp8,
+    per_token_group_quant_fp8,
+    silu_and_mul_quant_fp8,
+)
 
 __all__ = [
     "append_kv_cache",
@@ -39,6 +44,7 @@ __all__ = [
     "permute_tokens",
     "permute_tokens_masked",
     "rms_norm",
+    "silu_and_mul_quant_fp8",
     "unpermute_tokens",
     "unpermute_tokens_masked",
 ]

@@ -29,9 +29,8 @@ from dsv3.ops.moe import (
     unpermute_tokens,
     unpermute_tokens_masked,
 )
-from dsv3.ops.quant import per_token_group_quant_fp8
+from dsv3.ops.quant import per_token_group_quant_fp8, silu_and_mul_quant_fp8
 from dsv3.ops.tensor_checks import check_aligned, check_tensor
-from dsv3.reference.layers import silu_and_mul
 from dsv3.reference.quant import FP8_DTYPE
 
 FP8Weights = tuple[torch.Tensor, torch.Tensor]
@@ -138,15 +137,14 @@ def _permuted(x: torch.Tensor | FP8Tokens, layout, permute) -> FP8Tokens:
 def _shared_expert(x: torch.Tensor | FP8Tokens, w13: FP8Weights, w2: FP8Weights) -> torch.Tensor:
     """The shared expert as dense FP8 GEMMs: down(silu_and_mul(gate_up(x))), bf16 [T, H]."""
     h = fp8_gemm_nt(_quantized(x), w13)
-    return fp8_gemm_nt(per_token_group_quant_fp8(silu_and_mul(h)), w2)
+    return fp8_gemm_nt(silu_and_mul_quant_fp8(h), w2)
 
 
 def _routed_contiguous(x, topk_weights, topk_idx, w13, w2) -> torch.Tensor:
     layout = moe_contiguous_layout(topk_idx, w13[0].shape[0], alignment=1)
     q, scales = _permuted(x, layout, permute_tokens)
     h = m_grouped_fp8_gemm_nt_contiguous((q, scales), w13, layout.m_indices)
-    a_q, a_scales = per_token_group_quant_fp8(silu_and_mul(h))
-    y = m_grouped_fp8_gemm_nt_contiguous((a_q, a_scales), w2, layout.m_indices)
+    y = m_grouped_fp8_gemm_nt_contiguous(silu_and_mul_quant_fp8(h), w2, layout.m_indices)
     return unpermute_tokens(y, layout, topk_weights)
 
 
@@ -159,9 +157,7 @@ def _routed_masked(x, topk_weights, topk_idx, w13, w2, max_m: int) -> torch.Tens
     q, scales = _permuted(x, layout, permute_tokens_masked)
     expected_m = max(1, -(-topk_idx.numel() // experts))
     h = m_grouped_fp8_gemm_nt_masked((q, scales), w13, layout.masked_m, expected_m)
-    a_q, a_scales = per_token_group_quant_fp8(silu_and_mul(h).view(experts * max_m, -1))
-    a = (a_q.view(experts, max_m, -1), a_scales.view(experts, max_m, -1))
-    y = m_grouped_fp8_gemm_nt_masked(a, w2, layout.masked_m, expected_m)
+    y = m_grouped_fp8_gemm_nt_masked(silu_and_mul_quant_fp8(h), w2, layout.masked_m, expected_m)
     return unpermute_tokens_masked(y, layout, topk_weights)
 
 

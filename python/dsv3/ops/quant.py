@@ -47,6 +47,41 @@ def per_token_group_quant_fp8(
     return _per_token_group_quant_fp8(x, group_size, bool(ue8m0))
 
 
+def _silu_mul_quant_shapes(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    inter = h.shape[-1] // 2
+    return (
+        h.new_empty((*h.shape[:-1], inter), dtype=FP8_DTYPE),
+        h.new_empty((*h.shape[:-1], inter // 128), dtype=torch.float32),
+    )
+
+
+@custom_op("silu_and_mul_quant_fp8", fake=_silu_mul_quant_shapes)
+def _silu_and_mul_quant_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    inter = h.shape[-1] // 2
+    q = torch.empty((*h.shape[:-1], inter), dtype=FP8_DTYPE, device=h.device)
+    scales = torch.empty((*h.shape[:-1], inter // 128), dtype=torch.float32, device=h.device)
+    check_aligned(h=h, q=q)
+    rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
+    run_kernel("silu_and_mul_quant_fp8", h.device, h.data_ptr(), q.data_ptr(), scales.data_ptr(), rows, inter)
+    return q, scales
+
+
+def silu_and_mul_quant_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 input of a SwiGLU down projection from its gate/up output, in one pass:
+    per_token_group_quant_fp8(silu_and_mul(h)).
+
+    h: bf16 [..., 2I], contiguous, gate first ([..., :I]) then up, I a multiple of 128. Each value
+    bf16(silu(gate) * up) (SiLU in fp32) is quantized per token and 128 channels. Returns (q e4m3 [..., I],
+    scales f32 [..., I / 128]). The CUDA kernel matches the reference computed on the GPU bit for bit; the CPU one
+    computes exp with its own vector code, whose last-bit differences can move a product to the neighbouring bf16
+    value (and so, rarely, a code or a group's scale).
+    """
+    check_tensor(h, "h", dtypes=(torch.bfloat16,), min_ndim=1)
+    if h.shape[-1] % 256:
+        raise ValueError(f"h: last dimension {h.shape[-1]} must be twice a multiple of 128")
+    return _silu_and_mul_quant_fp8(h)
+
+
 def _block_quant_shapes(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
     return w.new_empty(w.shape, dtype=FP8_DTYPE), w.new_empty(ceil_div(n, block), ceil_div(k, block))

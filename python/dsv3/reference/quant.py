@@ -96,3 +96,10 @@ def dequant_fp8_block(
 def dequant_per_token_group(q: torch.Tensor, scale: torch.Tensor, group_size: int = 128) -> torch.Tensor:
     """fp32 ``q [..., K] * scale [..., K // group_size]`` with each scale repeated over its group."""
     return q.float() * scale.repeat_interleave(group_size, dim=-1)
+
+
+def silu_and_mul_quant_fp8(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input of a SwiGLU down projection: per_token_group_quant_fp8(silu_and_mul(h)) for h bf16 [..., 2I]."""
+    from dsv3.reference.layers import silu_and_mul
+
+    return per_token_group_quant_fp8(silu_and_mul(h))
