@@ -22,8 +22,9 @@ namespace dsv3::cpu {
 namespace {
 
 constexpr int64_t kGroup = kSiluMulQuantGroup;
-// Below this many elements the pass runs on the calling thread: waking the team costs more than the work.
-constexpr int64_t kParallelElements = int64_t{1} << 20;
+// Below this many outputs (~80 us of work for one core) the pass runs on the calling thread: waking the team costs
+// tens of microseconds.
+constexpr int64_t kParallelElements = int64_t{1} << 16;
 
 #if defined(DSV3_SILU_AVX512)
 // 16 values of bf16(silu(gate) * up), silu(g) = g / (1 + exp(-g)), from bf16 inputs.
