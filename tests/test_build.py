@@ -82,6 +82,11 @@ def test_cli_bench_writes_json(tmp_path):
 
     document = json.loads(path.read_text())
     rows = document["reports"][0]["rows"]
-    assert {row["op"] for row in rows} == {"per_token_group_quant_fp8", "per_block_quant_fp8", "dequant_fp8_block"}
+    assert {row["op"] for row in rows} == {
+        "per_token_group_quant_fp8",
+        "silu_and_mul_quant_fp8",
+        "per_block_quant_fp8",
+        "dequant_fp8_block",
+    }
     assert all(row["us"] > 0 and row["baseline_us"] > 0 and row["gb_per_s"] > 0 for row in rows)
     assert document["build"]["backends"][0] == "cpu"

@@ -43,6 +43,17 @@ def _checks() -> list[tuple[str, Callable[[torch.device], None]]]:
                 assert_bitwise_equal(s.cpu(), rs, f"scales ({dtype}, ue8m0={ue8m0})")
                 assert_bitwise_equal(q.cpu(), rq, f"q ({dtype}, ue8m0={ue8m0})")
 
+    def silu_quant(device: torch.device) -> None:
+        h = _adversarial(33, 1024).to(torch.bfloat16).to(device)
+        q, s = ops.silu_and_mul_quant_fp8(h)
+        rq, rs = ref.silu_and_mul_quant_fp8(h)  # torch's SiLU on the same device
+        if device.type == "cuda":  # the same formula and expf as torch's kernel
+            assert_bitwise_equal(s.cpu(), rs.cpu(), "scales")
+            assert_bitwise_equal(q.cpu(), rq.cpu(), "q")
+        else:  # the CPU's vector exp may differ from torch's in the last bit
+            diff = calc_diff(ref.dequant_per_token_group(q, s), ref.dequant_per_token_group(rq, rs))
+            assert diff <= 1e-5, f"dequantized values: calc_diff {diff:.3e} > 1e-5"
+
     def block_quant(device: torch.device) -> None:
         w = _adversarial(576, 300).to(torch.bfloat16)
         q, s = ops.per_block_quant_fp8(w.to(device))
@@ -165,6 +176,7 @@ def _checks() -> list[tuple[str, Callable[[torch.device], None]]]:
 
     return [
         ("per_token_group_quant_fp8", token_quant),
+        ("silu_and_mul_quant_fp8", silu_quant),
         ("per_block_quant_fp8", block_quant),
         ("dequant_fp8_block", dequant),
         ("fp8_gemm_nt", gemm),
