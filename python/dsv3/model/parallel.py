@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 from dsv3.model.config import ModelConfig
-from dsv3.reference.layers import silu_and_mul
 from dsv3.reference.quant import ceil_div
 
 BLOCK = 128  # FP8 weight scale tiles are BLOCK x BLOCK
@@ -307,7 +306,6 @@ def _low_latency_moe(moe, x_part, w_part, idx_part, x, backend, overlap):
     parallel: Parallel = moe.parallel
     ops = _masked_ops(backend, x.device)
     w13, w2 = moe.stacked
-    local, two_i = w13[0].shape[0], w13[0].shape[1]
     (q, scales), masked_m, handle, event, _ = parallel.buffer.low_latency_dispatch(
         x_part, idx_part, LOW_LATENCY_TOKENS, moe.config.n_routed_experts, use_fp8=True,
         async_finish=overlap is not None,
@@ -315,11 +313,9 @@ def _low_latency_moe(moe, x_part, w_part, idx_part, x, backend, overlap):
     shared = overlap(x) if overlap is not None else None
     if event is not None:
         event.wait()
-    rows = q.shape[1]  # T * R slots per expert; rows past masked_m[e] hold nothing and are never read back
+    # T * R slots per expert; rows past masked_m[e] hold nothing and are never read back
     h = ops.m_grouped_fp8_gemm_nt_masked((q, scales), w13, masked_m, LOW_LATENCY_TOKENS)  # [L, T*R, 2I]
-    a_q, a_s = ops.per_token_group_quant_fp8(silu_and_mul(h.view(local * rows, two_i)))
-    a = (a_q.view(local, rows, -1), a_s.view(local, rows, -1))
-    y = ops.m_grouped_fp8_gemm_nt_masked(a, w2, masked_m, LOW_LATENCY_TOKENS)  # [L, T*R, H]
+    y = ops.m_grouped_fp8_gemm_nt_masked(ops.silu_and_mul_quant_fp8(h), w2, masked_m, LOW_LATENCY_TOKENS)  # [L, T*R, H]
     combined, _, _ = parallel.buffer.low_latency_combine(y, idx_part, w_part, handle)
     return parallel.gather_tokens(combined, x.shape[0]), shared
 

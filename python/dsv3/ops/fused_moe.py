@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from dsv3.ops.extension import custom_op, run_kernel
-from dsv3.ops.gemm import fp8_gemm_nt
+from dsv3.ops.gemm import fp8_gemm_nt, fp8_linear
 from dsv3.ops.grouped_gemm import m_grouped_fp8_gemm_nt_contiguous, m_grouped_fp8_gemm_nt_masked
 from dsv3.ops.moe import (
     moe_contiguous_layout,
@@ -29,7 +29,7 @@ from dsv3.ops.moe import (
     unpermute_tokens,
     unpermute_tokens_masked,
 )
-from dsv3.ops.quant import per_token_group_quant_fp8, silu_and_mul_quant_fp8
+from dsv3.ops.quant import silu_and_mul_quant_fp8
 from dsv3.ops.tensor_checks import check_aligned, check_tensor
 from dsv3.reference.quant import FP8_DTYPE
 
@@ -121,10 +121,6 @@ def _fused_moe_cpu(
     return out
 
 
-def _quantized(x: torch.Tensor | FP8Tokens) -> FP8Tokens:
-    return x if isinstance(x, tuple) else per_token_group_quant_fp8(x)
-
-
 def _permuted(x: torch.Tensor | FP8Tokens, layout, permute) -> FP8Tokens:
     """The layout's rows of the quantized tokens: quantized on the way, or (already quantized) their codes and
     scales copied bit for bit, the codes through a bf16 view (permute copies float rows)."""
@@ -135,8 +131,9 @@ def _permuted(x: torch.Tensor | FP8Tokens, layout, permute) -> FP8Tokens:
 
 
 def _shared_expert(x: torch.Tensor | FP8Tokens, w13: FP8Weights, w2: FP8Weights) -> torch.Tensor:
-    """The shared expert as dense FP8 GEMMs: down(silu_and_mul(gate_up(x))), bf16 [T, H]."""
-    h = fp8_gemm_nt(_quantized(x), w13)
+    """The shared expert as dense FP8 GEMMs: down(silu_and_mul(gate_up(x))), bf16 [T, H]; bf16 tokens are quantized
+    inside the first GEMM (fp8_linear: the same bits as quantizing first)."""
+    h = fp8_gemm_nt(x, w13) if isinstance(x, tuple) else fp8_linear(x, w13)
     return fp8_gemm_nt(silu_and_mul_quant_fp8(h), w2)
 
 

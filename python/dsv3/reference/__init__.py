@@ -67,6 +67,7 @@ from dsv3.reference.quant import (
     quantize_with_scale,
     round_scale_ue8m0,
     scale_from_amax,
+    silu_and_mul_quant_fp8,
 )
 
 __all__ = [
@@ -113,6 +114,7 @@ __all__ = [
     "round_scale_ue8m0",
     "scale_from_amax",
     "silu_and_mul",
+    "silu_and_mul_quant_fp8",
     "unpack_fp8_kv",
     "unpermute_tokens",
     "unpermute_tokens_masked",
