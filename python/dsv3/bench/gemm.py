@@ -25,7 +25,7 @@ def _cases(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
     if quick:
         return [(m, n, k) for n, k in [(576, 7168), (4096, 7168)] for m in (1, 16)]
     decode = [(m, n, k) for n, k in [(576, 7168), (4096, 7168), (7168, 2048)] for m in (1, 16, 64)]
-    return [*decode, (512, 4096, 7168)]
+    return [*decode, (128, 4096, 7168), (128, 7168, 2048), (512, 4096, 7168)]
 
 
 def _scaled_mm_us(timer: Timer, a: torch.Tensor, b: torch.Tensor) -> float | None:
