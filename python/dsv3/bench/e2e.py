@@ -39,10 +39,24 @@ def _dsv3(path, device, prompts, new_tokens, cuda_graphs=False) -> tuple[float, 
     return s.prefill_tokens / s.prefill_s, s.decode_tokens / s.decode_s
 
 
-def _transformers(path, device, prompts, new_tokens) -> tuple[float, float]:
+def _load_quietly(path):
+    """transformers' model of the checkpoint, without its loading report (it lists the MTP layer, which its
+    DeepseekV3ForCausalLM has no place for, as unexpected weights) or progress bar in the benchmark's output."""
     import transformers
+    from transformers.utils import logging
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    finally:
+        logging.enable_progress_bar()
+        logging.set_verbosity(verbosity)
+
+
+def _transformers(path, device, prompts, new_tokens) -> tuple[float, float]:
+    model = _load_quietly(path).to(device).eval()
     ids = torch.tensor(prompts, device=device)
     with torch.no_grad():
         model(ids)  # warm-up
