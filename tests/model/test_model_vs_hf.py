@@ -64,6 +64,27 @@ def test_mixed_length_batch_equals_each_sequence_alone(model_fp32):
     torch.testing.assert_close(together, alone, atol=5e-5, rtol=0)  # GEMM blocking varies with T
 
 
+def test_runs_of_equal_sequences_batched_in_prefill_equal_each_alone(model_fp32):
+    """Consecutive sequences with equal lengths share one attention call in prefill, with or without cached context
+    (the second forward: 6 new tokens after 10 cached, causal aligned to the last key)."""
+    from dsv3.model.batch import AttentionBatch
+    from tests.model.helpers import page_table
+
+    rng = random.Random(1)
+    prompts = [[0] + [rng.randrange(4, 600) for _ in range(n)] for n in (15, 15, 15, 40, 15, 3, 3)]
+    together = prefill_logits(model_fp32, prompts)
+    alone = [prefill_logits(model_fp32, [p]) for p in prompts]
+    torch.testing.assert_close(together, torch.cat(alone), atol=5e-5, rtol=0)
+
+    pages = contiguous_pages([16, 16, 16])
+    caches = model_fp32.allocate_kv_cache(len(pages))
+    prefill_logits(model_fp32, [p[:10] for p in prompts[:3]], pages, caches)
+    batch = AttentionBatch.build(page_table(pages), [10, 10, 10], [6, 6, 6])
+    assert not batch.absorbed
+    rest = model_fp32.logits(model_fp32.forward(torch.tensor([t for p in prompts[:3] for t in p[10:]]), batch, caches))
+    torch.testing.assert_close(rest, torch.cat([logits[10:] for logits in alone[:3]]), atol=5e-5, rtol=0)
+
+
 def test_batched_decode_equals_each_sequence_alone(model_fp32):
     from dsv3.model.batch import AttentionBatch
     from tests.model.helpers import page_table

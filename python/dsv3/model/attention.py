@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from dsv3.model.backend import Backend
 from dsv3.model.batch import AttentionBatch
@@ -97,27 +98,43 @@ class MLAttention:
             k_rope = rows[:, None, c.kv_lora_rank :].expand(rows.shape[0], self.heads, c.qk_rope_head_dim)
             k = torch.cat([k_nope, k_rope], dim=-1)
             first = 0
-            for i in group:
-                n, seq_len = batch.query_lens[i], batch.cached_lens[i]
-                keys = slice(first, first + seq_len)
-                # The new tokens are the last n of the sequence: query j sees keys 0 .. seq_len - n + j.
-                visible = torch.ones(n, seq_len, dtype=torch.bool, device=q.device).tril(seq_len - n)
+            for count, n, seq_len in _equal_runs(group, batch.query_lens, batch.cached_lens):
+                # `count` consecutive sequences of n new tokens each, the last n of seq_len keys: query j sees keys
+                # 0 .. seq_len - n + j (causal aligned to the lower right), attended to in one batched call.
+                keys = slice(first, first + count * seq_len)
                 out = F.scaled_dot_product_attention(
-                    q[start : start + n].transpose(0, 1),
-                    k[keys].transpose(0, 1),
-                    v[keys].transpose(0, 1),
-                    attn_mask=visible,
+                    _per_sequence(q[start : start + count * n], count),
+                    _per_sequence(k[keys], count),
+                    _per_sequence(v[keys], count),
+                    attn_mask=causal_lower_right(n, seq_len),
                     scale=c.softmax_scale,
                 )
-                outputs.append(out.transpose(0, 1))  # [n, h, v]
-                start += n
-                first += seq_len
+                outputs.append(out.transpose(1, 2).reshape(count * n, self.heads, -1))  # [count n, h, v]
+                start += count * n
+                first += count * seq_len
         return torch.cat(outputs)
 
 
 # Cache rows expanded by kv_b_proj at once in prefill: sequences are grouped up to this many rows (one longer
 # sequence alone), which bounds the [rows, heads, 256] keys and values held at a time.
 PROJECTION_ROWS = 8192
+
+
+def _per_sequence(x: torch.Tensor, count: int) -> torch.Tensor:
+    """Rows [count * length, h, d] of `count` equally long sequences -> [count, h, length, d] (a view)."""
+    return x.view(count, -1, *x.shape[1:]).transpose(1, 2)
+
+
+def _equal_runs(group: list[int], query_lens, cached_lens) -> list[tuple[int, int, int]]:
+    """The group's sequences as runs of consecutive ones with equal (new tokens, cached length): (count, n, seq_len)."""
+    runs: list[tuple[int, int, int]] = []
+    for i in group:
+        n, seq_len = query_lens[i], cached_lens[i]
+        if runs and runs[-1][1:] == (n, seq_len):
+            runs[-1] = (runs[-1][0] + 1, n, seq_len)
+        else:
+            runs.append((1, n, seq_len))
+    return runs
 
 
 def _projection_groups(seq_lens: tuple[int, ...]) -> list[list[int]]:
