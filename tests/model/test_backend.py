@@ -20,7 +20,9 @@ def test_capabilities_follow_device_and_dtype():
     layer_ops = {"rms_norm", "fused_add_rms_norm", "apply_rope"}  # the elementwise kernels take either dtype
     assert set(Backend("kernels", cpu, torch.float32).kernel_ops) == {"grouped_topk", *layer_ops}
     bf16_ops = Backend("kernels", cpu, torch.bfloat16).kernel_ops
-    assert {"mla_decode_with_kvcache", "fp8_linear", "fused_experts", "grouped_topk", *layer_ops} <= set(bf16_ops)
+    assert {"mla_decode_with_kvcache", "fp8_linear", "swiglu_fp8", "fused_experts", "grouped_topk", *layer_ops} <= set(
+        bf16_ops
+    )
     assert Backend("reference", cpu, torch.bfloat16).kernel_ops == []
 
 

@@ -5,6 +5,7 @@ accepts the model's dtype (the table KERNEL_SUPPORT states both); otherwise the 
 always runs and `kernel_ops` says which ops are compiled. Both backends share one signature per op:
 
   fp8_linear(x bf16 [..., K], (e4m3 [N, K], f32 [ceil(N/128), ceil(K/128)])) -> bf16 [..., N]
+  swiglu_fp8(x bf16 [T, H], w13 FP8 [2I, H] (gate; up), w2 FP8 [H, I]) -> bf16 [T, H] = down(silu(gate x) * up x)
   append_kv_cache(kv_cache, slot_mapping, latent, rope)                       (dsv3.reference.mla)
   mla_decode_with_kvcache(q, kv_cache, batch, head_dim_v, softmax_scale, causal) -> (out, lse)
   grouped_topk(router_logits, correction_bias, topk, num_expert_group, topk_group, routed_scaling_factor, renormalize)
@@ -43,6 +44,7 @@ class KernelSupport:
 # either dtype.
 KERNEL_SUPPORT = {
     "fp8_linear": KernelSupport(("cpu", "cuda"), "fp8_gemm_nt", (torch.bfloat16,)),
+    "swiglu_fp8": KernelSupport(("cpu", "cuda"), "silu_and_mul_quant_fp8", (torch.bfloat16,)),
     "fused_experts": KernelSupport(("cpu", "cuda"), "grouped_fp8_gemm", (torch.bfloat16,)),
     "grouped_topk": KernelSupport(("cpu", "cuda"), "grouped_topk", (torch.bfloat16, torch.float32)),
     "append_kv_cache": KernelSupport(("cpu", "cuda"), "mla_append_kv", (torch.bfloat16,)),
@@ -58,6 +60,12 @@ def reference_fp8_linear(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tens
     q, scales = reference.per_token_group_quant_fp8(x.reshape(-1, x.shape[-1]), 128)
     y = reference.fp8_gemm_nt((q, scales), weight)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def reference_swiglu_fp8(x: torch.Tensor, w13, w2) -> torch.Tensor:
+    """The reference fp8_linear through the stacked gate and up weights, SiLU-and-mul rounded to bf16, then the
+    reference fp8_linear through down (which quantizes that bf16 input, as the fused kernel does)."""
+    return reference_fp8_linear(reference.silu_and_mul(reference_fp8_linear(x, w13)), w2)
 
 
 def reference_mla_decode(q, kv_cache, batch: AttentionBatch, head_dim_v, softmax_scale, causal):
@@ -78,6 +86,7 @@ def kernel_mla_decode(q, kv_cache, batch: AttentionBatch, head_dim_v, softmax_sc
 
 REFERENCE_OPS: dict[str, Callable] = {
     "fp8_linear": reference_fp8_linear,
+    "swiglu_fp8": reference_swiglu_fp8,
     "append_kv_cache": reference.append_kv_cache,
     "mla_decode_with_kvcache": reference_mla_decode,
     "grouped_topk": reference.grouped_topk,
@@ -90,8 +99,9 @@ REFERENCE_OPS: dict[str, Callable] = {
 
 def _kernel_op(op: str) -> Callable:
     import dsv3.ops
+    from dsv3.ops.fused_moe import swiglu_fp8
 
-    return kernel_mla_decode if op == "mla_decode_with_kvcache" else getattr(dsv3.ops, op)
+    return {"mla_decode_with_kvcache": kernel_mla_decode, "swiglu_fp8": swiglu_fp8}.get(op) or getattr(dsv3.ops, op)
 
 
 def compiled_kernels(device: torch.device) -> set[str]:

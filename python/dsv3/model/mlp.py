@@ -12,15 +12,32 @@ from dsv3.reference.layers import silu_and_mul
 
 
 class MLP:
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)).
+
+    With FP8 projections (a bfloat16 model) and an intermediate size that is a multiple of 128 (whole weight scale
+    tiles), gate and up are stacked once at load into one [2I, H] weight, `fp8` = (w13, w2), and a call is the
+    backend's swiglu_fp8: x quantized once, two FP8 GEMMs, SiLU-and-mul fused with the down GEMM's input
+    quantization. A row-parallel down projection still sums its partial outputs over the tensor-parallel group.
+    """
 
     def __init__(self, make_linear, prefix: str):
         self.gate_proj = make_linear(f"{prefix}.gate_proj")
         self.up_proj = make_linear(f"{prefix}.up_proj")
         self.down_proj = make_linear(f"{prefix}.down_proj")
+        down = getattr(self.down_proj, "linear", self.down_proj)  # a RowParallelLinear wraps the Linear
+        self.reduce = self.down_proj.parallel.all_reduce if down is not self.down_proj else None
+        self.backend = down.backend
+        self.fp8 = None
+        gate, up = self.gate_proj.fp8, self.up_proj.fp8
+        if gate is not None and up is not None and down.fp8 is not None and gate[0].shape[0] % 128 == 0:
+            self.fp8 = (tuple(torch.cat([gate[i], up[i]]) for i in (0, 1)), down.fp8)
+            self.gate_proj = self.up_proj = None  # the stacked copy replaces them
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
+        if self.fp8 is None:
+            return self.down_proj(silu_and_mul(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
+        out = self.backend.swiglu_fp8(x, *self.fp8)
+        return out if self.reduce is None else self.reduce(out)
 
 
 class MoE:
@@ -48,7 +65,7 @@ class MoE:
         # This rank's experts: all of them without expert parallelism (split by width when tensor-parallel).
         local = self.parallel.local_experts(config.n_routed_experts)
         experts = [MLP(make_linear, f"experts.{e}") for e in local]
-        self.stacked = _stack_fp8_experts(experts) if config.moe_intermediate_size % 128 == 0 else None
+        self.stacked = _stack_fp8_experts(experts)
         self.experts = experts if self.stacked is None else None  # the stacked copy replaces the per-expert weights
         self.shared = MLP(make_linear, "shared_experts") if config.n_shared_experts else None
         # In one process the shared expert goes into the fused call when it is FP8 too (its intermediate size is a
@@ -56,11 +73,10 @@ class MoE:
         # keep it apart: expert parallelism computes it once per token while the tokens travel, and a tensor-parallel
         # shared expert sums its partial output over the ranks itself.
         self.shared_stacked = None
-        if self.stacked is not None and self.shared is not None and self.parallel.tp == self.parallel.ep == 1:
-            stacked = _stack_fp8_experts([self.shared])
-            if stacked is not None:
-                self.shared_stacked = tuple((q[0], s[0]) for q, s in stacked)
-                self.shared = None  # the stacked copy replaces its projections
+        single = self.parallel.tp == self.parallel.ep == 1
+        if single and self.stacked is not None and self.shared is not None and self.shared.fp8 is not None:
+            self.shared_stacked = self.shared.fp8
+            self.shared = None  # the stacked copy replaces its projections
 
     def __call__(self, x: torch.Tensor, backend: Backend) -> torch.Tensor:
         c = self.config
@@ -102,10 +118,9 @@ class MoE:
 
 def _stack_fp8_experts(experts: list[MLP]):
     """(w13, w2) for fused_experts: gate and up stacked per expert [E, 2I, H], down [E, H, I], FP8 with block scales;
-    None unless every expert projection is FP8 (a float32 model dequantizes them)."""
-    projections = [p for e in experts for p in (e.gate_proj, e.up_proj, e.down_proj)]
-    if any(p.fp8 is None for p in projections):
+    None unless every expert has its stacked FP8 weights (a float32 model dequantizes them)."""
+    if any(e.fp8 is None for e in experts):
         return None
-    w13 = tuple(torch.stack([torch.cat([e.gate_proj.fp8[i], e.up_proj.fp8[i]]) for e in experts]) for i in (0, 1))
-    w2 = tuple(torch.stack([e.down_proj.fp8[i] for e in experts]) for i in (0, 1))
+    w13 = tuple(torch.stack([e.fp8[0][i] for e in experts]) for i in (0, 1))
+    w2 = tuple(torch.stack([e.fp8[1][i] for e in experts]) for i in (0, 1))
     return w13, w2

@@ -130,9 +130,10 @@ def _permuted(x: torch.Tensor | FP8Tokens, layout, permute) -> FP8Tokens:
     return permute(codes.view(torch.bfloat16), layout).view(FP8_DTYPE), permute(scales, layout)
 
 
-def _shared_expert(x: torch.Tensor | FP8Tokens, w13: FP8Weights, w2: FP8Weights) -> torch.Tensor:
-    """The shared expert as dense FP8 GEMMs: down(silu_and_mul(gate_up(x))), bf16 [T, H]; bf16 tokens are quantized
-    inside the first GEMM (fp8_linear: the same bits as quantizing first)."""
+def swiglu_fp8(x: torch.Tensor | FP8Tokens, w13: FP8Weights, w2: FP8Weights) -> torch.Tensor:
+    """A SwiGLU MLP as dense FP8 GEMMs, down(silu_and_mul(gate_up(x))), bf16 [T, H]: the shared expert here, and the
+    model's dense MLPs. w13: gate and up stacked, [2I, H]; bf16 tokens are quantized inside the first GEMM
+    (fp8_linear: the same bits as quantizing first); SiLU-and-mul is fused with the down GEMM's input quantization."""
     h = fp8_gemm_nt(x, w13) if isinstance(x, tuple) else fp8_linear(x, w13)
     return fp8_gemm_nt(silu_and_mul_quant_fp8(h), w2)
 
@@ -210,4 +211,4 @@ def fused_experts(
         out = _routed_masked(x, topk_weights, topk_idx, w13, w2, max(tokens, 1) if max_m is None else max_m)
     else:
         out = _routed_contiguous(x, topk_weights, topk_idx, w13, w2)
-    return out if shared is None else out + _shared_expert(x, *shared)
+    return out if shared is None else out + swiglu_fp8(x, *shared)
