@@ -45,6 +45,14 @@ class MLAttention:
         # The heads this rank computes: all of them, or its tensor-parallel share (q/kv_b rows, o_proj columns).
         self.heads = (self.q_proj or self.q_b_proj).out_features // c.qk_head_dim
         self.kv_a_proj = make_linear("kv_a_proj_with_mqa")
+        # q_a_proj and kv_a_proj read the same x: with FP8 weights (q_lora_rank rows are whole scale tiles) they are
+        # stacked once at load into one [q_lora_rank + 576, hidden] weight, so one quantization of x and one GEMM
+        # serve both (kv_a's 576 rows alone fill few tiles of a GPU).
+        self.qkv_a: tuple[torch.Tensor, torch.Tensor] | None = None
+        q_a, kv_a = (None, None) if self.q_proj is not None else (self.q_a_proj.fp8, self.kv_a_proj.fp8)
+        if q_a is not None and kv_a is not None and c.q_lora_rank % 128 == 0:
+            self.qkv_a = tuple(torch.cat([q_a[i], kv_a[i]]) for i in (0, 1))
+            self.q_a_proj = self.kv_a_proj = None  # the stacked copy replaces them
         self.kv_a_norm = weights["kv_a_layernorm.weight"].to(device=device, dtype=dtype)
         self.kv_b_proj = make_linear("kv_b_proj")
         self.o_proj = make_linear("o_proj")
@@ -58,14 +66,20 @@ class MLAttention:
     ) -> torch.Tensor:
         """x [T, hidden] (normed) -> [T, hidden]; writes the T new tokens into kv_cache first."""
         c, t = self.config, x.shape[0]
-        if self.q_proj is None:
-            q = self.q_b_proj(backend.rms_norm(self.q_a_proj(x), self.q_a_norm, c.rms_norm_eps))
+        if self.qkv_a is not None:
+            widths = [c.q_lora_rank, c.kv_lora_rank + c.qk_rope_head_dim]
+            q_a, kv_a = backend.fp8_linear(x, self.qkv_a).split(widths, dim=-1)
+            q = self.q_b_proj(backend.rms_norm(q_a.contiguous(), self.q_a_norm, c.rms_norm_eps))
         else:
-            q = self.q_proj(x)
+            kv_a = self.kv_a_proj(x)
+            if self.q_proj is None:
+                q = self.q_b_proj(backend.rms_norm(self.q_a_proj(x), self.q_a_norm, c.rms_norm_eps))
+            else:
+                q = self.q_proj(x)
         q = q.view(t, self.heads, c.qk_head_dim)
         q_nope, q_rope = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
         q_rope = backend.apply_rope(q_rope, batch.positions, cos_sin)
-        latent, k_rope = self.kv_a_proj(x).split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent, k_rope = kv_a.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         latent = backend.rms_norm(latent.contiguous(), self.kv_a_norm, c.rms_norm_eps)
         k_rope = backend.apply_rope(k_rope, batch.positions, cos_sin)
         backend.append_kv_cache(kv_cache, batch.slot_mapping, latent, k_rope)
