@@ -14,10 +14,11 @@ from dsv3.reference.layers import silu_and_mul
 class MLP:
     """down(silu(gate(x)) * up(x)).
 
-    With FP8 projections (a bfloat16 model) and an intermediate size that is a multiple of 128 (whole weight scale
-    tiles), gate and up are stacked once at load into one [2I, H] weight, `fp8` = (w13, w2), and a call is the
-    backend's swiglu_fp8: x quantized once, two FP8 GEMMs, SiLU-and-mul fused with the down GEMM's input
-    quantization. A row-parallel down projection still sums its partial outputs over the tensor-parallel group.
+    With FP8 projections (a bfloat16 model; down's input width, the intermediate size, is then a multiple of 128, so
+    gate's and up's rows are whole scale tiles) gate and up are stacked once at load into one [2I, H] weight, `fp8` =
+    (w13, w2), and a call is the backend's swiglu_fp8: x quantized once, two FP8 GEMMs, SiLU-and-mul fused with the
+    down GEMM's input quantization. A row-parallel down projection still sums its partial outputs over the
+    tensor-parallel group.
     """
 
     def __init__(self, make_linear, prefix: str):
@@ -29,7 +30,7 @@ class MLP:
         self.backend = down.backend
         self.fp8 = None
         gate, up = self.gate_proj.fp8, self.up_proj.fp8
-        if gate is not None and up is not None and down.fp8 is not None and gate[0].shape[0] % 128 == 0:
+        if gate is not None and up is not None and down.fp8 is not None:
             self.fp8 = (tuple(torch.cat([gate[i], up[i]]) for i in (0, 1)), down.fp8)
             self.gate_proj = self.up_proj = None  # the stacked copy replaces them
 
