@@ -21,7 +21,7 @@ from dsv3.model.backend import Backend
 from dsv3.model.batch import AttentionBatch
 from dsv3.model.config import ModelConfig
 from dsv3.model.linear import Linear
-from dsv3.reference.mla import gather_kv
+from dsv3.reference.mla import PAGE_SIZE, gather_kv_rows
 
 
 class MLAttention:
@@ -105,8 +105,7 @@ class MLAttention:
         outputs, start = [], 0
         for group in _projection_groups(batch.cached_lens):
             # The cache rows (context + new tokens) of a group of sequences go through kv_b_proj in one call.
-            rows = torch.cat([gather_kv(kv_cache, batch.block_table[i], 0, batch.cached_lens[i]) for i in group])
-            rows = rows.to(dtype)  # [L, 576]
+            rows = _group_rows(kv_cache, batch, group).to(dtype)  # [L, 576]
             kv = self.kv_b_proj(rows[:, : c.kv_lora_rank]).view(rows.shape[0], self.heads, -1)
             k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
             k_rope = rows[:, None, c.kv_lora_rank :].expand(rows.shape[0], self.heads, c.qk_rope_head_dim)
@@ -132,6 +131,19 @@ class MLAttention:
 # Cache rows expanded by kv_b_proj at once in prefill: sequences are grouped up to this many rows (one longer
 # sequence alone), which bounds the [rows, heads, 256] keys and values held at a time.
 PROJECTION_ROWS = 8192
+
+
+def _group_rows(kv_cache: torch.Tensor, batch: AttentionBatch, group: list[int]) -> torch.Tensor:
+    """fp32 [L, 576]: the cache rows of every position of the group's sequences, sequence after sequence, read in one
+    gather (the page of position p of sequence i is block_table[i, p // 64])."""
+    device = kv_cache.device
+    lens = torch.tensor([batch.cached_lens[i] for i in group], device=device)
+    total = sum(batch.cached_lens[i] for i in group)
+    sequence = torch.repeat_interleave(torch.tensor(group, device=device), lens, output_size=total)
+    first = torch.repeat_interleave(lens.cumsum(0) - lens, lens, output_size=total)
+    positions = torch.arange(total, device=device) - first
+    blocks = batch.block_table[sequence, positions // PAGE_SIZE]
+    return gather_kv_rows(kv_cache, blocks, positions % PAGE_SIZE)
 
 
 def _per_sequence(x: torch.Tensor, count: int) -> torch.Tensor:

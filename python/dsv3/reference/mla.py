@@ -167,10 +167,14 @@ def gather_kv(kv_cache: torch.Tensor, block_table_row: torch.Tensor, start: int,
 
     Reads exactly those rows and nothing else.
     """
-    fp8 = _cache_is_fp8(kv_cache)
     positions = torch.arange(start, end, device=kv_cache.device)
-    blocks = block_table_row[positions // PAGE_SIZE].long()
-    rows = kv_cache[blocks, positions % PAGE_SIZE, 0]
+    return gather_kv_rows(kv_cache, block_table_row[positions // PAGE_SIZE], positions % PAGE_SIZE)
+
+
+def gather_kv_rows(kv_cache: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """fp32 [n, 576]: the (dequantized) cache rows at slot slots[j] of page blocks[j] (int tensors [n])."""
+    fp8 = _cache_is_fp8(kv_cache)
+    rows = kv_cache[blocks.long(), slots, 0]
     return unpack_fp8_kv(rows) if fp8 else rows.float()
 
 
