@@ -121,8 +121,8 @@ def _read_turn(interactive: bool) -> str:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    """One conversation: each stdin line is a user turn; replies go to stdout. Works with piped input, and under
-    torchrun with --tp/--ep (rank 0 reads the turns and prints the replies)."""
+    """One conversation: each stdin line is a user turn; replies go to stdout as they are generated. Works with piped
+    input, and under torchrun with --tp/--ep (rank 0 reads the turns and prints the replies)."""
     params = sampling_params(args)
     llm = load(args, args.path)
     interactive = sys.stdin.isatty()
@@ -134,10 +134,14 @@ def run_chat(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = llm.chat(messages, params)
-        messages.append({"role": "assistant", "content": reply.text})
         if _prints():
-            print(f"assistant: {reply.text}", flush=True)
+            print("assistant: ", end="", flush=True)
+        reply = ""
+        for piece in llm.stream_chat(messages, params):  # the reply is printed as it is written
+            reply += piece.text
+            if _prints():
+                print(piece.text, end="\n" if piece.finished else "", flush=True)
+        messages.append({"role": "assistant", "content": reply})
     if messages and _prints():
         print(format_stats(llm))
     return 0

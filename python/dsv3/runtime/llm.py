@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from dsv3.runtime.page_allocator import pages_for
 from dsv3.runtime.sampling_params import SamplingParams
 from dsv3.runtime.scheduler import Scheduler
 from dsv3.runtime.sequence import Sequence
+from dsv3.runtime.streaming import StreamOutput, TextStream
 from dsv3.runtime.tokenizer import Tokenizer
 
 SPECULATIVE = (None, "mtp")
@@ -139,6 +141,30 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, or a list of token ids), all batched together; results in prompt order.
         Statistics of the run (time per phase, tokens, MTP acceptance) are left in `self.stats`."""
+        prompts, sequences = self._requests(prompts, sampling_params)
+        for _ in self._steps(sequences):
+            pass
+        return [_output(s, p) for s, p in zip(sequences, prompts, strict=True)]
+
+    def stream(
+        self,
+        prompts: str | list[int] | Seq[str | list[int]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> Iterator[StreamOutput]:
+        """generate(), yielding each request's new tokens and text after every step that gave it tokens (see
+        dsv3.runtime.streaming), so that a reply can be shown while it is written. A request's last StreamOutput has
+        its finish_reason set. Leaving the loop early ends the requests and frees their cache pages."""
+        _, sequences = self._requests(prompts, sampling_params)  # bad arguments raise here, not at the first step
+        streams = [TextStream(s) for s in sequences]
+
+        def outputs() -> Iterator[StreamOutput]:
+            for _ in self._steps(sequences):
+                yield from filter(None, (stream.poll() for stream in streams))
+
+        return outputs()
+
+    def _requests(self, prompts, sampling_params) -> tuple[list[str | list[int]], list[Sequence]]:
+        """The prompts as a list, and a sequence for each, checked against the model and the cache."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -150,15 +176,23 @@ class LLM:
             raise ValueError(f"sampling_params: expected one per prompt ({len(prompts)}), got {len(params)}")
         sequences = [self._sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
         self._share_seeds(sequences)
+        return prompts, sequences
+
+    def _steps(self, sequences: list[Sequence]) -> Iterator[None]:
+        """Runs the engine over the sequences until all are finished, pausing after each step."""
         scheduler = Scheduler(self.cache.allocator, self.max_num_seqs, self.max_num_batched_tokens, self.speculative)
         engine = Engine(self.model, self.cache, scheduler, self.speculative, self.decode_graphs)
         for sequence in sequences:
             scheduler.add(sequence)
-        while scheduler.has_work():
-            engine.step()
-        engine.stats.preemptions = scheduler.num_preemptions
-        self.stats = engine.stats
-        return [_output(s, p) for s, p in zip(sequences, prompts, strict=True)]
+        try:
+            while scheduler.has_work():
+                engine.step()
+                yield
+        finally:  # also when the caller stops early or a step raises: the cache outlives this call
+            for sequence in sequences:
+                self.cache.allocator.release(sequence.pages)
+            engine.stats.preemptions = scheduler.num_preemptions
+            self.stats = engine.stats
 
     def _share_seeds(self, sequences: list[Sequence]) -> None:
         """Unseeded requests draw from generators seeded by rank 0, so that every rank samples the same tokens."""
@@ -201,9 +235,18 @@ class LLM:
 
     def chat(self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None) -> RequestOutput:
         """Reply to one conversation ([{"role": ..., "content": ...}, ...]) through the checkpoint's chat template."""
+        return self.generate([self._chat_prompt(messages)], sampling_params)[0]
+
+    def stream_chat(
+        self, messages: list[dict[str, str]], sampling_params: SamplingParams | None = None
+    ) -> Iterator[StreamOutput]:
+        """chat(), yielding the reply's tokens and text as they are generated (see stream())."""
+        return self.stream([self._chat_prompt(messages)], sampling_params)
+
+    def _chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         if self.tokenizer is None:
             raise ValueError("chat: this checkpoint has no tokenizer.json")
-        return self.generate([self.tokenizer.encode_chat(messages)], sampling_params)[0]
+        return self.tokenizer.encode_chat(messages)
 
 
 def _parallel_layout(tensor_parallel_size: int, expert_parallel_size: int, device: str) -> Parallel:
