@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from dsv3.runtime import LLM, SamplingParams
+from dsv3.runtime.engine import Engine
 from dsv3.runtime.scheduler import Scheduler
 from tests.model.helpers import greedy
 
@@ -55,3 +58,19 @@ def test_preempted_sequences_are_recomputed_to_the_same_result(tiny, llm):
     tight = LLM(tiny, dtype="float32", num_kv_pages=4)  # 3 sequences grow past 64 tokens into a 4-page cache
     assert [o.token_ids for o in tight.generate(prompts, GREEDY)] == alone
     assert tight.stats.preemptions > 0
+
+
+def test_a_step_that_raises_leaves_no_page_taken(llm, monkeypatch):
+    """The cache outlives a generate call (a chat turn interrupted by Ctrl-C must not shrink the next one's)."""
+    free = llm.cache.allocator.num_free
+    step = Engine.step
+
+    def failing_second_step(self):
+        if self.stats.steps == 1:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Engine, "step", failing_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(random_prompts([3, 70]), GREEDY)
+    assert llm.cache.allocator.num_free == free
