@@ -10,6 +10,7 @@ from dsv3.model.tiny import make_tiny_checkpoint
 from dsv3.model.transformer import DeepseekV3
 from dsv3.runtime import LLM, SamplingParams
 from dsv3.testing import calc_diff
+from tests.ep.launcher import run_ranks
 from tests.model.helpers import page_table
 from tests.runtime.test_decode_graphs import test_padding_rows_change_no_real_row_and_write_nothing  # noqa: F401
 
@@ -99,3 +100,20 @@ def test_cuda_graph_decode_falls_back_to_eager_above_the_largest_size(tiny, devi
     graphed = LLM(tiny, device="cuda", dtype="bfloat16", num_kv_pages=80, max_num_seqs=80, cuda_graphs=True)
     outputs = graphed.generate(prompts, params)
     assert all(o.num_generated_tokens == 3 for o in outputs) and graphed.decode_graphs.graphs == {}
+
+
+def _graphed_tokens_equal_eager(rank: int, world: int, checkpoint: str, tp: int, ep: int, speculative) -> None:
+    options = dict(device="cuda", dtype="bfloat16", num_kv_pages=16, speculative=speculative,
+                   tensor_parallel_size=tp, expert_parallel_size=ep)  # fmt: skip
+    prompts = [*PROMPTS, [0, *range(100, 160)]]  # four: a captured size
+    expected = [o.token_ids for o in LLM(checkpoint, **options).generate(prompts, GREEDY)]
+    graphed = LLM(checkpoint, cuda_graphs=True, **options)
+    assert [o.token_ids for o in graphed.generate(prompts, GREEDY)] == expected
+    assert sorted(graphed.decode_graphs.graphs) == [(4, 2 if speculative else 1)]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two NCCL ranks need two GPUs")
+@pytest.mark.parametrize(("tp", "ep", "speculative"), [(2, 1, None), (1, 2, None), (2, 2, "mtp")])
+def test_cuda_graph_decode_under_tensor_and_expert_parallelism(tiny, device, tp, ep, speculative):
+    """The all-reduces, all-gathers and low-latency expert exchanges of a decode step are captured with it."""
+    run_ranks(2, _graphed_tokens_equal_eager, str(tiny), tp, ep, speculative, backend="nccl", timeout=240)

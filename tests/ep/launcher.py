@@ -1,5 +1,5 @@
-"""Run a function on R gloo ranks in spawned processes, with a deadline: a rank that fails, dies or hangs fails the
-caller within the deadline instead of hanging the test session."""
+"""Run a function on R gloo (or NCCL) ranks in spawned processes, with a deadline: a rank that fails, dies or hangs
+fails the caller within the deadline instead of hanging the test session."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args: tuple, errors) -> None:
+def _entry(rank: int, world: int, port: int, backend: str, fn, args: tuple, errors) -> None:
     import faulthandler
 
     import torch
@@ -32,8 +32,10 @@ def _entry(rank: int, world: int, port: int, fn, args: tuple, errors) -> None:
     faulthandler.enable()  # a crash in native code prints the Python stack of the rank
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU a rank
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
             timeout=datetime.timedelta(seconds=60),
         )  # fmt: skip
         fn(rank, world, *args)
@@ -48,12 +50,15 @@ def _entry(rank: int, world: int, port: int, fn, args: tuple, errors) -> None:
     os._exit(0)
 
 
-def run_ranks(world: int, fn, *args, timeout: float = 30.0) -> None:
-    """fn(rank, world, *args) on `world` ranks; raises RanksFailed naming the ranks that failed or outlived timeout."""
+def run_ranks(world: int, fn, *args, timeout: float = 30.0, backend: str = "gloo") -> None:
+    """fn(rank, world, *args) on `world` ranks (with backend "nccl", rank r on GPU r); raises RanksFailed naming the
+    ranks that failed or outlived timeout."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, errors), daemon=True) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(r, world, port, backend, fn, args, errors), daemon=True) for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout

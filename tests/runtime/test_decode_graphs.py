@@ -8,11 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from dsv3.model.batch import AttentionBatch
+from dsv3.model.parallel import LOW_LATENCY_TOKENS
 from dsv3.model.transformer import DeepseekV3
+from dsv3.ops.fused_moe import MASKED_MAX_TOKENS
 from dsv3.runtime import LLM
-from dsv3.runtime.decode_graphs import GRAPH_BATCH_SIZES, capture_blocker, padded_decode_inputs
+from dsv3.runtime.decode_graphs import CAPTURED_OPS, GRAPH_BATCH_SIZES, capture_blocker, padded_decode_inputs
 from dsv3.testing import assert_bitwise_equal, calc_diff
 
 
@@ -23,6 +26,30 @@ def test_refused_configurations_name_the_argument_and_the_reason(tiny):
         LLM(tiny, cuda_graphs=1)
     model = DeepseekV3.from_pretrained(tiny, dtype="float32")
     assert "device='cuda'" in capture_blocker(model)
+
+
+def _cuda_model_over_two_ranks() -> SimpleNamespace:
+    """What capture_blocker reads of a bfloat16 kernels model on a GPU, split over two ranks (no MoE layers)."""
+    return SimpleNamespace(
+        device=torch.device("cuda"), dtype=torch.bfloat16, parallel=SimpleNamespace(world_size=2, distributed=True),
+        backend=SimpleNamespace(name="kernels", kernel_ops=CAPTURED_OPS), layers=[], mtp=[],
+    )  # fmt: skip
+
+
+def test_parallel_ranks_are_captured_over_nccl_only(monkeypatch):
+    model = _cuda_model_over_two_ranks()
+    assert "only over NCCL" in capture_blocker(model)  # no process group
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert "only over NCCL" in capture_blocker(model)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert capture_blocker(model) is None
+
+
+def test_captured_steps_take_the_fixed_size_expert_exchanges():
+    # dsv3.model.parallel sends batches of up to LOW_LATENCY_TOKENS tokens a rank through the low-latency exchanges,
+    # whose counts stay on the device; a captured step has at most MASKED_MAX_TOKENS tokens
+    assert MASKED_MAX_TOKENS <= LOW_LATENCY_TOKENS
 
 
 def test_padded_inputs_mark_padding_as_empty_sequences():

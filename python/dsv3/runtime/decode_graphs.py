@@ -11,13 +11,19 @@ takes a row in the MoE slabs, where every row is computed on its own. With MTP a
 (last token and draft): the verification forward and the MTP module's drafting forward are two graphs over the same
 static batch, the second fed the tokens the host chose after the first. A step is captured only while its tokens fit
 the MoE masked layout (MASKED_MAX_TOKENS: the layout whose row counts stay on the device); larger steps run eagerly,
-where the launches are spread over more tokens. Graphs are captured on first use of each size and kept for the life
-of the LLM; they share one memory pool, and each replay's outputs are read before the next.
+where the launches are spread over more tokens. Under tensor and expert parallelism (NCCL ranks under torchrun) the
+step's exchanges are fixed-size too: all-reduces and all-gathers of the batch's rows, and for routed experts on other
+ranks the low-latency dispatch and combine (dsv3.model.parallel: taken by batches of up to LOW_LATENCY_TOKENS tokens a
+rank, and a captured step has no more in all), whose per-expert counts stay on the device. Every rank runs the same
+schedule, so all capture the same sizes at the same steps, as their collectives require. Graphs are captured on first
+use of each size and kept for the life of the LLM; they share one memory pool, and each replay's outputs are read
+before the next.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from dsv3.model.batch import AttentionBatch
 from dsv3.model.mlp import MoE
@@ -36,8 +42,8 @@ def capture_blocker(model: DeepseekV3) -> str | None:
     """Why the decode forward of `model` cannot be captured in a CUDA graph, or None when it can."""
     if model.device.type != "cuda":
         return f"the model runs on {model.device.type}, CUDA graphs need device='cuda'"
-    if model.parallel.world_size > 1:
-        return "tensor and expert parallelism exchange data whose sizes the host reads; run them without graphs"
+    if model.parallel.distributed and (not dist.is_initialized() or dist.get_backend() != "nccl"):
+        return "tensor and expert parallelism capture their exchanges only over NCCL (the process group's backend)"
     if model.backend.name != "kernels" or model.dtype != torch.bfloat16:
         return "the decode path syncs with the host unless it runs the bfloat16 kernels (dtype='bfloat16')"
     missing = sorted(CAPTURED_OPS - set(model.backend.kernel_ops))

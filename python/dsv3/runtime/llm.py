@@ -67,7 +67,7 @@ class LLM:
     cuda_graphs=True replays decode steps of up to 64 sequences (32 with MTP, whose verification and drafting passes
     both run from graphs) from CUDA graphs, captured on first use of each padded batch size
     (dsv3.runtime.decode_graphs): one launch per forward pass instead of one per kernel. It needs device="cuda",
-    dtype="bfloat16", the kernels backend and one process, and says which is missing otherwise.
+    dtype="bfloat16" and the kernels backend (and NCCL under torchrun), and says which is missing otherwise.
 
     Under torchrun, tensor_parallel_size splits attention heads and dense MLPs over that many ranks and
     expert_parallel_size the routed experts (see dsv3.model.parallel); each divides the world size and one equals it.
