@@ -89,17 +89,38 @@ def format_stats(llm) -> str:
     return line
 
 
+def _print_stream(pieces) -> tuple[str, int, str]:
+    """Prints one request's text as its pieces arrive (on the printing rank); returns its text, token count and
+    finish reason."""
+    text, tokens, reason = "", 0, ""
+    for piece in pieces:
+        text += piece.text
+        tokens += len(piece.token_ids)
+        reason = piece.finish_reason  # set on the last piece
+        if _prints():
+            print(piece.text, end="\n" if piece.finished else "", flush=True)
+    return text, tokens, reason
+
+
 def run_generate(args: argparse.Namespace) -> int:
+    """Each prompt's completion, then the run's timings; a single prompt's completion is printed while it is
+    generated."""
     params = sampling_params(args)
     llm = load(args, args.path)
-    outputs = llm.generate(args.prompt, params)
-    if not _prints():
-        return 0
-    for output in outputs:
-        print(f"--- prompt {output.index}: {output.prompt!r}")
-        print(output.text)
-        print(f"({output.num_generated_tokens} tokens, {output.finish_reason})")
-    print(format_stats(llm))
+    if len(args.prompt) == 1:
+        if _prints():
+            print(f"--- prompt 0: {args.prompt[0]!r}")
+        _, tokens, reason = _print_stream(llm.stream(args.prompt, params))
+        if _prints():
+            print(f"({tokens} tokens, {reason})")
+    else:
+        for output in llm.generate(args.prompt, params):
+            if _prints():
+                print(f"--- prompt {output.index}: {output.prompt!r}")
+                print(output.text)
+                print(f"({output.num_generated_tokens} tokens, {output.finish_reason})")
+    if _prints():
+        print(format_stats(llm))
     return 0
 
 
@@ -136,11 +157,7 @@ def run_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line.rstrip("\n")})
         if _prints():
             print("assistant: ", end="", flush=True)
-        reply = ""
-        for piece in llm.stream_chat(messages, params):  # the reply is printed as it is written
-            reply += piece.text
-            if _prints():
-                print(piece.text, end="\n" if piece.finished else "", flush=True)
+        reply, _, _ = _print_stream(llm.stream_chat(messages, params))
         messages.append({"role": "assistant", "content": reply})
     if messages and _prints():
         print(format_stats(llm))

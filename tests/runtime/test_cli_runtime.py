@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from dsv3.runtime import LLM, SamplingParams
+
 
 def dsv3(*args: str, stdin: str = "", env: dict | None = None) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # the installed dsv3, as a user runs it
@@ -27,6 +29,13 @@ def test_generate_prints_each_completion_and_the_timings(tiny):
     assert "--- prompt 0: 'Hello'" in run.stdout and "--- prompt 1: 'The days'" in run.stdout
     assert run.stdout.count("(5 tokens, length)") == 2
     assert STATS.search(run.stdout) and "MTP acceptance" in run.stdout
+
+
+def test_generate_prints_a_single_completion_as_it_is_generated(tiny):
+    run = dsv3("generate", str(tiny), "--prompt", "Hello", "--max-tokens", "5", "--temperature", "0")
+    assert run.returncode == 0, run.stderr
+    expected = LLM(tiny, num_kv_pages=4).generate("Hello", SamplingParams(max_tokens=5, temperature=0))[0]
+    assert f"--- prompt 0: 'Hello'\n{expected.text}\n(5 tokens, length)\n" in run.stdout and STATS.search(run.stdout)
 
 
 def test_chat_reads_turns_from_piped_stdin(tiny):
