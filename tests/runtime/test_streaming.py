@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsv3.runtime import SamplingParams
+from dsv3.runtime import LLM, SamplingParams
 from dsv3.runtime.engine import Engine
 from dsv3.runtime.sequence import Sequence
 from dsv3.runtime.streaming import TextStream
@@ -110,6 +110,16 @@ def test_leaving_a_stream_early_frees_its_pages(llm):
     assert llm.cache.allocator.num_free < free
     pieces.close()
     assert llm.cache.allocator.num_free == free
+
+
+def test_a_stream_that_finds_the_cache_taken_raises_instead_of_waiting(tiny):
+    llm = LLM(tiny, dtype="float32", num_kv_pages=2)
+    first = llm.stream([random_prompts([100])[0]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    next(first)  # holds both pages
+    with pytest.raises(RuntimeError, match="another unfinished stream"):
+        next(llm.stream([[0, 5]], GREEDY))
+    first.close()
+    assert [len(p.token_ids) for p in llm.stream([[0, 5]], GREEDY)] == [1] * GREEDY.max_tokens
 
 
 def test_bad_arguments_raise_at_the_call(llm):

@@ -51,6 +51,11 @@ class Engine:
     def step(self) -> list[Sequence]:
         """Run one scheduled step; returns the sequences it finished."""
         step = self.scheduler.schedule()
+        if not step:  # alone, the scheduler always finds work: another call's sequences hold the pages
+            raise RuntimeError(
+                "KV cache: no page is free for any waiting sequence; another unfinished stream() of this LLM holds "
+                "them (finish or close it first)"
+            )
         finished: list[Sequence] = []
         if step.decodes:
             start = time.perf_counter()
