@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from dsv3.runtime.detokenizer import IncrementalDetokenizer
 from dsv3.runtime.sampling_params import SamplingParams
 from dsv3.runtime.tokenizer import Tokenizer
 
@@ -38,10 +39,20 @@ class Sequence:
         self.pages: list[int] = []
         self.draft: int | None = None  # the MTP module's guess of the token after the last one
         self.drafted = self.accepted = 0
+        # the output's text while it grows (whole characters), where followed; its final text once finished
         self.text = ""
+        self.detokenizer: IncrementalDetokenizer | None = None
+        self.longest_stop = max((len(s) for s in params.stop), default=0)
+        if params.stop:
+            self.follow_text()
         self.finish_reason: str | None = None
         self.arrival = time.perf_counter()
         self.finish_time: float | None = None
+
+    def follow_text(self) -> None:
+        """Keep `text` up to date while tokens arrive (stop strings and streams read it), not only at the end."""
+        if self.tokenizer is not None and self.detokenizer is None:
+            self.detokenizer = IncrementalDetokenizer(self.tokenizer, self.num_prompt_tokens)
 
     @property
     def output_ids(self) -> list[int]:
@@ -59,12 +70,18 @@ class Sequence:
     def append(self, token: int) -> bool:
         """Add a generated token; True once the sequence is finished (it then takes no more)."""
         self.token_ids.append(token)
-        text = self.tokenizer.decode(self.output_ids) if self.params.stop else None
-        stop_at = min((i for i in (text.find(s) for s in self.params.stop) if i >= 0), default=-1) if text else -1
+        stop_at = -1
+        if self.detokenizer is not None:
+            before = len(self.text)
+            self.text += self.detokenizer.update(self.token_ids)
+            if self.params.stop and len(self.text) > before:
+                # a stop string ending in the new text; one ending earlier would have finished the sequence already
+                start = max(before - self.longest_stop + 1, 0)
+                stop_at = min((i for i in (self.text.find(s, start) for s in self.params.stop) if i >= 0), default=-1)
         if token in self.stop_ids:
             self._finish("stop")
         elif stop_at >= 0:
-            self._finish("stop", text[:stop_at])  # the text ends before the stop string
+            self._finish("stop", self.text[:stop_at])  # the text ends before the stop string
         elif len(self.output_ids) >= self.params.max_tokens:
             self._finish("length")
         return self.finish_reason is not None
@@ -73,5 +90,5 @@ class Sequence:
         self.finish_reason = reason
         self.finish_time = time.perf_counter()
         if text is None and self.tokenizer is not None:
-            text = self.tokenizer.decode(self.output_ids)
+            text = self.tokenizer.decode(self.output_ids)  # with any character left incomplete
         self.text = text or ""

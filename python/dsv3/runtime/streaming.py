@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 from dsv3.runtime.sequence import Sequence
 
-REPLACEMENT = "\ufffd"  # what a byte-level tokenizer decodes a character to while its last bytes are still missing
-
 
 @dataclass
 class StreamOutput:
@@ -26,24 +24,23 @@ class StreamOutput:
 
 
 class TextStream:
-    """Lets out a sequence's text as it grows, holding back what may still change: a character whose bytes have not
-    all been generated (it decodes to U+FFFD until they have) and, when the request has stop strings, its last
-    (longest stop string - 1) characters, where a stop string may be completing; the final text is cut before the
-    stop string, so no piece ever holds text past it. A byte-level tokenizer (DeepSeek-V3's) decodes a prefix of a
-    token list to a prefix of the whole list's text, but for such characters, so the pieces add up to the final
-    text."""
+    """Lets out a sequence's text as it grows (Sequence.text: whole characters only, see dsv3.runtime.detokenizer),
+    holding back, when the request has stop strings, its last (longest stop string - 1) characters, where a stop string
+    may be completing. The final text is cut before the stop string, so no piece holds text past it, and the pieces
+    add up to the final text."""
 
     def __init__(self, sequence: Sequence):
+        sequence.follow_text()
         self.sequence = sequence
         self.tokens_sent = 0
         self.text_sent = ""
         self.done = False  # the last piece is out
-        self.hold = max((len(s) for s in sequence.params.stop), default=1) - 1
+        self.hold = max(sequence.longest_stop - 1, 0)
 
     def poll(self) -> StreamOutput | None:
         """The tokens and text new since the last call, or None when nothing changed."""
         sequence = self.sequence
-        tokens = sequence.output_ids[self.tokens_sent :]
+        tokens = sequence.token_ids[sequence.num_prompt_tokens + self.tokens_sent :]
         if self.done or not tokens:
             return None
         self.tokens_sent += len(tokens)
@@ -57,7 +54,4 @@ class TextStream:
         sequence = self.sequence
         if sequence.finish_reason is not None:
             return sequence.text
-        if sequence.tokenizer is None:
-            return ""
-        text = sequence.tokenizer.decode(sequence.output_ids).rstrip(REPLACEMENT)
-        return text[: max(len(text) - self.hold, 0)]
+        return sequence.text[: max(len(sequence.text) - self.hold, 0)]
