@@ -16,6 +16,7 @@ from dsv3.model.transformer import DeepseekV3
 from dsv3.ops.fused_moe import MASKED_MAX_TOKENS
 from dsv3.runtime import LLM
 from dsv3.runtime.decode_graphs import CAPTURED_OPS, GRAPH_BATCH_SIZES, capture_blocker, padded_decode_inputs
+from dsv3.runtime.page_allocator import PageList
 from dsv3.testing import assert_bitwise_equal, calc_diff
 
 
@@ -54,8 +55,8 @@ def test_captured_steps_take_the_fixed_size_expert_exchanges():
 
 def test_padded_inputs_mark_padding_as_empty_sequences():
     sequences = [
-        SimpleNamespace(token_ids=[5, 6, 7], num_computed=2, pages=[4]),
-        SimpleNamespace(token_ids=[9] * 70, num_computed=69, pages=[1, 3]),
+        SimpleNamespace(token_ids=[5, 6, 7], num_computed=2, pages=PageList([4])),
+        SimpleNamespace(token_ids=[9] * 70, num_computed=69, pages=PageList([1, 3])),
     ]
     inputs = padded_decode_inputs(sequences, 4)
     assert inputs["ids"].tolist() == [7, 9, 0, 0]
@@ -68,8 +69,8 @@ def test_padded_inputs_mark_padding_as_empty_sequences():
 
 def test_padded_verification_inputs_feed_the_last_token_and_the_draft():
     sequences = [
-        SimpleNamespace(token_ids=[5, 6, 7], num_computed=2, pages=[4], draft=8),
-        SimpleNamespace(token_ids=[9] * 64, num_computed=63, pages=[1, 3], draft=2),  # the draft opens page 3
+        SimpleNamespace(token_ids=[5, 6, 7], num_computed=2, pages=PageList([4]), draft=8),
+        SimpleNamespace(token_ids=[9] * 64, num_computed=63, pages=PageList([1, 3]), draft=2),  # the draft opens page 3
     ]
     inputs = padded_decode_inputs(sequences, 4, fed=2)
     assert inputs["ids"].tolist() == [7, 8, 9, 2] + [0] * 4
@@ -90,7 +91,7 @@ def test_padding_rows_change_no_real_row_and_write_nothing(tiny, fed, device):
     last = model.logits(model.forward(torch.tensor([t for p in prompts for t in p]), prefill, caches))
     firsts = last[[3, 5, 8]].argmax(dim=-1).tolist()  # each prompt's next token
     sequences = [
-        SimpleNamespace(token_ids=[*p, t], num_computed=len(p), pages=pg, draft=(t * 7) % 500)
+        SimpleNamespace(token_ids=[*p, t], num_computed=len(p), pages=PageList(pg), draft=(t * 7) % 500)
         for p, t, pg in zip(prompts, firsts, pages, strict=True)
     ]
     fed_ids = [t for s in sequences for t in ([s.token_ids[-1]] if fed == 1 else [s.token_ids[-1], s.draft])]

@@ -30,6 +30,7 @@ from dsv3.model.mlp import MoE
 from dsv3.model.transformer import DeepseekV3
 from dsv3.ops.fused_moe import MASKED_MAX_TOKENS
 from dsv3.reference.mla import PAGE_SIZE
+from dsv3.runtime.page_allocator import block_table
 from dsv3.runtime.sequence import Sequence
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -133,13 +134,12 @@ def padded_decode_inputs(sequences: list[Sequence], size: int, fed: int = 1) -> 
         for p in range(start, start + fed)
     ]
     ids = [t for s in sequences for t in ([s.token_ids[-1]] if fed == 1 else [s.token_ids[-1], s.draft])]
-    width = max(len(s.pages) for s in sequences)
     return {
         "ids": torch.tensor(ids + [0] * pad),
         "positions": torch.tensor(positions + [0] * pad),
         "slot_mapping": torch.tensor(slots + [-1] * pad),
         "seq_lens": torch.tensor([p + fed for p in starts] + [0] * (size - len(sequences)), dtype=torch.int32),
-        "block_table": torch.tensor([s.pages + [0] * (width - len(s.pages)) for s in sequences], dtype=torch.int32),
+        "block_table": block_table([s.pages for s in sequences]),
     }
 
 

@@ -12,6 +12,7 @@ from dsv3.model.batch import AttentionBatch
 from dsv3.model.transformer import DeepseekV3
 from dsv3.runtime.decode_graphs import DecodeGraphs
 from dsv3.runtime.kv_cache import PagedKVCache
+from dsv3.runtime.page_allocator import block_table
 from dsv3.runtime.sampler import sample, verify_draft, verify_greedy
 from dsv3.runtime.scheduler import Scheduler
 from dsv3.runtime.sequence import Sequence
@@ -74,8 +75,7 @@ class Engine:
         return finished
 
     def _batch(self, sequences: list[Sequence], query_lens: list[int]) -> AttentionBatch:
-        width = max(len(s.pages) for s in sequences)
-        table = torch.tensor([s.pages + [0] * (width - len(s.pages)) for s in sequences], dtype=torch.int32)
+        table = block_table([s.pages for s in sequences])
         return AttentionBatch.build(table.to(self.model.device), [s.num_computed for s in sequences], query_lens)
 
     def _decode(self, sequences: list[Sequence]) -> list[Sequence]:

@@ -2,11 +2,49 @@
 
 from __future__ import annotations
 
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
 from dsv3.reference.mla import PAGE_SIZE
 
 
 def pages_for(num_tokens: int) -> int:
     return -(-num_tokens // PAGE_SIZE)
+
+
+class PageList(list):
+    """A sequence's page ids, mirrored in an int32 tensor that grows with the list, so that a step's block table is
+    one pad_sequence over tensors instead of a conversion of Python lists (4 ms a step for 64 sequences of 32K
+    tokens). It changes only through extend and clear, which keep the two equal."""
+
+    def __init__(self, ids=()):
+        super().__init__()
+        self._ids = torch.empty(16, dtype=torch.int32)
+        self.extend(ids)
+
+    def extend(self, ids) -> None:
+        ids, start = list(ids), len(self)
+        super().extend(ids)
+        if len(self) > self._ids.shape[0]:
+            grown = torch.empty(max(2 * self._ids.shape[0], len(self)), dtype=torch.int32)
+            grown[:start] = self._ids[:start]
+            self._ids = grown
+        self._ids[start : len(self)] = torch.tensor(ids, dtype=torch.int32)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """int32 [len(self)], the ids (a view: read it before the list changes)."""
+        return self._ids[: len(self)]
+
+    def _unchanged(self, *args, **kwargs):
+        raise TypeError("PageList: changes only through extend and clear (its tensor mirrors it)")
+
+    append = insert = pop = remove = sort = reverse = __setitem__ = __delitem__ = __iadd__ = __imul__ = _unchanged
+
+
+def block_table(page_lists: list[PageList]) -> torch.Tensor:
+    """int32 [len(page_lists), the longest list]: each sequence's page ids, zero-padded."""
+    return pad_sequence([pages.tensor for pages in page_lists], batch_first=True)
 
 
 class PageAllocator:

@@ -7,6 +7,7 @@ import time
 import torch
 
 from dsv3.runtime.detokenizer import IncrementalDetokenizer
+from dsv3.runtime.page_allocator import PageList
 from dsv3.runtime.sampling_params import SamplingParams
 from dsv3.runtime.tokenizer import Tokenizer
 
@@ -36,7 +37,7 @@ class Sequence:
         else:
             self.generator.manual_seed(params.seed)
         self.num_computed = 0
-        self.pages: list[int] = []
+        self.pages = PageList()
         self.draft: int | None = None  # the MTP module's guess of the token after the last one
         self.drafted = self.accepted = 0
         # the output's text while it grows (whole characters), where followed; its final text once finished
