@@ -24,6 +24,8 @@ class PageList(list):
 
     def extend(self, ids) -> None:
         ids, start = list(ids), len(self)
+        if not ids:
+            return  # the allocator extends every sequence every step, mostly by nothing
         super().extend(ids)
         if len(self) > self._ids.shape[0]:
             grown = torch.empty(max(2 * self._ids.shape[0], len(self)), dtype=torch.int32)
