@@ -13,7 +13,7 @@ from dsv3.model.transformer import DeepseekV3
 from dsv3.runtime.decode_graphs import DecodeGraphs
 from dsv3.runtime.kv_cache import PagedKVCache
 from dsv3.runtime.page_allocator import block_table
-from dsv3.runtime.sampler import sample, verify_draft, verify_greedy
+from dsv3.runtime.sampler import next_tokens, verify_tokens
 from dsv3.runtime.scheduler import Scheduler
 from dsv3.runtime.sequence import Sequence
 
@@ -88,14 +88,10 @@ class Engine:
             batch = self._batch(sequences, [1] * len(sequences))
             ids = torch.tensor([s.token_ids[-1] for s in sequences])
             logits = self.model.logits(self.model.forward(ids, batch, self.cache.layers))
-        # From a GPU, greedy rows bring back only their argmax (one transfer for the batch) and sampled rows their
-        # logits: not the whole [b, vocab] block.
-        greedy = logits.argmax(dim=-1).tolist()
-        rows = _sampled_rows(sequences, logits)
+        tokens = next_tokens(logits, [s.params for s in sequences], [s.generator for s in sequences])
         finished = []
-        for i, (sequence, best) in enumerate(zip(sequences, greedy, strict=True)):
+        for sequence, token in zip(sequences, tokens, strict=True):
             sequence.num_computed += 1
-            token = best if sequence.params.greedy else sample(rows[i], sequence.params, sequence.generator)
             if sequence.append(token):
                 finished.append(sequence)
         return finished
@@ -116,15 +112,12 @@ class Engine:
             def mtp_logits(next_ids: list[int]) -> torch.Tensor:
                 return self.model.mtp_logits(torch.tensor(next_ids), hidden, batch, self.cache.layers)
 
-        logits = logits.view(len(sequences), 2, -1)
-        best = logits.argmax(dim=-1).tolist()  # as in _decode: argmaxes for greedy rows, logits for sampled ones
-        rows = _sampled_rows(sequences, logits)
+        verdicts = verify_tokens(
+            logits.view(len(sequences), 2, -1), [s.draft for s in sequences], [s.params for s in sequences],
+            [s.generator for s in sequences],
+        )  # fmt: skip
         finished, next_ids, draft_rows = [], [], []
-        for i, sequence in enumerate(sequences):
-            if sequence.params.greedy:
-                tokens, accepted = verify_greedy(best[i], sequence.draft)
-            else:
-                tokens, accepted = verify_draft(rows[i], sequence.draft, sequence.params, sequence.generator)
+        for i, (sequence, (tokens, accepted)) in enumerate(zip(sequences, verdicts, strict=True)):
             sequence.drafted += 1
             sequence.accepted += accepted
             self.stats.accepted += accepted
@@ -146,13 +139,13 @@ class Engine:
         hidden = self.model.forward(ids, batch, self.cache.layers)
         last = batch.last_token_rows()
         done = [i for i, (s, n) in enumerate(chunks) if s.num_computed + n == len(s.token_ids)]
-        logits = self.model.logits(hidden[[last[i] for i in done]]).cpu() if done else None
         starts = [s.num_computed for s in sequences]
         finished = []
-        for row, i in enumerate(done):
-            sequence = sequences[i]
-            if sequence.append(sample(logits[row], sequence.params, sequence.generator)):
-                finished.append(sequence)
+        if done:
+            ending = [sequences[i] for i in done]
+            logits = self.model.logits(hidden[[last[i] for i in done]])
+            tokens = next_tokens(logits, [s.params for s in ending], [s.generator for s in ending])
+            finished += [s for s, token in zip(ending, tokens, strict=True) if s.append(token)]
         for sequence, (_, n) in zip(sequences, chunks, strict=True):
             sequence.num_computed += n
         if self.speculative:
@@ -167,9 +160,3 @@ class Engine:
         drafts = mtp_logits[rows].argmax(dim=-1).tolist()  # one transfer for the batch
         for sequence, draft in zip(sequences, drafts, strict=True):
             sequence.draft = None if sequence in finished else draft
-
-
-def _sampled_rows(sequences: list[Sequence], logits: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Batch index -> logits on the host, for the sequences that sample (greedy ones need only their argmax)."""
-    sampled = [i for i, s in enumerate(sequences) if not s.params.greedy]
-    return dict(zip(sampled, logits[sampled].cpu(), strict=True)) if sampled else {}
