@@ -9,6 +9,7 @@ from dsv3.model.batch import AttentionBatch
 from dsv3.model.tiny import make_tiny_checkpoint
 from dsv3.model.transformer import DeepseekV3
 from dsv3.runtime import LLM, SamplingParams
+from dsv3.runtime.sampler import batch_probabilities, inverse_cdf_draw, next_tokens
 from dsv3.testing import calc_diff
 from tests.ep.launcher import run_ranks
 from tests.model.helpers import page_table
@@ -117,3 +118,17 @@ def _graphed_tokens_equal_eager(rank: int, world: int, checkpoint: str, tp: int,
 def test_cuda_graph_decode_under_tensor_and_expert_parallelism(tiny, device, tp, ep, speculative):
     """The all-reduces, all-gathers and low-latency expert exchanges of a decode step are captured with it."""
     run_ranks(2, _graphed_tokens_equal_eager, str(tiny), tp, ep, speculative, backend="nccl", timeout=240)
+
+
+def test_sampling_on_the_gpu_filters_and_draws_as_on_the_cpu(device):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 129280) * 3  # DeepSeek-V3's vocabulary
+    params = [SamplingParams(temperature=0.7), SamplingParams(top_p=0.9), SamplingParams(top_k=50), GREEDY]
+    on_gpu = batch_probabilities(logits.to(device), params[:3]).cpu()
+    torch.testing.assert_close(on_gpu, batch_probabilities(logits, params[:3]), atol=1e-7, rtol=1e-4)
+    n = 1 << 12
+    probs = torch.tensor([0.5, 0.0, 0.25, 0.125, 0.125, 0.0], device=device)
+    counts = torch.bincount(inverse_cdf_draw(probs.expand(n, -1), (torch.arange(n, device=device) + 0.5) / n))
+    assert counts.tolist() == [n // 2, 0, n // 4, n // 8, n // 8]
+    tokens = next_tokens(logits.to(device), params, [torch.Generator().manual_seed(1) for _ in params])
+    assert tokens[3] == int(logits[3].argmax()) and all(0 <= t < 129280 for t in tokens)
