@@ -17,6 +17,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="replay decode steps from CUDA graphs (cuda, bfloat16)"
     )
+    parser.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=None,
+        help="KV cache size (default: see --gpu-memory-utilization; 0.25 on the CPU)",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9,
+        help="share of the GPU's memory for the model and the KV cache together (default 0.9)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-model-len", type=int, default=None, help="tokens a sequence may hold (default: the model's)"
+    )
 
 
 def add_parallel_options(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +64,9 @@ def load(args: argparse.Namespace, path: str | Path):
         tensor_parallel_size=getattr(args, "tp", 1),
         expert_parallel_size=getattr(args, "ep", 1),
         cuda_graphs=getattr(args, "cuda_graphs", False),
+        kv_cache_bytes=None if getattr(args, "kv_cache_gib", None) is None else int(args.kv_cache_gib * 2**30),
+        gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
+        max_model_len=getattr(args, "max_model_len", None),
     )
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from dsv3.model.parallel import Parallel, ParallelConfigError
 from dsv3.model.transformer import DeepseekV3
 from dsv3.runtime import LLM, SamplingParams
+from dsv3.runtime.kv_cache import page_bytes
 from dsv3.testing import calc_diff
 from tests.model.helpers import greedy, prefill_logits
 
@@ -116,10 +117,20 @@ def bad_layouts(rank: int, world: int, checkpoint: str, scratch: str) -> None:
     dist.barrier()
 
 
+def cache_sizes_agree(rank: int, world: int, checkpoint: str) -> None:
+    """Ranks given different cache sizes all take the smallest, so that they keep running the same schedule."""
+    assert LLM(checkpoint, dtype="float32", num_kv_pages=10 + rank, tensor_parallel_size=world).cache.num_pages == 10
+    llm = LLM(checkpoint, dtype="float32", kv_cache_bytes=(rank + 1) << 20, tensor_parallel_size=world)
+    pages = torch.tensor([llm.cache.num_pages])
+    same_on_every_rank(pages, "KV cache pages")
+    assert int(pages) == (1 << 20) // page_bytes(llm.model, "auto")
+
+
 def world_2(rank: int, world: int, combos: list, references: dict, checkpoint: str, scratch: str) -> None:
     run_combos(rank, world, combos, references)
     moe_layer_bitwise(rank, world, checkpoint)
     bad_layouts(rank, world, checkpoint, scratch)
+    cache_sizes_agree(rank, world, checkpoint)
 
 
 def moe_layer_bitwise(rank: int, world: int, checkpoint: str) -> None:

@@ -35,6 +35,8 @@ def test_bad_sampling_params(kwargs, match):
         ({"device": "tpu"}, "device: expected one of cpu, cuda"),
         ({"max_num_seqs": 0}, "max_num_seqs"),
         ({"max_model_len": 10**6}, "max_model_len"),
+        ({"gpu_memory_utilization": 1.5}, r"gpu_memory_utilization: expected a number in \(0, 1\], got 1.5"),
+        ({"kv_cache_bytes": 0}, "kv_cache_bytes: expected a positive int or None, got 0"),
     ],
 )
 def test_bad_llm_arguments(tiny, kwargs, match):

@@ -216,6 +216,16 @@ class Parallel:
         dist.all_reduce(total, group=self.tp_group)
         return total.to(x.dtype)
 
+    def smallest(self, value: int) -> int:
+        """The smallest of `value` over all ranks: sizes that the schedule depends on (the KV cache's pages) must be
+        the same on every rank, which runs the same schedule."""
+        if not self.distributed:
+            return value
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        values = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+        return int(values)
+
     @property
     def buffer(self):
         if self._buffer is None:

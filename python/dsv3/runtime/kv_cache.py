@@ -40,3 +40,24 @@ def page_bytes(model: DeepseekV3, kv_cache_dtype: str) -> int:
         element = 2 if kv_cache_dtype == "bf16" else model.dtype.itemsize
         row = HEAD_DIM * element
     return PAGE_SIZE * row * (len(model.layers) + len(model.mtp))
+
+
+CPU_CACHE_BYTES = 1 << 28  # the cache's default size on the CPU
+
+
+def default_cache_bytes(device: torch.device, gpu_memory_utilization: float) -> int:
+    """The cache's size when none is given. On a GPU: what is left of gpu_memory_utilization of the device's memory
+    with the model loaded (the rest stays free for activations, CUDA graphs and communication buffers, and for what
+    other processes hold); raises if nothing is. On the CPU: CPU_CACHE_BYTES."""
+    if device.type != "cuda":
+        return CPU_CACHE_BYTES
+    torch.cuda.empty_cache()  # blocks freed while loading are the cache's to take
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(free - (1 - gpu_memory_utilization) * total)
+    if budget <= 0:
+        raise ValueError(
+            f"gpu_memory_utilization={gpu_memory_utilization}: with the model loaded, {free / 2**30:.1f} GiB of the "
+            f"device's {total / 2**30:.1f} GiB are free, none of it within that share for the KV cache (raise it, or "
+            f"give kv_cache_bytes)"
+        )
+    return budget

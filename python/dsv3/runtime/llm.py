@@ -18,7 +18,7 @@ from dsv3.model.transformer import DeepseekV3
 from dsv3.model.weights import load_checkpoint
 from dsv3.runtime.decode_graphs import DecodeGraphs
 from dsv3.runtime.engine import Engine, EngineStats
-from dsv3.runtime.kv_cache import KV_CACHE_DTYPES, PagedKVCache, page_bytes
+from dsv3.runtime.kv_cache import KV_CACHE_DTYPES, PagedKVCache, default_cache_bytes, page_bytes
 from dsv3.runtime.page_allocator import pages_for
 from dsv3.runtime.sampling_params import SamplingParams
 from dsv3.runtime.scheduler import Scheduler
@@ -62,7 +62,9 @@ class LLM:
     dsv3.ops where compiled, "reference" the fp32 PyTorch specification. Scheduling: at most max_num_seqs sequences
     run at once and a step computes at most max_num_batched_tokens tokens (longer prompts are prefilled in chunks);
     the cache has num_kv_pages pages of 64 tokens (default: what kv_cache_bytes holds, at most what max_num_seqs
-    sequences of max_model_len tokens need).
+    sequences of max_model_len tokens need; kv_cache_bytes defaults to 256 MiB on the CPU and, on a GPU, to what is
+    left of gpu_memory_utilization of its memory once the model is loaded). Under torchrun every rank takes the
+    smallest page count of all ranks.
 
     cuda_graphs=True replays decode steps of up to 64 sequences (32 with MTP, whose verification and drafting passes
     both run from graphs) from CUDA graphs, captured on first use of each padded batch size
@@ -87,7 +89,8 @@ class LLM:
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
         num_kv_pages: int | None = None,
-        kv_cache_bytes: int = 1 << 28,
+        kv_cache_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
         tensor_parallel_size: int = 1,
         expert_parallel_size: int = 1,
         cuda_graphs: bool = False,
@@ -99,6 +102,14 @@ class LLM:
             raise ValueError(f"speculative: expected 'mtp' or None, got {speculative!r}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        if isinstance(gpu_memory_utilization, bool) or not (
+            isinstance(gpu_memory_utilization, (int, float)) and 0 < gpu_memory_utilization <= 1
+        ):
+            raise ValueError(f"gpu_memory_utilization: expected a number in (0, 1], got {gpu_memory_utilization!r}")
+        if kv_cache_bytes is not None and (
+            isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 1
+        ):
+            raise ValueError(f"kv_cache_bytes: expected a positive int or None, got {kv_cache_bytes!r}")
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs: expected True or False, got {cuda_graphs!r}")
         for name, value, least in (
@@ -123,8 +134,10 @@ class LLM:
             )
         if num_kv_pages is None:
             wanted = max_num_seqs * pages_for(self.max_model_len)
+            if kv_cache_bytes is None:
+                kv_cache_bytes = default_cache_bytes(self.model.device, gpu_memory_utilization)
             num_kv_pages = max(min(kv_cache_bytes // page_bytes(self.model, kv_cache_dtype), wanted), 1)
-        self.cache = PagedKVCache(self.model, kv_cache_dtype, num_kv_pages)
+        self.cache = PagedKVCache(self.model, kv_cache_dtype, self.parallel.smallest(num_kv_pages))
         self.speculative = speculative == "mtp"
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         max_pages = min(self.cache.num_pages, pages_for(self.max_model_len))
