@@ -9,6 +9,7 @@ from dsv3.model.batch import AttentionBatch
 from dsv3.model.tiny import make_tiny_checkpoint
 from dsv3.model.transformer import DeepseekV3
 from dsv3.runtime import LLM, SamplingParams
+from dsv3.runtime.page_allocator import pages_for
 from dsv3.runtime.sampler import batch_probabilities, inverse_cdf_draw, next_tokens
 from dsv3.testing import calc_diff
 from tests.ep.launcher import run_ranks
@@ -132,3 +133,9 @@ def test_sampling_on_the_gpu_filters_and_draws_as_on_the_cpu(device):
     assert counts.tolist() == [n // 2, 0, n // 4, n // 8, n // 8]
     tokens = next_tokens(logits.to(device), params, [torch.Generator().manual_seed(1) for _ in params])
     assert tokens[3] == int(logits[3].argmax()) and all(0 <= t < 129280 for t in tokens)
+
+
+def test_gpu_defaults_take_large_steps_and_the_cache_that_the_sequences_need(tiny, device):
+    llm = LLM(tiny, device="cuda", dtype="bfloat16", max_num_seqs=8)
+    assert llm.max_num_batched_tokens == 4096
+    assert llm.cache.num_pages == 8 * pages_for(llm.max_model_len)  # far less than 90% of the GPU's memory

@@ -28,6 +28,11 @@ from dsv3.runtime.tokenizer import Tokenizer
 
 SPECULATIVE = (None, "mtp")
 DEVICES = ("cpu", "cuda")
+# Tokens a step computes at most, by device. On a GPU a prefill chunk reads the weights of nearly every expert (a few
+# hundred tokens, top-8 of 256 experts, reach nearly all of them), so a larger chunk spreads that read over more
+# tokens: 512 tokens give an expert ~16 rows (memory-bound grouped GEMMs), 4096 tokens ~128. On the CPU a step of
+# 4096 tokens would hold the decoding sequences for seconds.
+DEFAULT_BATCHED_TOKENS = {"cpu": 512, "cuda": 4096}
 
 
 @dataclass
@@ -58,13 +63,13 @@ class LLM:
 
     dtype "bfloat16" keeps FP8 weights FP8 (production numerics), "float32" dequantizes them (exact, for checking).
     kv_cache_dtype "auto" caches in the model's dtype; "bf16" or "fp8" (656-byte rows) choose. speculative="mtp"
-    drafts one token per step with the checkpoint's MTP module and verifies it in the same step. backend "kernels" uses
-    dsv3.ops where compiled, "reference" the fp32 PyTorch specification. Scheduling: at most max_num_seqs sequences
-    run at once and a step computes at most max_num_batched_tokens tokens (longer prompts are prefilled in chunks);
-    the cache has num_kv_pages pages of 64 tokens (default: what kv_cache_bytes holds, at most what max_num_seqs
-    sequences of max_model_len tokens need; kv_cache_bytes defaults to 256 MiB on the CPU and, on a GPU, to what is
-    left of gpu_memory_utilization of its memory once the model is loaded). Under torchrun every rank takes the
-    smallest page count of all ranks.
+    drafts one token per step with the checkpoint's MTP module and verifies it in the same step. backend "kernels"
+    uses dsv3.ops where compiled, "reference" the fp32 PyTorch specification. Scheduling: at most max_num_seqs
+    sequences run at once and a step computes at most max_num_batched_tokens tokens (default 512 on the CPU, 4096 on a
+    GPU; longer prompts are prefilled in chunks); the cache has num_kv_pages pages of 64 tokens (default: what
+    kv_cache_bytes holds, at most what max_num_seqs sequences of max_model_len tokens need; kv_cache_bytes defaults to
+    256 MiB on the CPU and, on a GPU, to what is left of gpu_memory_utilization of its memory once the model is
+    loaded). Under torchrun every rank takes the smallest page count of all ranks.
 
     cuda_graphs=True replays decode steps of up to 64 sequences (32 with MTP, whose verification and drafting passes
     both run from graphs) from CUDA graphs, captured on first use of each padded batch size
@@ -86,7 +91,7 @@ class LLM:
         speculative: str | None = None,
         backend: str = "kernels",
         max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 512,
+        max_num_batched_tokens: int | None = None,
         max_model_len: int | None = None,
         num_kv_pages: int | None = None,
         kv_cache_bytes: int | None = None,
@@ -112,6 +117,8 @@ class LLM:
             raise ValueError(f"kv_cache_bytes: expected a positive int or None, got {kv_cache_bytes!r}")
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs: expected True or False, got {cuda_graphs!r}")
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = DEFAULT_BATCHED_TOKENS[str(device).split(":")[0]]
         for name, value, least in (
             ("max_num_seqs", max_num_seqs, 1),
             ("max_num_batched_tokens", max_num_batched_tokens, 2),
