@@ -100,6 +100,8 @@ def format_stats(llm) -> str:
         f"load {llm.load_s:.2f} s | prefill {s.prefill_tokens} tokens in {s.prefill_s:.2f} s ({prefill_rate:.0f} tok/s)"
         f" | decode {s.decode_tokens} tokens in {s.decode_s:.2f} s ({decode_rate:.1f} tok/s)"
     )
+    if s.reused_tokens:
+        line += f" | {s.reused_tokens} prompt tokens from the prefix cache"
     if s.acceptance_rate is not None:
         line += f" | MTP acceptance {s.acceptance_rate:.2f}"
     return line

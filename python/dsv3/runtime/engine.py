@@ -30,6 +30,7 @@ class EngineStats:
     drafted: int = 0
     accepted: int = 0
     preemptions: int = 0
+    reused_tokens: int = 0  # prompt tokens found in the cache (prefix caching) instead of computed
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -70,6 +71,8 @@ class Engine:
             self.stats.prefill_tokens += sum(n for _, n in step.prefills)
             self.stats.prefill_s += time.perf_counter() - start
         self.stats.steps += 1
+        for sequence in [*step.decodes, *(s for s, _ in step.prefills)]:
+            self.scheduler.register(sequence)
         for sequence in finished:
             self.scheduler.finish(sequence)
         return finished

@@ -71,6 +71,10 @@ class LLM:
     256 MiB on the CPU and, on a GPU, to what is left of gpu_memory_utilization of its memory once the model is
     loaded). Under torchrun every rank takes the smallest page count of all ranks.
 
+    prefix_caching (on by default) keeps the cache pages of finished and preempted sequences, registered by their
+    tokens, until their room is wanted: a request whose tokens begin with whole cached pages (a chat's earlier turns,
+    a shared system prompt) reuses them instead of computing them again (dsv3.runtime.page_allocator).
+
     cuda_graphs=True replays decode steps of up to 64 sequences (32 with MTP, whose verification and drafting passes
     both run from graphs) from CUDA graphs, captured on first use of each padded batch size
     (dsv3.runtime.decode_graphs): one launch per forward pass instead of one per kernel. It needs device="cuda",
@@ -99,6 +103,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         expert_parallel_size: int = 1,
         cuda_graphs: bool = False,
+        prefix_caching: bool = True,
     ):
         started = time.perf_counter()
         if str(device).split(":")[0] not in DEVICES:
@@ -115,8 +120,9 @@ class LLM:
             isinstance(kv_cache_bytes, bool) or not isinstance(kv_cache_bytes, int) or kv_cache_bytes < 1
         ):
             raise ValueError(f"kv_cache_bytes: expected a positive int or None, got {kv_cache_bytes!r}")
-        if not isinstance(cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs: expected True or False, got {cuda_graphs!r}")
+        for name, flag in (("cuda_graphs", cuda_graphs), ("prefix_caching", prefix_caching)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}: expected True or False, got {flag!r}")
         if max_num_batched_tokens is None:
             max_num_batched_tokens = DEFAULT_BATCHED_TOKENS[str(device).split(":")[0]]
         for name, value, least in (
@@ -146,6 +152,7 @@ class LLM:
             num_kv_pages = max(min(kv_cache_bytes // page_bytes(self.model, kv_cache_dtype), wanted), 1)
         self.cache = PagedKVCache(self.model, kv_cache_dtype, self.parallel.smallest(num_kv_pages))
         self.speculative = speculative == "mtp"
+        self.prefix_caching = prefix_caching
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         max_pages = min(self.cache.num_pages, pages_for(self.max_model_len))
         self.decode_graphs = DecodeGraphs(self.model, self.cache.layers, max_pages) if cuda_graphs else None
@@ -200,7 +207,9 @@ class LLM:
 
     def _steps(self, sequences: list[Sequence]) -> Iterator[None]:
         """Runs the engine over the sequences until all are finished, pausing after each step."""
-        scheduler = Scheduler(self.cache.allocator, self.max_num_seqs, self.max_num_batched_tokens, self.speculative)
+        scheduler = Scheduler(
+            self.cache.allocator, self.max_num_seqs, self.max_num_batched_tokens, self.speculative, self.prefix_caching
+        )
         engine = Engine(self.model, self.cache, scheduler, self.speculative, self.decode_graphs)
         for sequence in sequences:
             scheduler.add(sequence)
@@ -212,6 +221,7 @@ class LLM:
             for sequence in sequences:
                 self.cache.allocator.release(sequence.pages)
             engine.stats.preemptions = scheduler.num_preemptions
+            engine.stats.reused_tokens = scheduler.reused_tokens
             self.stats = engine.stats
 
     def _share_seeds(self, sequences: list[Sequence]) -> None:

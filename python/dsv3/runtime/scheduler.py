@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from dsv3.reference.mla import PAGE_SIZE
 from dsv3.runtime.page_allocator import PageAllocator
 from dsv3.runtime.sequence import Sequence
 
@@ -28,14 +29,23 @@ class Step:
 
 
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, max_num_seqs: int, token_budget: int, speculative: bool):
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        max_num_seqs: int,
+        token_budget: int,
+        speculative: bool,
+        prefix_caching: bool = False,
+    ):
         self.allocator = allocator
         self.max_num_seqs = max_num_seqs
         self.token_budget = token_budget
         self.speculative = speculative
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.reused_tokens = 0  # tokens that admitted sequences found in the cache instead of computing them
 
     def add(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
@@ -48,8 +58,13 @@ class Scheduler:
         return sequence.num_uncomputed == 1 and (not self.speculative or sequence.draft is not None)
 
     def finish(self, sequence: Sequence) -> None:
-        self.allocator.release(sequence.pages)
+        self._release(sequence)
         self.running.remove(sequence)
+
+    def register(self, sequence: Sequence) -> None:
+        """After a step: the pages the sequence's cached tokens now fill become reusable prefix pages."""
+        if self.prefix_caching:
+            self.allocator.register(sequence.pages, sequence.registered, sequence.token_ids, sequence.num_computed)
 
     def schedule(self) -> Step:
         step, budget = Step(), self.token_budget
@@ -76,11 +91,29 @@ class Scheduler:
         return step
 
     def _add_chunk(self, step: Step, sequence: Sequence, budget: int) -> int:
+        reused = self._reuse_prefix(sequence) if self.prefix_caching and not sequence.pages else 0
         chunk = min(sequence.num_uncomputed, budget)
         if not self.allocator.grow(sequence.pages, sequence.num_computed + chunk):
+            if reused:
+                self._release(sequence)
+                sequence.reset_cache_state()
             return 0
+        self.reused_tokens += reused
         step.prefills.append((sequence, chunk))
         return chunk
+
+    def _reuse_prefix(self, sequence: Sequence) -> int:
+        """Takes the cached pages along the sequence's tokens (leaving at least its last token to compute, whose
+        logits pick the next one); returns the tokens they hold."""
+        pages, ids = self.allocator.match(sequence.token_ids, len(sequence.token_ids) - 1)
+        sequence.pages.extend(pages)
+        sequence.registered[:] = ids
+        sequence.num_computed = len(pages) * PAGE_SIZE
+        return sequence.num_computed
+
+    def _release(self, sequence: Sequence) -> None:
+        self.allocator.release(sequence.pages)
+        sequence.registered.clear()
 
     def _make_room(self, sequence: Sequence, num_tokens: int) -> bool:
         """Grow the sequence's pages to num_tokens, preempting the newest sequences if needed; False when the sequence
@@ -94,7 +127,7 @@ class Scheduler:
 
     def _preempt(self, sequence: Sequence) -> None:
         self.running.remove(sequence)
-        self.allocator.release(sequence.pages)
+        self._release(sequence)
         sequence.reset_cache_state()
         self.waiting.appendleft(sequence)
         self.num_preemptions += 1

@@ -38,6 +38,7 @@ class Sequence:
             self.generator.manual_seed(params.seed)
         self.num_computed = 0
         self.pages = PageList()
+        self.registered: list[int] = []  # registration ids of its first pages (PageAllocator.register)
         self.draft: int | None = None  # the MTP module's guess of the token after the last one
         self.drafted = self.accepted = 0
         # the output's text while it grows (whole characters), where followed; its final text once finished
