@@ -102,6 +102,13 @@ class MLAttention:
     def _unabsorbed(self, q_nope, q_rope, batch: AttentionBatch, kv_cache) -> torch.Tensor:
         c, dtype = self.config, q_nope.dtype
         q = torch.cat([q_nope, q_rope], dim=-1)  # [T, h, 192]
+        # torch's fused CPU attention needs one head size for q, k and v, and otherwise materializes the scores:
+        # zero columns widen v to q·k's size (their outputs are dropped). In fp32, since its bf16 variant loses
+        # accuracy (9x the float32 model's logit error on the tiny checkpoint); 2.7x faster than the unfused bf16
+        # path at 16 x 300 tokens with 16 heads.
+        fused_cpu = q.device.type == "cpu"
+        if fused_cpu:
+            q = q.float()
         outputs, start = [], 0
         for group in _projection_groups(batch.cached_lens):
             # The cache rows (context + new tokens) of a group of sequences go through kv_b_proj in one call.
@@ -110,6 +117,8 @@ class MLAttention:
             k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
             k_rope = rows[:, None, c.kv_lora_rank :].expand(rows.shape[0], self.heads, c.qk_rope_head_dim)
             k = torch.cat([k_nope, k_rope], dim=-1)
+            if fused_cpu:
+                k, v = k.float(), F.pad(v.float(), (0, c.qk_head_dim - c.v_head_dim))
             first = 0
             for count, n, seq_len in _equal_runs(group, batch.query_lens, batch.cached_lens):
                 # `count` consecutive sequences of n new tokens each, the last n of seq_len keys: query j sees keys
@@ -122,6 +131,7 @@ class MLAttention:
                     attn_mask=causal_lower_right(n, seq_len),
                     scale=c.softmax_scale,
                 )
+                out = out[..., : c.v_head_dim].to(dtype)
                 outputs.append(out.transpose(1, 2).reshape(count * n, self.heads, -1))  # [count n, h, v]
                 start += count * n
                 first += count * seq_len
