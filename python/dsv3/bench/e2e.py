@@ -1,11 +1,10 @@
 """End to end: prefill and decode tokens/s of LLM.generate on the tiny checkpoint, at batch 1, 8 and 16, against
-transformers' DeepseekV3ForCausalLM.generate on its BF16 conversion, in the same run.
-
-Rows: `us` is the time per token (prefill: per prompt token; decode: per generated token, all sequences together),
-so `x base` is the throughput ratio; extra holds tokens/s. Both sides run greedy, bf16, with the same prompt lengths
-and number of new tokens (EOS ignored). dsv3's phase times come from its engine; transformers' decode time is its
-generate time minus a forward pass over the prompts. On a GPU a third row per batch times dsv3's decode replayed from
-CUDA graphs (LLM(cuda_graphs=True)).
+transformers' DeepseekV3ForCausalLM.generate on its BF16 conversion, in the same run. A last row times the prefill of
+4 prompts of LONG_PROMPT tokens. Rows: `us` is the time per token (prefill: per prompt token; decode: per generated
+token, all sequences together), so `x base` is the throughput ratio; extra holds tokens/s. Both sides run greedy,
+bf16, with the same prompt lengths and number of new tokens (EOS ignored). dsv3's phase times come from its engine;
+transformers' decode time is its generate time minus a forward pass over the prompts. On a GPU a third row per batch
+times dsv3's decode replayed from CUDA graphs (LLM(cuda_graphs=True)).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import torch
 from dsv3.bench.harness import Report, Row
 
 BATCHES = (1, 8, 16)
+LONG_PROMPT = 500
 
 
 def _prompts(batch: int, length: int) -> list[list[int]]:
@@ -29,9 +29,10 @@ def _dsv3(path, device, prompts, new_tokens, cuda_graphs=False) -> tuple[float, 
     """(prefill tokens/s, decode tokens/s)."""
     from dsv3.runtime import LLM, SamplingParams
 
+    # no prefix caching: the timed call would find the warm-up's pages and skip most of its prefill
     llm = LLM(
         path, device=device.type, dtype="bfloat16", max_num_batched_tokens=4096, num_kv_pages=64,
-        cuda_graphs=cuda_graphs,
+        cuda_graphs=cuda_graphs, prefix_caching=False,
     )  # fmt: skip
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
@@ -105,4 +106,14 @@ def run(device: torch.device, quick: bool = False, reps: int | None = None) -> R
                         extra={"tokens_per_s": graphed, "baseline_tokens_per_s": theirs[1]},
                     )
                 )  # fmt: skip
+        if not quick:  # prompts of a chat's length, where attention takes a real share of the prefill
+            prompts = _prompts(4, LONG_PROMPT)
+            mine, base = _dsv3(fp8, device, prompts, 2)[0], _transformers(bf16, device, prompts, 2)[0]
+            report.add(
+                Row(
+                    "generate prefill", f"batch=4 prompt={LONG_PROMPT}", device.type, us=1e6 / mine,
+                    baseline="transformers", baseline_us=1e6 / base,
+                    extra={"tokens_per_s": mine, "baseline_tokens_per_s": base},
+                )
+            )  # fmt: skip
     return report
