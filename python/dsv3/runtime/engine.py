@@ -13,7 +13,7 @@ from dsv3.model.transformer import DeepseekV3
 from dsv3.runtime.decode_graphs import DecodeGraphs
 from dsv3.runtime.kv_cache import PagedKVCache
 from dsv3.runtime.page_allocator import block_table
-from dsv3.runtime.sampler import next_tokens, verify_tokens
+from dsv3.runtime.sampler import next_tokens, token_logprobs, verify_tokens
 from dsv3.runtime.scheduler import Scheduler
 from dsv3.runtime.sequence import Sequence
 
@@ -92,10 +92,11 @@ class Engine:
             ids = torch.tensor([s.token_ids[-1] for s in sequences])
             logits = self.model.logits(self.model.forward(ids, batch, self.cache.layers))
         tokens = next_tokens(logits, [s.params for s in sequences], [s.generator for s in sequences])
+        logprobs = _logprobs(sequences, [[token] for token in tokens], logits[:, None])
         finished = []
-        for sequence, token in zip(sequences, tokens, strict=True):
+        for i, (sequence, token) in enumerate(zip(sequences, tokens, strict=True)):
             sequence.num_computed += 1
-            if sequence.append(token):
+            if sequence.append(token, logprobs.get((i, 0))):
                 finished.append(sequence)
         return finished
 
@@ -115,17 +116,19 @@ class Engine:
             def mtp_logits(next_ids: list[int]) -> torch.Tensor:
                 return self.model.mtp_logits(torch.tensor(next_ids), hidden, batch, self.cache.layers)
 
+        logits = logits.view(len(sequences), 2, -1)
         verdicts = verify_tokens(
-            logits.view(len(sequences), 2, -1), [s.draft for s in sequences], [s.params for s in sequences],
-            [s.generator for s in sequences],
-        )  # fmt: skip
+            logits, [s.draft for s in sequences], [s.params for s in sequences], [s.generator for s in sequences]
+        )
+        logprobs = _logprobs(sequences, [tokens for tokens, _ in verdicts], logits)
         finished, next_ids, draft_rows = [], [], []
         for i, (sequence, (tokens, accepted)) in enumerate(zip(sequences, verdicts, strict=True)):
             sequence.drafted += 1
             sequence.accepted += accepted
             self.stats.accepted += accepted
             sequence.num_computed += len(tokens)  # the last token, and the draft when it was kept
-            if any(sequence.append(t) for t in tokens):  # stops at the token that finishes the sequence
+            # stops at the token that finishes the sequence
+            if any(sequence.append(t, logprobs.get((i, j))) for j, t in enumerate(tokens)):
                 finished.append(sequence)
             # MTP at the fed positions takes the token after each; a rejected draft's row only fills a slot that the
             # next step overwrites.
@@ -148,7 +151,10 @@ class Engine:
             ending = [sequences[i] for i in done]
             logits = self.model.logits(hidden[[last[i] for i in done]])
             tokens = next_tokens(logits, [s.params for s in ending], [s.generator for s in ending])
-            finished += [s for s, token in zip(ending, tokens, strict=True) if s.append(token)]
+            logprobs = _logprobs(ending, [[token] for token in tokens], logits[:, None])
+            for i, (sequence, token) in enumerate(zip(ending, tokens, strict=True)):
+                if sequence.append(token, logprobs.get((i, 0))):
+                    finished.append(sequence)
         for sequence, (_, n) in zip(sequences, chunks, strict=True):
             sequence.num_computed += n
         if self.speculative:
@@ -163,3 +169,15 @@ class Engine:
         drafts = mtp_logits[rows].argmax(dim=-1).tolist()  # one transfer for the batch
         for sequence, draft in zip(sequences, drafts, strict=True):
             sequence.draft = None if sequence in finished else draft
+
+
+def _logprobs(sequences, tokens: list[list[int]], logits: torch.Tensor) -> dict[tuple[int, int], dict[int, float]]:
+    """{(i, j): the log-probabilities of tokens[i][j], from logits[i, j] ([n, fed, V])} for the sequences that ask
+    for them."""
+    wanted = [(i, j) for i, s in enumerate(sequences) if s.params.logprobs is not None for j in range(len(tokens[i]))]
+    if not wanted:
+        return {}
+    rows = logits[[i for i, _ in wanted], [j for _, j in wanted]]
+    chosen = [tokens[i][j] for i, j in wanted]
+    entries = token_logprobs(rows, chosen, [sequences[i].params.logprobs for i, _ in wanted])
+    return dict(zip(wanted, entries, strict=True))

@@ -48,6 +48,7 @@ class RequestOutput:
     finish_reason: str
     time_s: float
     mtp_acceptance_rate: float | None
+    logprobs: list[dict[int, float]] | None = None  # with SamplingParams.logprobs: one dict a generated token
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -305,4 +306,5 @@ def _output(sequence: Sequence, prompt: str | list[int]) -> RequestOutput:
         finish_reason=sequence.finish_reason,
         time_s=sequence.finish_time - sequence.arrival,
         mtp_acceptance_rate=sequence.accepted / sequence.drafted if sequence.drafted else None,
+        logprobs=sequence.logprobs,
     )

@@ -112,3 +112,17 @@ def verify_tokens(
         kept[rows] = keep
     rows = torch.stack([first, second, kept.long()], dim=1).tolist()
     return [([a, b], True) if keep else ([a], False) for a, b, keep in rows]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> list[dict[int, float]]:
+    """For each row of logits [m, V]: the log-probability of tokens[i] and of the top[i] most likely tokens under the
+    model's distribution (log-softmax of the logits), as {token: log-probability}; one transfer to the host."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])
+    values, ids = logprobs.topk(max(top), dim=-1)
+    rows = torch.cat([chosen.double(), values.double(), ids.double()], dim=1).tolist()  # ids < 2^53: exact
+    k = max(top)
+    return [
+        {**{int(t): v for t, v in zip(row[1 + k : 1 + k + n], row[1 : 1 + n], strict=True)}, token: row[0]}
+        for row, token, n in zip(rows, tokens, top, strict=True)
+    ]

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """temperature 0 is greedy; top_k 0 or -1 and top_p 1 disable those filters. Generation stops after max_tokens
     tokens, at an end-of-sequence token (unless ignore_eos), at a token of stop_token_ids, or once the text contains a
-    string of `stop` (the text is cut before it). seed makes sampling reproducible, whatever else runs in the batch."""
+    string of `stop` (the text is cut before it). seed makes sampling reproducible, whatever else runs in the batch.
+    logprobs=k returns, for every generated token, its log-probability and those of the k most likely tokens under
+    the model's distribution (the log-softmax of its logits, before temperature and filters)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -20,6 +22,7 @@ class SamplingParams:
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -43,6 +46,10 @@ class SamplingParams:
         _check(
             all(isinstance(s, str) and s for s in self.stop),
             f"stop: expected non-empty strings, got {self.stop!r}",
+        )
+        _check(
+            self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+            f"logprobs: expected None or an int >= 0, got {self.logprobs!r}",
         )
         _check(
             all(_is_int(t) and t >= 0 for t in self.stop_token_ids),

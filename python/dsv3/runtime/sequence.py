@@ -41,6 +41,8 @@ class Sequence:
         self.registered: list[int] = []  # registration ids of its first pages (PageAllocator.register)
         self.draft: int | None = None  # the MTP module's guess of the token after the last one
         self.drafted = self.accepted = 0
+        # with params.logprobs: {token: log-probability} of each generated token and the most likely alternatives
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         # the output's text while it grows (whole characters), where followed; its final text once finished
         self.text = ""
         self.detokenizer: IncrementalDetokenizer | None = None
@@ -69,9 +71,12 @@ class Sequence:
         self.num_computed = 0
         self.draft = None
 
-    def append(self, token: int) -> bool:
-        """Add a generated token; True once the sequence is finished (it then takes no more)."""
+    def append(self, token: int, logprobs: dict[int, float] | None = None) -> bool:
+        """Add a generated token (with its log-probabilities, where the request asks for them); True once the
+        sequence is finished (it then takes no more)."""
         self.token_ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprobs)
         stop_at = -1
         if self.detokenizer is not None:
             before = len(self.text)

@@ -17,6 +17,7 @@ class StreamOutput:
     token_ids: list[int]
     text: str
     finish_reason: str | None
+    logprobs: list[dict[int, float]] | None = None  # of token_ids, with SamplingParams.logprobs
 
     @property
     def finished(self) -> bool:
@@ -43,12 +44,13 @@ class TextStream:
         tokens = sequence.token_ids[sequence.num_prompt_tokens + self.tokens_sent :]
         if self.done or not tokens:
             return None
-        self.tokens_sent += len(tokens)
+        first, self.tokens_sent = self.tokens_sent, self.tokens_sent + len(tokens)
+        logprobs = None if sequence.logprobs is None else sequence.logprobs[first : self.tokens_sent]
         text = self._settled_text()
         piece = text[len(self.text_sent) :] if text.startswith(self.text_sent) else ""
         self.text_sent += piece
         self.done = sequence.finish_reason is not None
-        return StreamOutput(sequence.index, tokens, piece, sequence.finish_reason)
+        return StreamOutput(sequence.index, tokens, piece, sequence.finish_reason, logprobs)
 
     def _settled_text(self) -> str:
         sequence = self.sequence
