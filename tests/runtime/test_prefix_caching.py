@@ -92,6 +92,18 @@ def test_reused_pages_change_no_token(tiny):
     assert plain.stats.reused_tokens == 0
 
 
+def test_requests_of_one_batch_that_begin_alike_compute_their_prefix_once(tiny):
+    system = random_prompts([140], seed=14)[0]
+    prompts = [system, [*system, 5], [*system, 6, 7], random_prompts([30], seed=15)[0], system]
+    plain = LLM(tiny, dtype="float32", num_kv_pages=48, prefix_caching=False)
+    cached = LLM(tiny, dtype="float32", num_kv_pages=48)
+    assert [o.token_ids for o in cached.generate(prompts, GREEDY)] == [
+        o.token_ids for o in plain.generate(prompts, GREEDY)
+    ]
+    assert cached.stats.reused_tokens == 3 * 128  # each after the first waits one step, then takes its two pages
+    assert cached.stats.prefill_tokens == plain.stats.prefill_tokens - 3 * 128
+
+
 def test_a_chat_turn_reuses_the_last_turn_with_mtp(tiny):
     first = random_prompts([100], seed=11)[0]
     plain = LLM(tiny, dtype="float32", num_kv_pages=48, speculative="mtp", prefix_caching=False)

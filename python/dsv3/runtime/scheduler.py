@@ -80,6 +80,8 @@ class Scheduler:
                 budget -= self._add_chunk(step, sequence, budget)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             sequence = self.waiting[0]
+            if self._first_page_in_progress(sequence):
+                break  # a running sequence is computing the same first page: wait for it, then reuse it
             taken = self._add_chunk(step, sequence, budget)
             if not taken:
                 break
@@ -101,6 +103,15 @@ class Scheduler:
         self.reused_tokens += reused
         step.prefills.append((sequence, chunk))
         return chunk
+
+    def _first_page_in_progress(self, sequence: Sequence) -> bool:
+        """Whether a running sequence shares this one's first page (and the token after it) and has not registered it
+        yet: requests of a batch that begin alike (one prompt repeated, a shared system prompt) then compute it
+        once."""
+        if not self.prefix_caching or sequence.pages or len(sequence.token_ids) <= PAGE_SIZE:
+            return False
+        head = sequence.token_ids[: PAGE_SIZE + 1]
+        return any(not other.registered and other.token_ids[: PAGE_SIZE + 1] == head for other in self.running)
 
     def _reuse_prefix(self, sequence: Sequence) -> int:
         """Takes the cached pages along the sequence's tokens (leaving at least its last token to compute, whose
