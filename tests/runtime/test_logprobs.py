@@ -75,6 +75,8 @@ def test_token_logprobs_keep_the_chosen_token_and_the_top_k():
     assert entries[1] == pytest.approx({1: float(lp[1, 1]), 3: float(lp[1, 3])})
 
 
-def test_bad_logprobs():
+def test_bad_logprobs(llm):
     with pytest.raises(ValueError, match="logprobs: expected None or an int >= 0, got -1"):
         SamplingParams(logprobs=-1)
+    with pytest.raises(ValueError, match="logprobs: expected at most the vocabulary's"):
+        llm.generate([[0, 5]], SamplingParams(logprobs=10**6))
