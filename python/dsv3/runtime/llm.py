@@ -253,10 +253,9 @@ class LLM:
             raise ValueError(f"prompts[{index}]: empty prompt")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need the checkpoint's tokenizer.json")
-        if params.logprobs is not None and params.logprobs > self.model.config.vocab_size:
-            raise ValueError(
-                f"logprobs: expected at most the vocabulary's {self.model.config.vocab_size} tokens, got {params.logprobs}"
-            )
+        vocab = self.model.config.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs: expected at most the vocabulary's {vocab} tokens, got {params.logprobs}")
         # Speculative steps write one slot past the last token (the draft).
         needed = len(ids) + params.max_tokens + self.speculative
         limit = min(self.max_model_len, self.cache.capacity_tokens)
