@@ -58,6 +58,8 @@ def test_demo_makes_the_checkpoint_then_checks_and_generates(tmp_path):
         (["--dtype", "float16"], "invalid choice: 'float16'"),
         (["--max-tokens", "-3"], "max_tokens: expected an int >= 1"),
         (["--cuda-graphs"], "cuda_graphs: the model runs on cpu, CUDA graphs need device='cuda'"),
+        (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization: expected a number in (0, 1], got 1.5"),
+        (["--kv-cache-gib", "0.0001", "--max-model-len", "100000"], "max_model_len: expected 1 .."),
     ],
 )
 def test_generate_rejects_bad_arguments(tiny, args, message):
