@@ -240,20 +240,19 @@ class LLM:
     def _sequence(self, index: int, prompt: str | list[int], params: SamplingParams) -> Sequence:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
+        vocab = self.model.config.vocab_size
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompts: this checkpoint has no tokenizer.json; pass lists of token ids")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
-            vocab = self.model.config.vocab_size
             if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
                 raise ValueError(f"prompts[{index}]: expected token ids in [0, {vocab})")
         if not ids:
             raise ValueError(f"prompts[{index}]: empty prompt")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need the checkpoint's tokenizer.json")
-        vocab = self.model.config.vocab_size
         if params.logprobs is not None and params.logprobs > vocab:
             raise ValueError(f"logprobs: expected at most the vocabulary's {vocab} tokens, got {params.logprobs}")
         # Speculative steps write one slot past the last token (the draft).

@@ -47,6 +47,12 @@ class PageList(list):
     append = insert = pop = remove = sort = reverse = __setitem__ = __delitem__ = __iadd__ = __imul__ = _unchanged
 
 
+def _page_key(parent: int, token_ids: list[int], end: int) -> tuple:
+    """The registration key of the page whose tokens end before position `end`: the registration id of the page
+    before it (-1 for the first), its tokens, and the token after them."""
+    return parent, tuple(token_ids[end - PAGE_SIZE : end]), token_ids[end]
+
+
 def block_table(page_lists: list[PageList]) -> torch.Tensor:
     """int32 [len(page_lists), the longest list]: each sequence's page ids, zero-padded."""
     return pad_sequence([pages.tensor for pages in page_lists], batch_first=True)
@@ -114,7 +120,7 @@ class PageAllocator:
             end = (i + 1) * PAGE_SIZE
             if end >= len(token_ids):
                 break
-            entry = self._registered.get((parent, tuple(token_ids[end - PAGE_SIZE : end]), token_ids[end]))
+            entry = self._registered.get(_page_key(parent, token_ids, end))
             if entry is None:
                 break
             page, parent = entry
@@ -131,7 +137,7 @@ class PageAllocator:
         while len(ids) < len(pages) and (len(ids) + 1) * PAGE_SIZE < num_computed:
             i = len(ids)
             end = (i + 1) * PAGE_SIZE
-            key = (ids[-1] if ids else -1, tuple(token_ids[end - PAGE_SIZE : end]), token_ids[end])
+            key = _page_key(ids[-1] if ids else -1, token_ids, end)
             entry = self._registered.get(key)
             if entry is None:  # another page may hold the same prefix already: its id serves the pages after
                 entry = self._registered[key] = (pages[i], self._next_id)
